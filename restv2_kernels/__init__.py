@@ -1,0 +1,28 @@
+"""Fused Triton kernels for EMSAv2's hot path, each beside an eager reference.
+
+- ``emsa_attention(q, k, v, scale=None)``: softmax attention of N queries over M reduced keys.
+- ``upsample_add(x, v, weight, bias, norm_weight, norm_bias, sr, eps=1e-6)``: the upsample
+  branch (depthwise 3x3 conv + pixel-shuffle + crop + LayerNorm + residual add).
+
+``restv2_kernels.reference`` holds the eager versions. Importing this package neither
+imports Triton nor touches the GPU: the kernel modules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import backend, reference
+
+__all__ = ["emsa_attention", "upsample_add", "reference", "backend"]
+
+_LAZY = {
+    "emsa_attention": "restv2_kernels.attention.triton",
+    "upsample_add": "restv2_kernels.upsample.triton",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'restv2_kernels' has no attribute {name!r}")

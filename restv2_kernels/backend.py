@@ -1,0 +1,75 @@
+"""Which implementation of the EMSAv2 ops runs: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+- ``"auto"``: the Triton kernels when the activations are CUDA tensors and Triton is
+  importable, the eager reference otherwise.
+- ``"triton"``: always the kernels; a clear error where they cannot run. CPU tensors are
+  allowed when ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how the CPU tests run.
+- ``"reference"``: always the eager path.
+
+The default comes from the ``RESTV2_BACKEND`` environment variable, else ``"auto"``.
+Nothing here touches the GPU or imports Triton at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "RESTV2_BACKEND"
+
+
+def check_backend(name: str) -> str:
+    """Returns ``name`` if it is a known backend, else raises ValueError."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def default_backend() -> str:
+    """The backend from ``RESTV2_BACKEND``, or ``"auto"`` when it is unset."""
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def check_kernel_device(*tensors: torch.Tensor) -> None:
+    """Raises unless the Triton kernels can run on these tensors' device."""
+    if not triton_available():
+        raise RuntimeError("the Triton kernels need the `triton` package, which is not installed")
+    for t in tensors:
+        if not (t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())):
+            raise ValueError(
+                f"the Triton kernels need CUDA tensors, got a tensor on {t.device} "
+                "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU "
+                "in Triton's interpreter, or use backend='reference')"
+            )
+
+
+def use_kernels(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``backend`` runs the Triton kernels for activations like ``x``.
+
+    ``"triton"`` raises where the kernels cannot run, rather than falling back silently.
+    """
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return x.is_cuda and triton_available()
+    check_backend(backend)
+    check_kernel_device(x)
+    return True

@@ -1,0 +1,78 @@
+"""Eager reference for EMSAv2's upsample branch: depthwise 3x3 conv, pixel-shuffle, crop,
+LayerNorm over channels, residual add. The ground truth and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_upsample_inputs(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    sr: int,
+) -> None:
+    """Raises TypeError/ValueError naming the problem unless the arguments fit ``upsample_add``."""
+    named = (("x", x), ("v", v), ("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"upsample_add: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(sr, bool) or not isinstance(sr, int) or sr < 1:
+        raise ValueError(f"upsample_add: sr must be a positive int, got {sr!r}")
+    if x.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"upsample_add: x and v must be 4-D channels-last maps (B, H, W, C), got {tuple(x.shape)} and {tuple(v.shape)}"
+        )
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"upsample_add: x has dtype {x.dtype}; supported: fp16, bf16, fp32, fp64")
+    for name, t in named[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"upsample_add: {name} has dtype {t.dtype}, but x has {x.dtype}; all must match")
+        if t.device != x.device:
+            raise ValueError(f"upsample_add: {name} is on {t.device}, but x is on {x.device}; all must match")
+    B, H, W, C = x.shape
+    if v.shape[0] != B or v.shape[3] != C:
+        raise ValueError(f"upsample_add: v {tuple(v.shape)} must be (B={B}, Hr, Wr, C={C}) to match x {tuple(x.shape)}")
+    Hr, Wr = v.shape[1], v.shape[2]
+    if Hr * sr < H or Wr * sr < W:
+        raise ValueError(
+            f"upsample_add: the upsampled map {Hr * sr}x{Wr * sr} (v's {Hr}x{Wr} times sr={sr}) "
+            f"is smaller than x's {H}x{W}; need Hr*sr >= H and Wr*sr >= W"
+        )
+    if tuple(weight.shape) != (sr * sr * C, 1, 3, 3):
+        raise ValueError(f"upsample_add: weight must have shape {(sr * sr * C, 1, 3, 3)} for sr={sr}, C={C}, got {tuple(weight.shape)}")
+    if tuple(bias.shape) != (sr * sr * C,):
+        raise ValueError(f"upsample_add: bias must have shape {(sr * sr * C,)} for sr={sr}, C={C}, got {tuple(bias.shape)}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"upsample_add: {name} must have shape ({C},), got {tuple(t.shape)}")
+
+
+def upsample_add(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    sr: int,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``x + LayerNorm(crop(PixelShuffle(conv3x3_depthwise(v))))`` in plain eager PyTorch.
+
+    x: [B, H, W, C]; v: [B, Hr, Wr, C]; weight: [sr*sr*C, 1, 3, 3]; bias: [sr*sr*C];
+    norm_weight, norm_bias: [C]. Returns [B, H, W, C], contiguous. The crop keeps the
+    top-left H x W of the (Hr*sr) x (Wr*sr) upsampled map.
+    """
+    check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr)
+    B, H, W, C = x.shape
+    up = F.conv2d(v.permute(0, 3, 1, 2), weight, bias, padding=1, groups=C)
+    up = F.pixel_shuffle(up, sr)[:, :, :H, :W]
+    up = F.layer_norm(up.permute(0, 2, 3, 1), (C,), norm_weight, norm_bias, eps)
+    return (x + up).contiguous()

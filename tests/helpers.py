@@ -1,0 +1,52 @@
+"""One comparison helper for every parity test.
+
+The kernel's error against a float64 reference must be at most twice the error of eager
+PyTorch in the same dtype, plus a small absolute slack scaled by the reference's
+magnitude (flash-attention's rule). The slack is stated once per dtype, here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Absolute slack per dtype, relative to max(1, |reference|.max()).
+ATOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+
+def assert_close(
+    name: str,
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    eager: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Fails unless ``|actual - reference|.max() <= 2 * |eager - reference|.max() + atol``.
+
+    ``reference`` is the float64 result; ``eager`` is plain PyTorch in the tested dtype on
+    the same inputs (None: judge by ``atol`` alone). ``dtype`` picks the slack and
+    defaults to ``actual.dtype``. NaN anywhere in ``actual`` fails.
+    """
+    dtype = dtype or actual.dtype
+    if actual.shape != reference.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}")
+    a = actual.detach().double().cpu()
+    r = reference.detach().double().cpu()
+    err = (a - r).abs()
+    scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+    bound = ATOL[dtype] * scale
+    if eager is not None:
+        bound += 2 * (eager.detach().double().cpu() - r).abs().max().item()
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        rms = ((a - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+        raise AssertionError(
+            f"{name}: max abs error {err.nan_to_num(float('inf')).max().item():.3e} > bound {bound:.3e} "
+            f"(dtype {dtype}), relative RMS error {rms:.3e}, {int(bad.sum())} bad of {bad.numel()}, "
+            f"first bad index {first}: got {a[first].item()!r}, expected {r[first].item()!r}"
+        )
