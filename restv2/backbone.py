@@ -1,0 +1,107 @@
+"""What ResTV2 and ResT share: the four-stage loop, timm-style dense-prediction API, backend switch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from restv2_kernels.backend import check_backend, default_backend
+
+from .layers import check_image, stage_indices, to_map
+
+
+class Backbone(nn.Module):
+    """Four stages, each a patch embed (``embeds[i]``) followed by blocks (``stages[i]``).
+
+    Subclasses set ``embed_names`` (attribute names of the four embeds, so the
+    state-dict keys stay the released ones), the ``stage1``..``stage4`` ModuleLists,
+    ``norm`` and ``head``.
+    """
+
+    embed_names: tuple[str, str, str, str]
+
+    def _init_common(self, in_chans: int, num_classes: int, embed_dims: list[int]) -> None:
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dims = list(embed_dims)
+        self.num_features = embed_dims[-1]
+        self.feature_info = [
+            dict(num_chs=c, reduction=4 * 2**i, module=f"stage{i + 1}") for i, c in enumerate(embed_dims)
+        ]
+
+    # ------------------------------------------------------------------ backend
+
+    @property
+    def backend(self) -> str:
+        """The backend the attention layers use: ``"auto"``, ``"triton"`` or ``"reference"``."""
+        return self._backend
+
+    def set_backend(self, name: str | None = None) -> "Backbone":
+        """Switches every attention layer to ``name`` (None: ``RESTV2_BACKEND`` or ``"auto"``)."""
+        name = default_backend() if name is None else check_backend(name)
+        self._backend = name
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend"):
+                m.backend = name
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def _embeds(self) -> list[nn.Module]:
+        return [getattr(self, n) for n in self.embed_names]
+
+    def _stages(self) -> list[nn.ModuleList]:
+        return [self.stage1, self.stage2, self.stage3, self.stage4]
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | list[int] | tuple[int, ...] | None = None
+    ) -> list[torch.Tensor]:
+        """The stage maps [B, C_i, H_i, W_i] (strides 4, 8, 16, 32), each after its stage's blocks.
+
+        ``indices``: None for all four, an int n for the last n, or a list of stage
+        indices. Stops after the last stage asked for. Stage 4's map is taken before the
+        final ``norm`` (``forward_features`` applies it).
+        """
+        check_image(x, self.in_chans)
+        take = stage_indices(indices)
+        outs = []
+        for i, (embed, stage) in enumerate(zip(self._embeds(), self._stages())):
+            x, H, W = embed(x)
+            for blk in stage:
+                x = blk(x, H, W)
+            x = to_map(x, H, W)
+            if i in take:
+                outs.append(x)
+            if i == take[-1]:
+                break
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final normalised map [B, C_4, H_4, W_4]."""
+        check_image(x, self.in_chans)
+        embeds, stages = self._embeds(), self._stages()
+        for i in range(4):
+            x, H, W = embeds[i](x)
+            for blk in stages[i]:
+                x = blk(x, H, W)
+            if i < 3:
+                x = to_map(x, H, W)
+        return to_map(self.norm(x), H, W)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool of a [B, C, H, W] map, then the classifier (unless ``pre_logits``)."""
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ head
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replaces the head (``num_classes=0``: a headless backbone returning pooled features)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

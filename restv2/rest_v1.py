@@ -1,0 +1,218 @@
+"""ResTv1 ("ResT: An Efficient Transformer for Visual Recognition", NeurIPS 2021): EMSA, Block,
+ResT, factories. Module names and state-dict keys are the released checkpoints'."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import restv2_kernels
+from restv2_kernels import reference
+from restv2_kernels.backend import check_backend, default_backend, use_kernels
+
+from .backbone import Backbone
+from .checkpoint import load_checkpoint
+from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, reduce_tokens
+
+
+class EMSA(nn.Module):
+    """Efficient multi-head self-attention (v1): queries over sr-reduced keys/values, with an
+    optional 1x1 conv mixing heads on the scores (``apply_transform``, only when heads > 1).
+
+    The fused ``emsa_attention`` kernel runs wherever it computes the same thing: no head
+    transform and no attention dropout in training. Elsewhere the eager path runs.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        sr_ratio: int = 1,
+        apply_transform: bool = False,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.sr_ratio = sr_ratio
+        self.backend = check_backend(backend)
+
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio, padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = norm_layer(dim)
+        self.apply_transform = apply_transform and num_heads > 1
+        if self.apply_transform:
+            self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
+            self.transform_norm = nn.InstanceNorm2d(num_heads)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x: [B, H*W, C] -> [B, H*W, C]."""
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, h, d)
+        if self.sr_ratio > 1:
+            x, Hr, Wr = reduce_tokens(x, H, W, self.sr, self.sr_norm)
+        else:
+            Hr, Wr = H, W
+        kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+
+        plain_softmax = not self.apply_transform and not (self.training and self.attn_drop.p > 0)
+        if plain_softmax:
+            ops = restv2_kernels if use_kernels(self.backend, q) else reference
+            out = ops.emsa_attention(q, k, v, self.scale)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, h, L, d]
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            if self.apply_transform:
+                attn = self.transform_norm(self.transform_conv(attn).softmax(dim=-1))
+            else:
+                attn = attn.softmax(dim=-1)
+            out = (self.attn_drop(attn) @ v).transpose(1, 2)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, "
+            f"apply_transform={self.apply_transform}, backend={self.backend!r}"
+        )
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: EMSA and an MLP, each with drop path."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        sr_ratio: int = 1,
+        apply_transform: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = EMSA(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, apply_transform, norm_layer, backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ResT(Backbone):
+    """ResTv1. Same API as ``ResTV2``: logits, ``forward_features``, ``forward_intermediates``."""
+
+    embed_names = ("stem", "patch_embed_2", "patch_embed_3", "patch_embed_4")
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: list[int] = [64, 128, 256, 512],
+        num_heads: list[int] = [1, 2, 4, 8],
+        mlp_ratios: list[float] = [4, 4, 4, 4],
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        depths: list[int] = [2, 2, 2, 2],
+        sr_ratios: list[int] = [8, 4, 2, 1],
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        apply_transform: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self._init_common(in_chans, num_classes, embed_dims)
+        backend = default_backend() if backend is None else check_backend(backend)
+        self._backend = backend
+
+        self.stem = BasicStem(in_chans, embed_dims[0])
+        self.patch_embed_2 = PatchEmbedV1(embed_dims[0], embed_dims[1])
+        self.patch_embed_3 = PatchEmbedV1(embed_dims[1], embed_dims[2])
+        self.patch_embed_4 = PatchEmbedV1(embed_dims[2], embed_dims[3])
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        cur = 0
+        for i in range(4):
+            blocks = [
+                Block(
+                    embed_dims[i], num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                    dpr[cur + j], norm_layer, sr_ratios[i], apply_transform, backend,
+                )
+                for j in range(depths[i])
+            ]
+            self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
+            cur += depths[i]
+
+        self.norm = norm_layer(embed_dims[3])
+        self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The published ResTv1 init: Kaiming (fan-out) convs, trunc-normal linears, norms at identity."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# The four released variants: qkv_bias, head transform, MLP ratio 4, sr 8/4/2/1, heads 1/2/4/8.
+_RELEASED = dict(num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=True, sr_ratios=[8, 4, 2, 1], apply_transform=True)
+
+
+def _create(checkpoint_path: str | None, defaults: dict, **kwargs) -> ResT:
+    model = ResT(**{**_RELEASED, **defaults, **kwargs})
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def rest_lite(checkpoint_path: str | None = None, **kwargs) -> ResT:
+    """ResT-Lite: 10.51M params, 1.53 GMACs at 224."""
+    return _create(checkpoint_path, dict(embed_dims=[64, 128, 256, 512], depths=[2, 2, 2, 2]), **kwargs)
+
+
+def rest_small(checkpoint_path: str | None = None, **kwargs) -> ResT:
+    """ResT-S: 13.68M params, 2.09 GMACs at 224."""
+    return _create(checkpoint_path, dict(embed_dims=[64, 128, 256, 512], depths=[2, 2, 6, 2]), **kwargs)
+
+
+def rest_base(checkpoint_path: str | None = None, **kwargs) -> ResT:
+    """ResT-B: 30.33M params, 4.63 GMACs at 224."""
+    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], depths=[2, 2, 6, 2]), **kwargs)
+
+
+def rest_large(checkpoint_path: str | None = None, **kwargs) -> ResT:
+    """ResT-L: 51.68M params, 8.36 GMACs at 224."""
+    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], depths=[2, 2, 18, 2]), **kwargs)
