@@ -37,6 +37,12 @@ def to_map(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return rearrange(x, "b (h w) c -> b c h w", h=H, w=W)
 
 
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over ``n`` blocks (plain
+    Python, so models can be built on the meta device)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample while training."""
 

@@ -12,7 +12,7 @@ from restv2_kernels.backend import check_backend, default_backend, use_kernels
 
 from .backbone import Backbone
 from .checkpoint import load_checkpoint
-from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, reduce_tokens
+from .layers import drop_path_rates, BasicStem, DropPath, Mlp, PatchEmbedV1, reduce_tokens
 
 
 class EMSA(nn.Module):
@@ -78,7 +78,10 @@ class EMSA(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, h, L, d]
             attn = (q @ k.transpose(-2, -1)) * self.scale
             if self.apply_transform:
-                attn = self.transform_norm(self.transform_conv(attn).softmax(dim=-1))
+                attn = self.transform_conv(attn).softmax(dim=-1)
+                # InstanceNorm2d refuses a 1x1 map (N = M = 1, a 32x32 input's stage 4);
+                # normalising one element gives exactly 0.
+                attn = self.transform_norm(attn) if attn.shape[-2:].numel() > 1 else attn - attn
             else:
                 attn = attn.softmax(dim=-1)
             out = (self.attn_drop(attn) @ v).transpose(1, 2)
@@ -154,7 +157,7 @@ class ResT(Backbone):
         self.patch_embed_3 = PatchEmbedV1(embed_dims[1], embed_dims[2])
         self.patch_embed_4 = PatchEmbedV1(embed_dims[2], embed_dims[3])
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(4):
             blocks = [

@@ -14,7 +14,7 @@ from restv2_kernels.backend import check_backend, default_backend, use_kernels
 
 from .backbone import Backbone
 from .checkpoint import load_checkpoint
-from .layers import ConvStem, DropPath, Mlp, PatchEmbed, reduce_tokens
+from .layers import drop_path_rates, ConvStem, DropPath, Mlp, PatchEmbed, reduce_tokens
 
 
 class EMSAv2(nn.Module):
@@ -114,7 +114,7 @@ class ResTV2(Backbone):
         self.patch_3 = PatchEmbed(embed_dims[1], embed_dims[2])
         self.patch_4 = PatchEmbed(embed_dims[2], embed_dims[3])
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         cur = 0
         for i in range(4):
             blocks = [
