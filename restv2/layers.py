@@ -168,7 +168,11 @@ class PatchEmbedV1(nn.Module):
 
 
 def reduce_tokens(x: torch.Tensor, H: int, W: int, sr: nn.Conv2d, norm: nn.LayerNorm) -> tuple[torch.Tensor, int, int]:
-    """EMSA's spatial reduction: [B, H*W, C] -> depthwise strided conv -> LN -> [B, Hr*Wr, C]."""
+    """EMSA's spatial reduction: [B, H*W, C] -> depthwise strided conv -> LN -> [B, Hr*Wr, C].
+
+    The tokens viewed as a map are already channels-last in memory, so the conv reads them in
+    place and its channels-last output turns back into tokens without a copy.
+    """
     x = sr(to_map(x, H, W))
     Hr, Wr = x.shape[-2:]
     return norm(to_tokens(x)), Hr, Wr
