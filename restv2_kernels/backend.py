@@ -12,7 +12,6 @@ Nothing here touches the GPU or imports Triton at import time.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -37,10 +36,13 @@ def default_backend() -> str:
     return name
 
 
-@functools.cache
+# Looked up once, without importing triton (a plain constant, so torch.compile traces it).
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:

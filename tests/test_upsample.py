@@ -236,7 +236,6 @@ def test_property_random_shapes(B, C, sr, Hr, Wr, crop, kv_view, seed):
     _check_parity((B, Hr, Wr, H, W, C), sr, FP32, device, kv_view, seed=seed)
 
 
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_custom_ops_trace(device):
     """The custom ops' fake implementations: torch.compile traces the op (forward and
     backward) in one graph with no compiler (aot_eager), matching eager."""
