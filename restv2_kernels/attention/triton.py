@@ -1,0 +1,533 @@
+"""Fused Triton kernels for EMSAv2's reduced-K/V softmax attention, forward and backward.
+
+``emsa_attention(q, k, v, scale=None)`` computes ``softmax(q k^T * scale) v`` per head with
+q: [B, N, H, D] and k, v: [B, M, H, D], where N (queries, the full map) is far larger than
+M (keys, the reduced map): N=3136, M=49 at 224 px; N~66,800, M~1,050 at 800x1333.
+
+Layout: every kernel reads q, k, v, o and dO in place through their strides (only the last
+dim must have unit stride), so the model's ``q_lin.view(B, N, H, D)`` and
+``kv_lin.view(B, M, 2, H, D)[:, :, 0 / 1]`` are never copied. A tensor whose last-dim
+stride is not 1 is the one case made contiguous (a copy), see ``_unit_last``.
+
+Forward (``_attn_fwd_kernel``): grid (query blocks, B*H). Each program keeps its
+[BLOCK_N, D] rows of q in registers and runs an online softmax over key blocks (no
+[N, M] tensor anywhere); when every key fits in one block (the 224-px model: M <= 64) the
+``ONE_BLOCK`` flag drops the loop and the running max/rescale. It writes o and the
+natural-log log-sum-exp ``lse`` [B, H, N] (fp32) for the backward.
+
+Backward: with ``P = softmax(q k^T * scale)``, ``dP = dO v^T`` and
+``delta = rowsum(P * dP) = rowsum(dO * o)``: ``dv = P^T dO``, ``dS = P * (dP - delta)``,
+``dk = scale * dS^T q``, ``dq = scale * dS k``. Because N >> M, one program per key block
+looping over all queries would start only B*H programs, so ``_attn_bwd_dkdv_kernel``
+runs on a grid of (key blocks, query splits S, B*H): each program owns one key block and
+a contiguous share of query blocks, and writes its partial dk, dv in fp32 to buffers
+[S, B, M, H, D]; a ``torch.sum`` over S (deterministic, no atomics) is the second pass.
+``_num_splits`` picks S for about four programs per SM (132 SMs assumed off-GPU) while
+keeping each split at least ``_MIN_BLOCKS_PER_SPLIT`` query blocks long, so partial
+buffers stay small next to the q/dO traffic: restv2_tiny at B=128 gets S = 4, 2, 1, 1
+for its four stages (19 MB of fp32 partials at stage 1); 800x1333 at B=2 (N=66,800,
+M=1,050) gets S = 15 over 17 key blocks, 510 programs, 24 MB. With S = 1 the kernel
+writes dk, dv directly in the input dtype and there is no second pass.
+dq needs a sum over all keys:
+- one key block (M <= BLOCK_M, ``FUSE_DQ``; the 224-px model): that sum is inside one
+  program, which recomputes its queries' softmax exactly (max, exp, normalise, as eager
+  does) and delta from the same P, and writes dq. o and lse are not read: the pass reads
+  q, k, v, dO once and writes dq and the partials.
+- several key blocks: ``_attn_bwd_dq_kernel`` runs first over (query blocks, B*H),
+  computes and stores delta from o and dO, rebuilds P from the saved lse while looping
+  over the keys, and writes dq; the dk/dv pass then reads lse and delta.
+  Precision caveat of this flash-style path: P = exp(s - lse) sums to 1 only up to the
+  fp32 rounding of s and lse (~|s| * 1e-7), so in fp32 with scores of |s| ~ 100 and keys
+  sharing a large common component, dq and dk can be a few times less accurate than
+  eager (whose softmax is normalised exactly). The fused path has no such gap.
+Results are bitwise reproducible, so there is no separate deterministic path.
+
+For torch.compile the launchers are registered as custom ops
+``restv2::emsa_attention_fwd`` / ``restv2::emsa_attention_bwd`` with fake (meta)
+implementations; the ``autograd.Function`` calls those ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import check_kernel_device
+from .reference import check_attention_inputs
+
+_LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) == exp2(x * log2(e))
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_km, stride_kh,
+    stride_vb, stride_vm, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    N, M, H, D,
+    qk_scale,  # scale * log2(e)
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """o[b, n, h] = softmax(q k^T * scale) v over keys m < M; lse[b, h, n] in natural log.
+
+    Q: [B, N, H, D], K, V: [B, M, H, D], O: [B, N, H, D] (any strides, unit on D);
+    LSE: [B, H, N] fp32, contiguous. Grid: (cdiv(N, BLOCK_N), B * H).
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)  # int64 before any stride product: B*N*H*D may pass 2**31
+    b = bh // H
+    h = bh % H
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = start_n + offs_n < N
+    mask_d = offs_d < D  # D need not be a power of two: pad to BLOCK_D and mask
+
+    q_base = Q + b * stride_qb + h * stride_qh + start_n.to(tl.int64) * stride_qn
+    # rows of q stay in registers for the whole key loop
+    q = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_km + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
+
+    if ONE_BLOCK:
+        # all M keys in one block: a plain softmax, no running max to rescale
+        mask_m = offs_m < M
+        k = tl.load(k_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_m[None, :], s, float("-inf"))  # padded keys get no weight
+        m_i = tl.max(s, 1)
+        p = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, M, BLOCK_M):
+            mask_m = start_m + offs_m < M
+            k = tl.load(k_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(mask_m[None, :], s, float("-inf"))
+            # the first block always holds key 0, so m_new is finite and alpha = exp2(-inf) = 0
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+            # pointer increments are 64-bit: no int32 product of M and the stride
+            k_ptrs += BLOCK_M * stride_km
+            v_ptrs += BLOCK_M * stride_vm
+
+    acc = acc / l_i[:, None]
+    o_base = O + b * stride_ob + h * stride_oh + start_n.to(tl.int64) * stride_on
+    tl.store(o_base + offs_n[:, None] * stride_on + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=mask_n[:, None] & mask_d[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+    tl.store(LSE + bh * N + start_n + offs_n, lse, mask=mask_n)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_km, stride_kh,
+    stride_vb, stride_vm, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    N, M, H, D,
+    sm_scale, qk_scale,  # scale, scale * log2(e)
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq = scale * dS k over all keys; also stores delta = rowsum(dO * o) for the dk/dv pass.
+
+    Q, O, DO, DQ: [B, N, H, D]; K, V: [B, M, H, D]; LSE, DELTA: [B, H, N] fp32.
+    Grid: (cdiv(N, BLOCK_N), B * H). Used only when M spans several key blocks.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    start_n64 = start_n.to(tl.int64)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = start_n + offs_n < N
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + start_n64 * stride_qn
+                + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_nd, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + start_n64 * stride_don
+                 + offs_n[:, None] * stride_don + offs_d[None, :], mask=mask_nd, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + start_n64 * stride_on
+                + offs_n[:, None] * stride_on + offs_d[None, :], mask=mask_nd, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh * N + start_n + offs_n, delta, mask=mask_n)
+    lse2 = tl.load(LSE + bh * N + start_n + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_km + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        mask_m = start_m + offs_m < M
+        k = tl.load(k_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # padded keys: zero P explicitly (exp2(0 - lse) can overflow when scores are very negative)
+        p = tl.where(mask_m[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_M * stride_km
+        v_ptrs += BLOCK_M * stride_vm
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + start_n64 * stride_dqn
+             + offs_n[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK_PART, DV_PART,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_km, stride_kh,
+    stride_vb, stride_vm, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_ps, stride_pb, stride_pm, stride_ph,  # DK_PART and DV_PART share one layout
+    N, M, H, D,
+    sm_scale, qk_scale,  # scale, scale * log2(e)
+    BLOCKS_PER_SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial dk, dv of one key block over one split's share of the queries.
+
+    Q, DO, DQ: [B, N, H, D]; K, V: [B, M, H, D]; LSE, DELTA: [B, H, N] fp32;
+    DK_PART, DV_PART: [S, B, M, H, D], fp32 partials summed over S afterwards (or, when
+    S = 1, the final dk, dv in the input dtype).
+    Grid: (cdiv(M, BLOCK_M), S, B * H); split s covers query blocks
+    [s * BLOCKS_PER_SPLIT, (s + 1) * BLOCKS_PER_SPLIT).
+    FUSE_DQ (only when M <= BLOCK_M): this program sees every key of its queries, so it
+    recomputes their softmax and delta itself (LSE, DELTA unused) and writes dq.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    split = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = start_m + offs_m < M
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    start_m64 = start_m.to(tl.int64)
+    # this key block stays in registers while the program walks its queries
+    k = tl.load(K + b * stride_kb + h * stride_kh + start_m64 * stride_km
+                + offs_m[:, None] * stride_km + offs_d[None, :], mask=mask_md, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + start_m64 * stride_vm
+                + offs_m[:, None] * stride_vm + offs_d[None, :], mask=mask_md, other=0.0)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    first = split * BLOCKS_PER_SPLIT
+    last = tl.minimum(first + BLOCKS_PER_SPLIT, tl.cdiv(N, BLOCK_N))
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    for block in range(first, last):
+        start_n = block * BLOCK_N
+        start_n64 = start_n.to(tl.int64)
+        mask_n = start_n + offs_n < N
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        q = tl.load(q_base + start_n64 * stride_qn + offs_n[:, None] * stride_qn + offs_d[None, :],
+                    mask=mask_nd, other=0.0)
+        do = tl.load(do_base + start_n64 * stride_don + offs_n[:, None] * stride_don + offs_d[None, :],
+                     mask=mask_nd, other=0.0)
+        # transposed scores [BLOCK_M, BLOCK_N]: keys on rows, so dk/dv accumulate without transposes
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if FUSE_DQ:
+            # every key of these queries is in this block: redo their softmax exactly, as eager
+            # does, and take delta = rowsum(P * dP) (== rowsum(dO * o)) from the same P, so each
+            # column of dS sums to ~0 even for huge scores, where exp(s - lse) would not; o and
+            # lse are not read at all
+            s_t = tl.where(mask_m[:, None], s_t, float("-inf"))
+            p_t = tl.exp2(s_t - tl.max(s_t, 0)[None, :])
+            p_t = p_t / tl.sum(p_t, 0)[None, :]
+            delta = tl.sum(p_t * dp_t, 0)
+        else:
+            delta = tl.load(DELTA + bh * N + start_n + offs_n, mask=mask_n, other=0.0)
+            # padded queries: lse = +inf makes their column of P exactly 0
+            lse2 = tl.load(LSE + bh * N + start_n + offs_n, mask=mask_n, other=float("inf")) * 1.4426950408889634
+            # padded keys: zero P (exp2(0 - lse) can be inf; their rows are never stored, but keep
+            # inf out of the dots)
+            p_t = tl.where(mask_m[:, None], tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+            tl.store(dq_base + start_n64 * stride_dqn + offs_n[:, None] * stride_dqn + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=mask_nd)
+
+    dk = dk * sm_scale
+    part = split.to(tl.int64) * stride_ps + b * stride_pb + h * stride_ph + start_m64 * stride_pm
+    part_offs = offs_m[:, None] * stride_pm + offs_d[None, :]
+    tl.store(DK_PART + part + part_offs, dk.to(DK_PART.dtype.element_ty), mask=mask_md)
+    tl.store(DV_PART + part + part_offs, dv.to(DV_PART.dtype.element_ty), mask=mask_md)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers (tensors in, tensors out)
+# ---------------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer comes from here (tests patch it to fill NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has unit stride (read in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Config(NamedTuple):
+    block_n: int  # queries per block
+    block_m: int  # keys per block
+    block_d: int  # head dim padded to a power of two
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_config(d: int, m: int, dtype: torch.dtype) -> _Config:
+    """Forward blocks: 128 queries x 64 keys for 16-bit d <= 128; halved for fp32 or d = 256.
+
+    Sized for ~227 KB of shared memory on an H100 (fp32 tiles are twice as large, and the
+    fp32 IEEE dot runs on FMA units). Every block is >= 16, as tl.dot needs.
+    """
+    block_d = max(16, triton.next_power_of_2(d))
+    wide = block_d > 128
+    if dtype == torch.float32:
+        block_n, block_m, stages = (32, 32, 1) if wide else (64, 64, 2)
+    else:
+        block_n, block_m, stages = (64, 32, 2) if wide else (128, 64, 3)
+    block_m = min(block_m, max(16, triton.next_power_of_2(m)))  # M = 49 -> 64: one block, no loop
+    num_warps = 8 if block_n * block_d >= 128 * 128 else 4
+    return _Config(block_n, block_m, block_d, num_warps, stages)
+
+
+def _bwd_config(d: int, m: int, dtype: torch.dtype) -> _Config:
+    """Backward blocks: a key block and its fp32 dk/dv accumulators stay on chip while
+    [BLOCK_N, D] tiles of q and dO stream past; 64 x 64 for 16-bit d <= 128, halved for
+    fp32 queries or d = 256."""
+    block_d = max(16, triton.next_power_of_2(d))
+    wide = block_d > 128
+    if dtype == torch.float32:
+        block_n, block_m, stages = (16, 32, 1) if wide else (32, 64, 1)
+    else:
+        block_n, block_m, stages = (32, 32, 2) if wide else (64, 64, 2)
+    block_m = min(block_m, max(16, triton.next_power_of_2(m)))
+    num_warps = 8 if block_d >= 128 else 4
+    return _Config(block_n, block_m, block_d, num_warps, stages)
+
+
+_MIN_BLOCKS_PER_SPLIT = 4  # each dk/dv program walks >= 4 query blocks to amortise its partial write
+_PARTIAL_BYTES_CAP = 256 << 20  # at most 256 MiB of fp32 partial dk + dv
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: size the grid as for an H100
+
+
+def _num_splits(n_qblocks: int, n_kblocks: int, bh: int, m: int, d: int, device: torch.device) -> int:
+    """Query splits S for the dk/dv pass: about 4 programs per SM, bounded by work and memory."""
+    splits = 4 * _sm_count(device) // max(1, n_kblocks * bh)
+    splits = min(splits, triton.cdiv(n_qblocks, _MIN_BLOCKS_PER_SPLIT))
+    splits = min(splits, _PARTIAL_BYTES_CAP // max(1, 8 * bh * m * d))
+    splits = max(1, splits)
+    per = triton.cdiv(n_qblocks, splits)
+    return triton.cdiv(n_qblocks, per)  # no empty split
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays IEEE; 16-bit uses tensor cores
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward. q: [B, N, H, D]; k, v: [B, M, H, D] -> (o [B, N, H, D], lse [B, H, N] fp32)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    o = _empty((B, N, H, D), q.dtype, q.device)
+    lse = _empty((B, H, N), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    cfg = _fwd_config(D, M, q.dtype)
+    grid = (triton.cdiv(N, cfg.block_n), B * H)
+    with _device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, o, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            N, M, H, D, scale * _LOG2E,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+            ONE_BLOCK=M <= cfg.block_m, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return o, lse
+
+
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the backward. do, q, o: [B, N, H, D]; k, v: [B, M, H, D]; lse: [B, H, N] fp32.
+
+    Returns contiguous (dq [B, N, H, D], dk [B, M, H, D], dv [B, M, H, D]) in q's dtype.
+    """
+    do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
+    B, N, H, D = q.shape
+    M = k.shape[1]
+    dtype, device = q.dtype, q.device
+    dq = _empty((B, N, H, D), dtype, device)
+    if dq.numel() == 0:  # B = 0 or H = 0: nothing to launch
+        return dq, k.new_zeros(k.shape), v.new_zeros(v.shape)
+    cfg = _bwd_config(D, M, dtype)
+    n_qblocks, n_kblocks = triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m)
+    fuse_dq = n_kblocks == 1
+    splits = _num_splits(n_qblocks, n_kblocks, B * H, M, D, device)
+    # one split writes dk, dv directly in the input dtype; several write fp32 partials
+    part_dtype = dtype if splits == 1 else torch.float32
+    dk_part = _empty((splits, B, M, H, D), part_dtype, device)
+    dv_part = _empty((splits, B, M, H, D), part_dtype, device)
+    precision = _dot_precision(dtype)
+    strides = {name: (t.stride(0), t.stride(1), t.stride(2)) for name, t in
+               (("q", q), ("k", k), ("v", v), ("o", o), ("do", do), ("dq", dq))}
+    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, DOT_PRECISION=precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with _device_guard(q):
+        if fuse_dq:
+            delta = lse  # unused: the fused pass computes delta itself
+        else:
+            delta = _empty((B, H, N), torch.float32, device)
+            _attn_bwd_dq_kernel[(n_qblocks, B * H)](
+                q, k, v, o, do, lse, delta, dq,
+                *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
+                N, M, H, D, scale, scale * _LOG2E, **blocks,
+            )
+        _attn_bwd_dkdv_kernel[(n_kblocks, splits, B * H)](
+            q, k, v, do, lse, delta, dq, dk_part, dv_part,
+            *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
+            dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), dk_part.stride(3),
+            N, M, H, D, scale, scale * _LOG2E, triton.cdiv(n_qblocks, splits),
+            FUSE_DQ=fuse_dq, **blocks,
+        )
+    if splits == 1:
+        return dq, dk_part[0], dv_part[0]
+    # second pass: a deterministic fp32 sum over the splits, then one rounding to the input dtype
+    return dq, dk_part.sum(0).to(dtype), dv_part.sum(0).to(dtype)
+
+
+# torch.compile sees opaque ops with fake implementations; the launchers run at runtime.
+@torch.library.custom_op("restv2::emsa_attention_fwd", mutates_args=())
+def _emsa_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, scale)
+
+
+@_emsa_attention_fwd_op.register_fake
+def _(q, k, v, scale):
+    B, N, H, D = q.shape
+    return q.new_empty((B, N, H, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("restv2::emsa_attention_bwd", mutates_args=())
+def _emsa_attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, scale)
+
+
+@_emsa_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------
+
+
+class _EmsaAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = torch.ops.restv2.emsa_attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.restv2.emsa_attention_bwd(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+# ---------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------
+
+
+def emsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` per head, fused in Triton, differentiable in q, k and v.
+
+    q: [B, N, H, D]; k, v: [B, M, H, D] (views with unit stride on D are read in place);
+    returns [B, N, H, D], contiguous, in the inputs' dtype (fp16, bf16 or fp32; fp32
+    accumulation). ``scale`` defaults to ``D ** -0.5``. D: a multiple of 8 from 16 to 256.
+    """
+    check_attention_inputs(q, k, v)
+    if q.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"emsa_attention: the Triton kernels take fp16/bf16/fp32 inputs, got {q.dtype}")
+    check_kernel_device(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"emsa_attention: scale must be finite, got {scale}")
+    return _EmsaAttention.apply(q, k, v, scale)
