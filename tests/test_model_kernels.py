@@ -1,0 +1,321 @@
+"""The models on the Triton kernels: backend choice, whole-model parity, training, autocast,
+torch.compile. On a CPU the kernels run in Triton's interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import restv2
+import restv2_kernels
+from restv2 import ResT, ResTV2, load_checkpoint
+from restv2_kernels import reference
+
+from helpers import assert_close
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = {"restv2_mini": ResTV2, "restv2_mini_heads": ResTV2, "rest_v1_mini": ResT}
+MINI_V2 = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1], num_classes=10)
+
+
+def golden_model(name: str, dtype: torch.dtype = torch.float32, **kwargs):
+    golden = torch.load(DATA / f"{name}.pt")
+    model = GOLDEN[name](**golden["config"], **kwargs).to(dtype).eval()
+    load_checkpoint(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in golden["state_dict"].items()})
+    return model, golden["cases"]
+
+
+class CountCalls:
+    """Wraps an op and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Counts calls of the fused ops and of the references, as the models reach them."""
+    out = {}
+    for module, prefix in ((restv2_kernels, "kernel"), (reference, "reference")):
+        for op in ("emsa_attention", "upsample_add"):
+            spy = CountCalls(getattr(module, op))
+            monkeypatch.setattr(module, op, spy)
+            out[f"{prefix}.{op}"] = spy
+    return out
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def test_backend_selection(spies, monkeypatch, device):
+    x = torch.randn(1, 3, 64, 64, device=device)
+    model = ResTV2(**MINI_V2, backend="reference").to(device).eval()
+    with torch.no_grad():
+        model(x)
+    assert spies["reference.emsa_attention"].calls == 4 and spies["kernel.emsa_attention"].calls == 0
+
+    model.set_backend("triton")
+    assert model.backend == "triton" and all(blk.attn.backend == "triton" for blk in model.stage1)
+    with torch.no_grad():
+        model(x)
+    assert spies["kernel.emsa_attention"].calls == 4 and spies["kernel.upsample_add"].calls == 4
+
+    model.set_backend("auto")  # kernels exactly when the activations are CUDA tensors
+    with torch.no_grad():
+        model(x)
+    expected = 8 if device == "cuda" else 4
+    assert spies["kernel.emsa_attention"].calls == expected
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.set_backend("cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ResTV2(**MINI_V2, backend="fast")
+
+
+def test_backend_default_from_environment(monkeypatch):
+    monkeypatch.setenv("RESTV2_BACKEND", "reference")
+    assert restv2.restv2_tiny(num_classes=0).backend == "reference"
+    assert ResT(**MINI_V2).backend == "reference"
+    monkeypatch.setenv("RESTV2_BACKEND", "triton")
+    model = ResTV2(**MINI_V2)
+    assert model.backend == "triton" and model.stage4[0].attn.backend == "triton"
+    assert model.set_backend("reference").set_backend().backend == "triton"  # None: back to the default
+    monkeypatch.setenv("RESTV2_BACKEND", "nope")
+    with pytest.raises(ValueError, match="RESTV2_BACKEND"):
+        ResTV2(**MINI_V2)
+
+
+def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = ResTV2(**MINI_V2, backend="triton")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_import_touches_no_gpu_and_no_triton():
+    code = (
+        "import sys, torch, restv2, restv2_kernels\n"
+        "m = restv2.restv2_tiny(num_classes=0)\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
+        "assert 'triton' not in sys.modules, 'triton imported at import'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ----------------------------------------------------------------------------- whole-model parity
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_golden_minis_through_kernels(name, spies, device):
+    model, cases = golden_model(name, backend="triton")
+    model.to(device)
+    for case in cases:
+        with torch.no_grad():
+            logits = model(case["input"].float().to(device)).double().cpu()
+        err = ((logits - case["logits"]).norm() / case["logits"].norm()).item()
+        assert err < 1e-4, f"{name}: relative logits error {err:.2e} through the kernels"
+    assert spies["kernel.emsa_attention"].calls > 0
+    if name != "rest_v1_mini":  # v1 minis use the head transform in stages 2-4, eager by design
+        assert spies["reference.emsa_attention"].calls == 0
+
+
+def _logits_and_grads(model: torch.nn.Module, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (logits * upstream.to(logits)).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("factory", ["restv2_tiny", "restv2_large"])
+@pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
+def test_full_width_kernels_match_reference(factory, size, device):
+    """Kernels in fp32 against a float64 reference, judged by the fp32 reference's own error."""
+    torch.manual_seed(0)
+    model64 = restv2.MODELS[factory](backend="reference").double().eval()
+    with torch.no_grad():  # non-trivial biases and norms, so every gradient path carries signal
+        for p in model64.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    ref_logits, ref_grads = _logits_and_grads(model64, x)
+
+    model32 = restv2.MODELS[factory](backend="reference").eval()
+    model32.load_state_dict(model64.state_dict())
+    model32.to(device)
+    eager_logits, eager_grads = _logits_and_grads(model32, x.float().to(device))
+    model32.set_backend("triton")
+    kern_logits, kern_grads = _logits_and_grads(model32, x.float().to(device))
+
+    assert_close(f"{factory} logits", kern_logits, ref_logits, eager_logits)
+    for name in ref_grads:
+        assert_close(f"{factory} grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
+
+
+def test_training_run_kernels_match_reference(device):
+    """Five SGD steps from one seed: per-step losses and final weights, kernels vs reference.
+
+    Tolerance: the fp32 kernel run's distance from a float64 reference run is at most twice
+    the fp32 reference run's distance plus helpers.ATOL[float32] (the one fp32 tolerance).
+    """
+
+    def run(dtype, backend):
+        torch.manual_seed(0)
+        model = ResTV2(**MINI_V2, backend=backend).to(dtype).to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(5):
+            x = torch.randn(4, 3, 64, 64, generator=gen, dtype=torch.float64).to(dtype).to(device)
+            y = torch.randint(0, 10, (4,), generator=gen).to(device)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return torch.stack(losses), model.state_dict()
+
+    ref_losses, ref_state = run(torch.float64, "reference")
+    eager_losses, eager_state = run(torch.float32, "reference")
+    kern_losses, kern_state = run(torch.float32, "triton")
+    assert_close("per-step losses", kern_losses, ref_losses, eager_losses)
+    for name, value in ref_state.items():
+        if value.is_floating_point():
+            assert_close(f"final {name}", kern_state[name], value, eager_state[name])
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def test_autocast_fp16_kernels_as_close_as_reference(spies, device):
+    """Under autocast the kernels get half-precision q, k, v and maps; their logits are as close
+    to fp32 as the eager reference's under the same autocast."""
+    model, cases = golden_model("restv2_mini_heads")
+    model.to(device)
+    x = cases[0]["input"].float().to(device)
+    with torch.no_grad():
+        fp32 = model(x).double()
+        with torch.autocast(device_type=device, dtype=torch.float16):
+            eager = model(x).double()
+            model.set_backend("triton")
+            fused = model(x).double()
+    assert spies["kernel.upsample_add"].calls > 0
+    assert_close("autocast fp16 logits", fused, fp32, eager, dtype=torch.float16)
+
+
+@pytest.mark.cuda
+def test_autocast_bf16_kernels_as_close_as_reference():
+    model, cases = golden_model("restv2_mini_heads")
+    model.cuda()
+    x = cases[0]["input"].float().cuda()
+    with torch.no_grad():
+        fp32 = model(x).double()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            eager = model(x).double()
+            model.set_backend("triton")
+            fused = model(x).double()
+    assert_close("autocast bf16 logits", fused, fp32, eager, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_reference_path_compiles_fullgraph():
+    model = ResTV2(**MINI_V2, backend="reference").eval()
+    x = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_compiles_fullgraph_and_matches_eager(dtype):
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="triton").cuda().eval()
+    x = torch.randn(2, 3, 97, 131, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        out_eager = model(x)
+        out_compiled = compiled(x)
+        out_compiled.float().square().mean().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out_compiled.float(), out_eager.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+def test_second_gpu_runs_on_its_own_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = ResTV2(**MINI_V2, backend="triton").to("cuda:1").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64, device="cuda:1"))
+    assert out.device == torch.device("cuda:1")
+
+
+# ----------------------------------------------------------------------------- dense prediction memory
+
+
+class RecordShapes(TorchDispatchMode):
+    """Records the shape of every tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_kernel_backbone_creates_no_score_tensor(device):
+    """forward_intermediates + backward on the kernels: no [B, h, N, M] scores in any stage
+    (the reference does create them, which shows the check can fail)."""
+    model = ResTV2(**{**MINI_V2, "num_classes": 0}).to(device)
+    x = torch.randn(1, 3, 160, 224, device=device, requires_grad=True)
+    stage_nm = []
+    H, W = 40, 56
+    for sr in (8, 4, 2, 1):
+        stage_nm.append((H * W, -(-H // sr) * -(-W // sr)))
+        H, W = -(-H // 2), -(-W // 2)
+
+    def has_scores(shapes):
+        return any(n in s and m in s and s.index(n) < len(s) - 1 and s[-1] == m for s in shapes for n, m in stage_nm)
+
+    for backend, expect in (("reference", True), ("triton", False)):
+        model.set_backend(backend)
+        with RecordShapes() as rec:
+            feats = model.forward_intermediates(x)
+            sum(f.square().mean() for f in feats).backward()
+        assert has_scores(rec.shapes) == expect, backend
+
+
+@pytest.mark.cuda
+def test_detection_size_peak_memory_below_reference():
+    """800x1333 backbone forward+backward: peak memory with the kernels vs the reference."""
+    peaks = {}
+    for backend in ("reference", "triton"):
+        model = restv2.restv2_tiny(num_classes=0, backend=backend).cuda()
+        x = torch.randn(2, 3, 800, 1333, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        sum(f.float().square().mean() for f in model.forward_intermediates(x)).backward()
+        torch.cuda.synchronize()
+        peaks[backend] = torch.cuda.max_memory_allocated()
+        del model, x
+        torch.cuda.empty_cache()
+    print(f"800x1333 peak memory, MiB: { {k: v / 2**20 for k, v in peaks.items()} }")
+    assert peaks["triton"] < peaks["reference"]
