@@ -7,12 +7,23 @@
 - ``results_path(kind, ext)``: ``benchmarks/results/<kind>_<device-slug>_<YYYY-MM-DD>.<ext>``.
 - ``write_json(path, obj)``.
 
+For the kernel microbenchmarks (``bench_attention.py``, ``bench_upsample.py``):
+
+- ``roofline_rates(device, dtype)``: both ceilings measured now (fp32 matmul with TF32 off).
+- ``roofline_floor_ms(nbytes, flops, copy_gbps, tflops)``: max(bytes / copy rate, flops / matmul rate).
+- ``roofline_columns(ms, nbytes, flops, rates)``: GB/s, % of copy, floor ms, multiple of the floor.
+- ``time_fwd_bwd(bench, forward, inputs, grad)``: forward, backward alone and the whole step.
+- ``kernel_bench_main(argv, ...)``: the command line, table and JSON both scripts share.
+
 Importing this module touches no GPU and imports neither Triton nor matplotlib.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -212,3 +223,215 @@ def write_json(path: str | os.PathLike, obj: object) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel microbenchmarks: roofline floor, fwd/bwd timing, table rows
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """TF32 off for fp32 matmuls inside the block (restored after): IEEE fp32, as the kernels' fp32 dots."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def roofline_rates(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """The two ceilings of a roofline floor, measured now on ``device``.
+
+    ``copy_gbps``: ``copy_bandwidth_gbps(device)``; ``matmul_tflops``: ``matmul_tflops(device, dtype)``,
+    for fp32 with TF32 off (the kernels compute fp32 dots in IEEE fp32, so TF32 tensor cores are
+    no ceiling for them).
+    """
+    with ieee_fp32_matmul():
+        tflops = matmul_tflops(device, dtype)
+    return {"copy_gbps": copy_bandwidth_gbps(device), "matmul_tflops": tflops,
+            "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_tf32": False}
+
+
+def roofline_floor_ms(nbytes: float, flops: float, copy_gbps: float, tflops: float) -> float:
+    """The fastest an op can be: ``max(nbytes / copy bandwidth, flops / matmul rate)``, in ms.
+
+    GB/s is 1e9 bytes/s, TFLOP/s 1e12 flop/s: 1 GB at 1000 GB/s is 1 ms, 1 TFLOP at 1000 TFLOP/s is 1 ms.
+    """
+    return max(nbytes / (copy_gbps * 1e6), flops / (tflops * 1e9))
+
+
+def roofline_columns(ms: float, nbytes: float, flops: float, rates: dict) -> dict:
+    """The columns of one timing: achieved GB/s and TFLOP/s, % of the copy bandwidth, the floor.
+
+    ``x_floor`` = ms / floor_ms (1.0 = at the floor); ``bound`` names the larger floor term.
+    """
+    copy_gbps, tflops = rates["copy_gbps"], rates["matmul_tflops"]
+    floor = roofline_floor_ms(nbytes, flops, copy_gbps, tflops)
+    gbps = nbytes / ms / 1e6
+    return {
+        "ms": ms,
+        "gbps": gbps,
+        "pct_copy": 100 * gbps / copy_gbps,
+        "tflops": flops / ms / 1e9,
+        "floor_ms": floor,
+        "x_floor": ms / floor,
+        "bound": "memory" if nbytes / (copy_gbps * 1e6) >= flops / (tflops * 1e9) else "compute",
+    }
+
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def _error_text(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def time_fwd_bwd(
+    bench: Callable[[Callable[[], object]], float],
+    forward: Callable[[], torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+) -> dict[str, float | str]:
+    """``{mode: ms}`` for the three ``MODES``, or ``{mode: "Error: ..."}`` where a mode fails.
+
+    - ``fwd``: ``forward()`` under ``torch.no_grad()``.
+    - ``bwd``: ``torch.autograd.grad(out, inputs, grad, retain_graph=True)`` on one recorded graph.
+    - ``fwd+bwd``: ``torch.autograd.grad(forward(), inputs, grad)``, one training step of the op.
+
+    ``bench(fn)`` times ``fn`` (``triton.testing.do_bench``: synchronises, flushes L2). Each fn is
+    called once first, so compilation and autotuning stay out of the timing. ``autograd.grad``
+    accumulates into no ``.grad``, so repeated calls do the same work.
+    """
+    times: dict[str, float | str] = {}
+
+    def attempt(mode: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+            times[mode] = bench(fn)
+        except Exception as exc:  # an unsupported backend, shape or dtype must not hide the others
+            times[mode] = _error_text(exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    with torch.no_grad():
+        attempt("fwd", forward)
+    out = None
+    try:
+        out = forward()
+    except Exception as exc:
+        times["bwd"] = _error_text(exc)
+    if out is not None:
+        attempt("bwd", lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+        del out
+    attempt("fwd+bwd", lambda: torch.autograd.grad(forward(), inputs, grad))
+    return times
+
+
+def select_shapes(shapes: dict, wanted: list[str] | None) -> dict:
+    """The entries of ``shapes`` whose name is in ``wanted`` or starts with one of them (all if empty)."""
+    if not wanted:
+        return dict(shapes)
+    chosen = {name: s for name, s in shapes.items() if any(name == w or name.startswith(w) for w in wanted)}
+    if not chosen:
+        raise SystemExit(f"no shape matches {wanted}; known: {', '.join(shapes)}")
+    return chosen
+
+
+ROOFLINE_HEADER = (f"{'shape':<16} {'mode':<7} {'impl':<15} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
+                   f"{'TFLOP/s':>8} {'floor ms':>9} {'x floor':>8}  bound")
+
+
+def format_roofline_row(shape: str, mode: str, impl: str, row: dict) -> str:
+    """One table line under ``ROOFLINE_HEADER``: the ``roofline_columns`` of a row, or its error."""
+    head = f"{shape:<16} {mode:<7} {impl:<15}"
+    if "error" in row:
+        return f"{head} {'n/a':>9}  {row['error'][:80]}"
+    return (f"{head} {row['ms']:9.3f} {row['gbps']:7.0f} {row['pct_copy']:5.0f}% {row['tflops']:8.1f} "
+            f"{row['floor_ms']:9.3f} {row['x_floor']:7.2f}x  {row['bound']}")
+
+
+def format_speedups(rows: list[dict], shape: str, ours: str = "triton") -> list[str]:
+    """Lines ``<shape> <mode>: triton vs eager 2.10x, ...`` (other impl's ms / ours) for one shape."""
+    lines = []
+    for mode in MODES:
+        timed = {r["impl"]: r["ms"] for r in rows if r["shape"] == shape and r["mode"] == mode and "ms" in r}
+        if ours in timed and len(timed) > 1:
+            vs = ", ".join(f"{impl} {ms / timed[ours]:.2f}x" for impl, ms in timed.items() if impl != ours)
+            lines.append(f"{'':<16} {mode:<7} {ours} speed-up vs {vs}")
+    return lines
+
+
+KERNEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def kernel_bench_main(
+    argv: list[str] | None,
+    *,
+    kind: str,
+    doc: str,
+    shapes: dict[str, tuple],
+    impls: tuple[str, ...],
+    make_fns: Callable[[list[str]], dict],
+    time_impl: Callable[..., dict],
+    count_bytes: Callable[..., int],
+    count_flops: Callable[..., int],
+    counts: dict,
+) -> int:
+    """The main of a kernel microbenchmark: parse ``argv``, time every impl at every shape, print, write JSON.
+
+    ``make_fns(impls)`` -> {impl: fn}, called once per shape (a fresh ``torch.compile`` each time);
+    ``time_impl(bench, fn, shape, dtype)`` -> ``time_fwd_bwd``'s dict (on ``cuda``); ``count_bytes(*shape, elt, mode)``
+    and ``count_flops(*shape, mode)`` give the minimal bytes and the FLOPs; ``counts`` describes
+    them in the JSON. Without a CUDA GPU: prints that one is needed and returns 0.
+    """
+    parser = argparse.ArgumentParser(prog=f"bench_{kind}.py", description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=doc.split("\n\n", 1)[-1])
+    parser.add_argument("--dtype", choices=sorted(KERNEL_DTYPES), default="fp16")
+    parser.add_argument("--shapes", nargs="*", metavar="NAME", help=f"names or prefixes of: {' '.join(shapes)}")
+    parser.add_argument("--impls", nargs="+", choices=impls, default=list(impls))
+    parser.add_argument("--out", type=pathlib.Path, help=f"JSON path (default: benchmarks/results/{kind}_<gpu>_<date>.json)")
+    args = parser.parse_args(argv)
+    shapes = select_shapes(shapes, args.shapes)
+
+    if not torch.cuda.is_available():
+        print(f"bench_{kind}: a CUDA GPU is needed to run this benchmark; nothing to do.")
+        return 0
+
+    from triton.testing import do_bench  # synchronises, flushes L2 between reps
+
+    bench = functools.partial(do_bench, return_mode="median")
+    device, dtype = torch.device("cuda"), KERNEL_DTYPES[args.dtype]
+    elt = torch.finfo(dtype).bits // 8
+    env = environment(device)
+    rates = roofline_rates(device, dtype)
+    print(f"{describe(env)} | {args.dtype}")
+    print(f"copy {rates['copy_gbps']:.0f} GB/s | {args.dtype} matmul {rates['matmul_tflops']:.1f} TFLOP/s (no TF32)")
+    print(ROOFLINE_HEADER)
+
+    rows: list[dict] = []
+    for name, shape in shapes.items():
+        fns = make_fns(args.impls)
+        for impl in args.impls:
+            times = time_impl(bench, fns[impl], shape, dtype)
+            for mode in MODES:
+                nbytes, nflops = count_bytes(*shape, elt, mode), count_flops(*shape, mode)
+                row = {"shape": name, "dims": shape, "mode": mode, "impl": impl, "bytes": nbytes, "flops": nflops}
+                if isinstance(times[mode], str):
+                    row["error"] = times[mode]
+                else:
+                    row.update(roofline_columns(times[mode], nbytes, nflops, rates))
+                rows.append(row)
+                print(format_roofline_row(name, mode, impl, row))
+            torch.cuda.empty_cache()
+        for line in format_speedups(rows, name):
+            print(line)
+
+    out = write_json(args.out or results_path(kind, "json", device=device), {
+        "environment": env, "dtype": args.dtype, "rates": rates, "counts": counts, "rows": rows,
+    })
+    print(f"wrote {out}")
+    return 0
