@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
 from restv2_kernels.backend import check_backend, default_backend
 
-from .layers import check_image, stage_indices, to_map
+from .checkpoint import load_checkpoint
+from .layers import check_image, drop_path_rates, stage_indices, to_map
 
 
 class Backbone(nn.Module):
     """Four stages, each a patch embed (``embeds[i]``) followed by blocks (``stages[i]``).
 
     Subclasses set ``embed_names`` (attribute names of the four embeds, so the
-    state-dict keys stay the released ones), the ``stage1``..``stage4`` ModuleLists,
-    ``norm`` and ``head``.
+    state-dict keys stay the released ones), build the embeds, call ``_add_stages``, then
+    set ``norm`` and ``head``.
     """
 
     embed_names: tuple[str, str, str, str]
 
-    def _init_common(self, in_chans: int, num_classes: int, embed_dims: list[int]) -> None:
+    def _init_common(self, in_chans: int, num_classes: int, embed_dims: list[int], backend: str | None) -> str:
+        """Records the sizes and ``feature_info``; returns the resolved backend."""
+        self._backend = default_backend() if backend is None else check_backend(backend)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dims = list(embed_dims)
@@ -28,6 +34,14 @@ class Backbone(nn.Module):
         self.feature_info = [
             dict(num_chs=c, reduction=4 * 2**i, module=f"stage{i + 1}") for i, c in enumerate(embed_dims)
         ]
+        return self._backend
+
+    def _add_stages(self, depths: list[int], drop_path_rate: float, make_block: Callable[[int, float], nn.Module]) -> None:
+        """``stage1``..``stage4``: ModuleLists of ``make_block(stage_index, drop_path)``, with
+        drop-path rates rising linearly over all blocks."""
+        rates = iter(drop_path_rates(drop_path_rate, sum(depths)))
+        for i, depth in enumerate(depths):
+            self.add_module(f"stage{i + 1}", nn.ModuleList([make_block(i, next(rates)) for _ in range(depth)]))
 
     # ------------------------------------------------------------------ backend
 
@@ -105,3 +119,11 @@ class Backbone(nn.Module):
         """Replaces the head (``num_classes=0``: a headless backbone returning pooled features)."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def build(cls: type[Backbone], checkpoint_path: str | os.PathLike | None, **kwargs) -> Backbone:
+    """``cls(**kwargs)``, then the released checkpoint at ``checkpoint_path`` if one is given."""
+    model = cls(**kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model

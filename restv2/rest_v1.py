@@ -8,11 +8,10 @@ import torch.nn as nn
 
 import restv2_kernels
 from restv2_kernels import reference
-from restv2_kernels.backend import check_backend, default_backend, use_kernels
+from restv2_kernels.backend import check_backend, use_kernels
 
-from .backbone import Backbone
-from .checkpoint import load_checkpoint
-from .layers import drop_path_rates, BasicStem, DropPath, Mlp, PatchEmbedV1, reduce_tokens
+from .backbone import Backbone, build
+from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, reduce_tokens
 
 
 class EMSA(nn.Module):
@@ -148,27 +147,21 @@ class ResT(Backbone):
         backend: str | None = None,
     ):
         super().__init__()
-        self._init_common(in_chans, num_classes, embed_dims)
-        backend = default_backend() if backend is None else check_backend(backend)
-        self._backend = backend
+        backend = self._init_common(in_chans, num_classes, embed_dims, backend)
 
         self.stem = BasicStem(in_chans, embed_dims[0])
         self.patch_embed_2 = PatchEmbedV1(embed_dims[0], embed_dims[1])
         self.patch_embed_3 = PatchEmbedV1(embed_dims[1], embed_dims[2])
         self.patch_embed_4 = PatchEmbedV1(embed_dims[2], embed_dims[3])
 
-        dpr = drop_path_rates(drop_path_rate, sum(depths))
-        cur = 0
-        for i in range(4):
-            blocks = [
-                Block(
-                    embed_dims[i], num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                    dpr[cur + j], norm_layer, sr_ratios[i], apply_transform, backend,
-                )
-                for j in range(depths[i])
-            ]
-            self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
-            cur += depths[i]
+        self._add_stages(
+            depths,
+            drop_path_rate,
+            lambda i, dp: Block(
+                embed_dims[i], num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                dp, norm_layer, sr_ratios[i], apply_transform, backend,
+            ),
+        )
 
         self.norm = norm_layer(embed_dims[3])
         self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
@@ -195,10 +188,7 @@ _RELEASED = dict(num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=True,
 
 
 def _create(checkpoint_path: str | None, defaults: dict, **kwargs) -> ResT:
-    model = ResT(**{**_RELEASED, **defaults, **kwargs})
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
-    return model
+    return build(ResT, checkpoint_path, **{**_RELEASED, **defaults, **kwargs})
 
 
 def rest_lite(checkpoint_path: str | None = None, **kwargs) -> ResT:

@@ -10,11 +10,10 @@ import torch.nn as nn
 
 import restv2_kernels
 from restv2_kernels import reference
-from restv2_kernels.backend import check_backend, default_backend, use_kernels
+from restv2_kernels.backend import check_backend, use_kernels
 
-from .backbone import Backbone
-from .checkpoint import load_checkpoint
-from .layers import drop_path_rates, ConvStem, DropPath, Mlp, PatchEmbed, reduce_tokens
+from .backbone import Backbone, build
+from .layers import ConvStem, DropPath, Mlp, PatchEmbed, reduce_tokens
 
 
 class EMSAv2(nn.Module):
@@ -105,23 +104,16 @@ class ResTV2(Backbone):
         backend: str | None = None,
     ):
         super().__init__()
-        self._init_common(in_chans, num_classes, embed_dims)
-        backend = default_backend() if backend is None else check_backend(backend)
-        self._backend = backend
+        backend = self._init_common(in_chans, num_classes, embed_dims, backend)
 
         self.stem = ConvStem(in_chans, embed_dims[0])
         self.patch_2 = PatchEmbed(embed_dims[0], embed_dims[1])
         self.patch_3 = PatchEmbed(embed_dims[1], embed_dims[2])
         self.patch_4 = PatchEmbed(embed_dims[2], embed_dims[3])
 
-        dpr = drop_path_rates(drop_path_rate, sum(depths))
-        cur = 0
-        for i in range(4):
-            blocks = [
-                Block(embed_dims[i], num_heads[i], sr_ratios[i], dpr[cur + j], backend) for j in range(depths[i])
-            ]
-            self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
-            cur += depths[i]
+        self._add_stages(
+            depths, drop_path_rate, lambda i, dp: Block(embed_dims[i], num_heads[i], sr_ratios[i], dp, backend)
+        )
 
         self.norm = nn.LayerNorm(embed_dims[3], eps=1e-6)
         self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
@@ -140,10 +132,7 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def _create(checkpoint_path: str | None, defaults: dict, **kwargs) -> ResTV2:
-    model = ResTV2(**{**defaults, **kwargs})
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
-    return model
+    return build(ResTV2, checkpoint_path, **{**defaults, **kwargs})
 
 
 def restv2_tiny(checkpoint_path: str | None = None, **kwargs) -> ResTV2:
