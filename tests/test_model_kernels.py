@@ -238,6 +238,24 @@ def test_reference_path_compiles_fullgraph():
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_kernel_path_traces_fullgraph(device):
+    """The kernel ops are custom ops with fake implementations: dynamo and AOTAutograd trace
+    the whole model, forward and backward, with no graph break (Inductor runs on a GPU below)."""
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="triton").to(device).eval()
+    x = torch.randn(2, 3, 64, 96, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_path_compiles_fullgraph_and_matches_eager(dtype):
