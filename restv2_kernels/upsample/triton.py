@@ -73,6 +73,23 @@ def _load_tap(v_ptr, b64, yr, xr, DY: tl.constexpr, DX: tl.constexpr, Hr, Wr, sv
 
 
 @triton.jit
+def _load_taps(v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask):
+    """The 3x3 neighbourhood of V around each reduced pixel: nine [BLOCK_P, BLOCK_C] fp32 tiles,
+    row-major (v00 is (yr-1, xr-1)), zero outside the map."""
+    return (
+        _load_tap(v_ptr, b64, yr, xr, 0, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 0, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 0, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 1, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 1, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 1, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 2, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 2, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+        _load_tap(v_ptr, b64, yr, xr, 2, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask),
+    )
+
+
+@triton.jit
 def _conv(v00, v01, v02, v10, v11, v12, v20, v21, v22, w_ptr, bias_ptr, s, C, offs_c, c_mask):
     """bias + sum_taps w * V_tap for sub-pixel s: [BLOCK_P, BLOCK_C] fp32.
     w: [sr*sr, 9, C] and bias: [sr*sr, C], channels contiguous (coalesced vector loads)."""
@@ -114,15 +131,8 @@ def _upsample_fwd_kernel(
     c_mask = offs_c < C
 
     # the 9 taps are shared by all sr*sr sub-pixels: load once, keep in registers
-    v00 = _load_tap(v_ptr, b64, yr, xr, 0, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v01 = _load_tap(v_ptr, b64, yr, xr, 0, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v02 = _load_tap(v_ptr, b64, yr, xr, 0, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v10 = _load_tap(v_ptr, b64, yr, xr, 1, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v11 = _load_tap(v_ptr, b64, yr, xr, 1, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v12 = _load_tap(v_ptr, b64, yr, xr, 1, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v20 = _load_tap(v_ptr, b64, yr, xr, 2, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v21 = _load_tap(v_ptr, b64, yr, xr, 2, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-    v22 = _load_tap(v_ptr, b64, yr, xr, 2, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
+    v00, v01, v02, v10, v11, v12, v20, v21, v22 = _load_taps(
+        v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
     nw = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     nb = tl.load(nb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     c2 = c_mask[None, :]
@@ -201,15 +211,8 @@ def _upsample_bwd_g_kernel(
         pm = p_mask & (y < H) & (x < W)
         m2 = pm[:, None] & c2
 
-        v00 = _load_tap(v_ptr, b64, yr, xr, 0, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v01 = _load_tap(v_ptr, b64, yr, xr, 0, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v02 = _load_tap(v_ptr, b64, yr, xr, 0, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v10 = _load_tap(v_ptr, b64, yr, xr, 1, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v11 = _load_tap(v_ptr, b64, yr, xr, 1, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v12 = _load_tap(v_ptr, b64, yr, xr, 1, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v20 = _load_tap(v_ptr, b64, yr, xr, 2, 0, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v21 = _load_tap(v_ptr, b64, yr, xr, 2, 1, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
-        v22 = _load_tap(v_ptr, b64, yr, xr, 2, 2, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
+        v00, v01, v02, v10, v11, v12, v20, v21, v22 = _load_taps(
+        v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
         # recompute the LN input and its statistics instead of saving [B, H, W, C] tensors
         acc = _conv(v00, v01, v02, v10, v11, v12, v20, v21, v22, w_ptr, bias_ptr, s, C, offs_c, c_mask)
         mean = tl.sum(acc, axis=1) / C
