@@ -8,7 +8,6 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from restv2_kernels import reference
+from restv2_kernels import plans, reference
 from restv2_kernels.attention import triton as kernels
 from restv2_kernels.attention.triton import emsa_attention
 
@@ -36,15 +35,8 @@ def nan_buffers(monkeypatch):
 
 def _small_blocks():
     """16 x 16 blocks and one query block per split: many key blocks and splits on small shapes."""
-
-    def config(d, m, dtype):
-        return kernels._Config(16, 16, max(16, 1 << (d - 1).bit_length()), 4, 1)
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(kernels, "_fwd_config", config))
-    stack.enter_context(mock.patch.object(kernels, "_bwd_config", config))
-    stack.enter_context(mock.patch.object(kernels, "_MIN_BLOCKS_PER_SPLIT", 1))
-    return stack
+    blocks = dict(block_n=16, block_m=16, num_warps=4, num_stages=1)
+    return plans.forced(attn_fwd=blocks, attn_bwd=dict(blocks, min_blocks_per_split=1))
 
 
 def _run(fn, inputs, grad):

@@ -7,8 +7,6 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from restv2_kernels import reference
+from restv2_kernels import plans, reference
 from restv2_kernels.upsample import triton as kernels
 from restv2_kernels.upsample.triton import upsample_add
 
@@ -40,14 +38,8 @@ def nan_buffers(monkeypatch):
 def _small_tiles():
     """4-pixel tiles and many splits: program boundaries inside rows and images, several
     blocks per reduction program, on small shapes."""
-
-    def tile(C, n_pix, device, per_thread):
-        return 4, 1 << max(C - 1, 0).bit_length(), 1
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(kernels, "_tile", tile))
-    stack.enter_context(mock.patch.object(kernels, "_target_programs", lambda device: 12))
-    return stack
+    tile = dict(block_p=4, num_warps=1)
+    return plans.forced(upsample_fwd=tile, upsample_bwd=dict(tile, programs=12))
 
 
 def _inputs(B, Hr, Wr, H, W, C, sr, seed=0):
@@ -157,8 +149,7 @@ def test_parity_small_tiles(shape, sr, device):
 )
 def test_parity_gpu_tiles(shape, sr, device):
     """The tile sizes and split counts a GPU would pick (BLOCK_P 1 or 2 at C = 1024)."""
-    tile = kernels._tile
-    with mock.patch.object(kernels, "_tile", lambda C, n, dev, per_thread: tile(C, n, torch.device("cuda"), per_thread)):
+    with plans.using_target("sm_90"):
         _check_parity(shape, sr, FP32, device, kv_view=True)
 
 

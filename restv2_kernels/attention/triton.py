@@ -9,7 +9,11 @@ dim must have unit stride), so the model's ``q_lin.view(B, N, H, D)`` and
 ``kv_lin.view(B, M, 2, H, D)[:, :, 0 / 1]`` are never copied. A tensor whose last-dim
 stride is not 1 is the one case made contiguous (a copy), see ``_unit_last``.
 
-Forward (``_attn_fwd_kernel``): grid (query blocks, B*H). Each program keeps its
+Launch geometry (blocks, warps, stages, splits, grids) comes from ``restv2_kernels.plans``,
+per target GPU; every grid is one-dimensional, B*H folded into x (CUDA caps y and z at
+65,535), and each kernel unfolds its program id.
+
+Forward (``_attn_fwd_kernel``): one program per (query block, b, h). Each program keeps its
 [BLOCK_N, D] rows of q in registers and runs an online softmax over key blocks (no
 [N, M] tensor anywhere); when every key fits in one block (the 224-px model: M <= 64) the
 ``ONE_BLOCK`` flag drops the loop and the running max/rescale. It writes o and the
@@ -19,11 +23,12 @@ Backward: with ``P = softmax(q k^T * scale)``, ``dP = dO v^T`` and
 ``delta = rowsum(P * dP) = rowsum(dO * o)``: ``dv = P^T dO``, ``dS = P * (dP - delta)``,
 ``dk = scale * dS^T q``, ``dq = scale * dS k``. Because N >> M, one program per key block
 looping over all queries would start only B*H programs, so ``_attn_bwd_dkdv_kernel``
-runs on a grid of (key blocks, query splits S, B*H): each program owns one key block and
+runs one program per (key block, query split s < S, b, h): each program owns one key block and
 a contiguous share of query blocks, and writes its partial dk, dv in fp32 to buffers
 [S, B, M, H, D]; a ``torch.sum`` over S (deterministic, no atomics) is the second pass.
-``_num_splits`` picks S for about four programs per SM (132 SMs assumed off-GPU) while
-keeping each split at least ``_MIN_BLOCKS_PER_SPLIT`` query blocks long, so partial
+``plans.attention_splits`` picks S for about four programs per SM (132 SMs in the
+interpreter) while keeping each split at least ``plans.MIN_BLOCKS_PER_SPLIT`` query blocks
+long, so partial
 buffers stay small next to the q/dO traffic: restv2_tiny at B=128 gets S = 4, 2, 1, 1
 for its four stages (19 MB of fp32 partials at stage 1); 800x1333 at B=2 (N=66,800,
 M=1,050) gets S = 15 over 17 key blocks, 510 programs, 24 MB. With S = 1 the kernel
@@ -33,7 +38,7 @@ dq needs a sum over all keys:
   program, which recomputes its queries' softmax exactly (max, exp, normalise, as eager
   does) and delta from the same P, and writes dq. o and lse are not read: the pass reads
   q, k, v, dO once and writes dq and the partials.
-- several key blocks: ``_attn_bwd_dq_kernel`` runs first over (query blocks, B*H),
+- several key blocks: ``_attn_bwd_dq_kernel`` runs first, one program per (query block, b, h),
   computes and stores delta from o and dO, rebuilds P from the saved lse while looping
   over the keys, and writes dq; the dk/dv pass then reads lse and delta.
   Precision caveat of this flash-style path: P = exp(s - lse) sums to 1 only up to the
@@ -50,14 +55,13 @@ implementations; the ``autograd.Function`` calls those ops.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import plans
 from ..backend import check_kernel_device
 from .reference import check_attention_inputs
 
@@ -85,10 +89,12 @@ def _attn_fwd_kernel(
     """o[b, n, h] = softmax(q k^T * scale) v over keys m < M; lse[b, h, n] in natural log.
 
     Q: [B, N, H, D], K, V: [B, M, H, D], O: [B, N, H, D] (any strides, unit on D);
-    LSE: [B, H, N] fp32, contiguous. Grid: (cdiv(N, BLOCK_N), B * H).
+    LSE: [B, H, N] fp32, contiguous. Grid: (cdiv(N, BLOCK_N) * B * H,), query block fastest.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)  # int64 before any stride product: B*N*H*D may pass 2**31
+    pid = tl.program_id(0)
+    n_qblocks = tl.cdiv(N, BLOCK_N)
+    start_n = (pid % n_qblocks) * BLOCK_N
+    bh = (pid // n_qblocks).to(tl.int64)  # int64 before any stride product: B*N*H*D may pass 2**31
     b = bh // H
     h = bh % H
 
@@ -162,10 +168,13 @@ def _attn_bwd_dq_kernel(
     """dq = scale * dS k over all keys; also stores delta = rowsum(dO * o) for the dk/dv pass.
 
     Q, O, DO, DQ: [B, N, H, D]; K, V: [B, M, H, D]; LSE, DELTA: [B, H, N] fp32.
-    Grid: (cdiv(N, BLOCK_N), B * H). Used only when M spans several key blocks.
+    Grid: (cdiv(N, BLOCK_N) * B * H,), query block fastest. Used only when M spans several
+    key blocks.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    n_qblocks = tl.cdiv(N, BLOCK_N)
+    start_n = (pid % n_qblocks) * BLOCK_N
+    bh = (pid // n_qblocks).to(tl.int64)
     b = bh // H
     h = bh % H
     start_n64 = start_n.to(tl.int64)
@@ -219,7 +228,7 @@ def _attn_bwd_dkdv_kernel(
     stride_ps, stride_pb, stride_pm, stride_ph,  # DK_PART and DV_PART share one layout
     N, M, H, D,
     sm_scale, qk_scale,  # scale, scale * log2(e)
-    BLOCKS_PER_SPLIT,
+    NUM_SPLITS, BLOCKS_PER_SPLIT,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -228,14 +237,17 @@ def _attn_bwd_dkdv_kernel(
     Q, DO, DQ: [B, N, H, D]; K, V: [B, M, H, D]; LSE, DELTA: [B, H, N] fp32;
     DK_PART, DV_PART: [S, B, M, H, D], fp32 partials summed over S afterwards (or, when
     S = 1, the final dk, dv in the input dtype).
-    Grid: (cdiv(M, BLOCK_M), S, B * H); split s covers query blocks
-    [s * BLOCKS_PER_SPLIT, (s + 1) * BLOCKS_PER_SPLIT).
+    Grid: (cdiv(M, BLOCK_M) * S * B * H,), key block fastest, then split (S = NUM_SPLITS);
+    split s covers query blocks [s * BLOCKS_PER_SPLIT, (s + 1) * BLOCKS_PER_SPLIT).
     FUSE_DQ (only when M <= BLOCK_M): this program sees every key of its queries, so it
     recomputes their softmax and delta itself (LSE, DELTA unused) and writes dq.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    split = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0)
+    n_kblocks = tl.cdiv(M, BLOCK_M)
+    start_m = (pid % n_kblocks) * BLOCK_M
+    rest = pid // n_kblocks
+    split = rest % NUM_SPLITS
+    bh = (rest // NUM_SPLITS).to(tl.int64)
     b = bh // H
     h = bh % H
 
@@ -318,73 +330,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _Config(NamedTuple):
-    block_n: int  # queries per block
-    block_m: int  # keys per block
-    block_d: int  # head dim padded to a power of two
-    num_warps: int
-    num_stages: int
-
-
-def _fwd_config(d: int, m: int, dtype: torch.dtype) -> _Config:
-    """Forward blocks: 128 queries x 64 keys for 16-bit d <= 128; halved for fp32 or d = 256.
-
-    Sized for ~227 KB of shared memory on an H100 (fp32 tiles are twice as large, and the
-    fp32 IEEE dot runs on FMA units). Every block is >= 16, as tl.dot needs.
-    """
-    block_d = max(16, triton.next_power_of_2(d))
-    wide = block_d > 128
-    if dtype == torch.float32:
-        block_n, block_m, stages = (32, 32, 1) if wide else (64, 64, 2)
-    else:
-        block_n, block_m, stages = (64, 32, 2) if wide else (128, 64, 3)
-    block_m = min(block_m, max(16, triton.next_power_of_2(m)))  # M = 49 -> 64: one block, no loop
-    num_warps = 8 if block_n * block_d >= 128 * 128 else 4
-    return _Config(block_n, block_m, block_d, num_warps, stages)
-
-
-def _bwd_config(d: int, m: int, dtype: torch.dtype) -> _Config:
-    """Backward blocks: a key block and its fp32 dk/dv accumulators stay on chip while
-    [BLOCK_N, D] tiles of q and dO stream past; 64 x 64 for 16-bit d <= 128, halved for
-    fp32 queries or d = 256."""
-    block_d = max(16, triton.next_power_of_2(d))
-    wide = block_d > 128
-    if dtype == torch.float32:
-        block_n, block_m, stages = (16, 32, 1) if wide else (32, 64, 1)
-    else:
-        block_n, block_m, stages = (32, 32, 2) if wide else (64, 64, 2)
-    block_m = min(block_m, max(16, triton.next_power_of_2(m)))
-    num_warps = 8 if block_d >= 128 else 4
-    return _Config(block_n, block_m, block_d, num_warps, stages)
-
-
-_MIN_BLOCKS_PER_SPLIT = 4  # each dk/dv program walks >= 4 query blocks to amortise its partial write
-_PARTIAL_BYTES_CAP = 256 << 20  # at most 256 MiB of fp32 partial dk + dv
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter: size the grid as for an H100
-
-
-def _num_splits(n_qblocks: int, n_kblocks: int, bh: int, m: int, d: int, device: torch.device) -> int:
-    """Query splits S for the dk/dv pass: about 4 programs per SM, bounded by work and memory."""
-    splits = 4 * _sm_count(device) // max(1, n_kblocks * bh)
-    splits = min(splits, triton.cdiv(n_qblocks, _MIN_BLOCKS_PER_SPLIT))
-    splits = min(splits, _PARTIAL_BYTES_CAP // max(1, 8 * bh * m * d))
-    splits = max(1, splits)
-    per = triton.cdiv(n_qblocks, splits)
-    return triton.cdiv(n_qblocks, per)  # no empty split
-
-
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays IEEE; 16-bit uses tensor cores
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,19 +343,16 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     lse = _empty((B, H, N), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _fwd_config(D, M, q.dtype)
-    grid = (triton.cdiv(N, cfg.block_n), B * H)
+    plan = plans.attention_fwd_plan(B, N, M, H, D, q.dtype, plans.device_target(q.device))
     with _device_guard(q):
-        _attn_fwd_kernel[grid](
+        plans.launch(
+            _attn_fwd_kernel, plan,
             q, k, v, o, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             N, M, H, D, scale * _LOG2E,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-            ONE_BLOCK=M <= cfg.block_m, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return o, lse
 
@@ -428,37 +372,32 @@ def attention_bwd(
     dq = _empty((B, N, H, D), dtype, device)
     if dq.numel() == 0:  # B = 0 or H = 0: nothing to launch
         return dq, k.new_zeros(k.shape), v.new_zeros(v.shape)
-    cfg = _bwd_config(D, M, dtype)
-    n_qblocks, n_kblocks = triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m)
-    fuse_dq = n_kblocks == 1
-    splits = _num_splits(n_qblocks, n_kblocks, B * H, M, D, device)
+    plan = plans.attention_bwd_plan(B, N, M, H, D, dtype, plans.device_target(device))
     # one split writes dk, dv directly in the input dtype; several write fp32 partials
-    part_dtype = dtype if splits == 1 else torch.float32
-    dk_part = _empty((splits, B, M, H, D), part_dtype, device)
-    dv_part = _empty((splits, B, M, H, D), part_dtype, device)
-    precision = _dot_precision(dtype)
+    part_dtype = dtype if plan.splits == 1 else torch.float32
+    dk_part = _empty((plan.splits, B, M, H, D), part_dtype, device)
+    dv_part = _empty((plan.splits, B, M, H, D), part_dtype, device)
     strides = {name: (t.stride(0), t.stride(1), t.stride(2)) for name, t in
                (("q", q), ("k", k), ("v", v), ("o", o), ("do", do), ("dq", dq))}
-    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, DOT_PRECISION=precision,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     with _device_guard(q):
-        if fuse_dq:
+        if plan.fuse_dq:
             delta = lse  # unused: the fused pass computes delta itself
         else:
             delta = _empty((B, H, N), torch.float32, device)
-            _attn_bwd_dq_kernel[(n_qblocks, B * H)](
+            plans.launch(
+                _attn_bwd_dq_kernel, plan.dq,
                 q, k, v, o, do, lse, delta, dq,
                 *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
-                N, M, H, D, scale, scale * _LOG2E, **blocks,
+                N, M, H, D, scale, scale * _LOG2E,
             )
-        _attn_bwd_dkdv_kernel[(n_kblocks, splits, B * H)](
+        plans.launch(
+            _attn_bwd_dkdv_kernel, plan.dkdv,
             q, k, v, do, lse, delta, dq, dk_part, dv_part,
             *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
             dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), dk_part.stride(3),
-            N, M, H, D, scale, scale * _LOG2E, triton.cdiv(n_qblocks, splits),
-            FUSE_DQ=fuse_dq, **blocks,
+            N, M, H, D, scale, scale * _LOG2E, plan.splits, plan.blocks_per_split,
         )
-    if splits == 1:
+    if plan.splits == 1:
         return dq, dk_part[0], dv_part[0]
     # second pass: a deterministic fp32 sum over the splits, then one rounding to the input dtype
     return dq, dk_part.sum(0).to(dtype), dv_part.sum(0).to(dtype)

@@ -5,6 +5,8 @@ Layout: every map is channels-last, ``[B, H, W, C]`` (x, out) and ``[B, Hr, Wr, 
 Conv output channel ``c*sr*sr + s`` with ``s = i*sr + j`` lands, after the shuffle, at
 channel ``c`` of output pixel ``(yr*sr + i, xr*sr + j)``; the crop keeps the top-left H x W.
 
+Launch geometry (tiles, warps, splits) comes from ``restv2_kernels.plans``, per target GPU.
+
 Forward (``_upsample_fwd_kernel``): a program owns BLOCK_P reduced pixels (flattened over
 ``(b, yr, xr)``) and all C channels. It loads the 9 V taps of those pixels once, keeps them
 in registers, then loops over the sr*sr sub-pixels: conv from the taps, LayerNorm statistics
@@ -41,18 +43,18 @@ launchers (a copy). The norm parameters are made contiguous too (a no-op for par
 """
 
 import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import plans
 from ..backend import check_kernel_device
 from .reference import check_upsample_inputs
 
 __all__ = ["upsample_add"]
 
-MAX_C = 4096  # one pixel's channel row lives in registers
+MAX_C = plans.UPSAMPLE_MAX_C
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _N_PART = 12  # partial-sum rows per (split, sub-pixel): 9 taps, bias, norm_weight, norm_bias
 
@@ -324,27 +326,6 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _tile(C: int, n_pix: int, device: torch.device, per_thread: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps): a [BLOCK_P, BLOCK_C] register tile of about
-    ``per_thread`` values a thread at 8 warps. Each kernel keeps 9 tap tiles live plus a few
-    working tiles (the backward also 12 [BLOCK_C] sums), so 8 (forward) or 4 (backward)
-    values a thread keeps it within the register file. The interpreter pays per op, not
-    per element: it takes large tiles, so few programs."""
-    tile, cap = (per_thread * 256, 64) if device.type == "cuda" else (8192, 256)
-    block_c = triton.next_power_of_2(max(C, 1))
-    block_p = max(1, min(tile // block_c, cap, triton.next_power_of_2(max(n_pix, 1))))
-    num_warps = max(1, min(8, block_p * block_c // (32 * per_thread)))
-    return block_p, block_c, num_warps
-
-
-@functools.cache
-def _target_programs(device: torch.device) -> int:
-    """How many programs the reduction kernel aims for: enough to fill the GPU twice."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: few programs, but still more than one split
-
-
 def _subpixel_major(weight: torch.Tensor, bias: torch.Tensor, sr: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[sr*sr*C, 1, 3, 3], [sr*sr*C] -> [sr*sr, 9, C], [sr*sr, C]: a program reads the weights
     of one sub-pixel for all channels, so channels go last (contiguous loads, not a stride of
@@ -366,15 +347,14 @@ def _fwd(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if out.numel() == 0 or NP == 0:
         return out
     wt, bt = _subpixel_major(weight, bias, sr)
-    BLOCK_P, BLOCK_C, num_warps = _tile(C, NP, x.device, per_thread=8)
-    grid = (triton.cdiv(NP, BLOCK_P),)
+    plan = plans.upsample_fwd_plan(B, Hr, Wr, C, sr, x.dtype, plans.device_target(x.device))
     with _device_ctx(x):
-        _upsample_fwd_kernel[grid](
+        plans.launch(
+            _upsample_fwd_kernel, plan,
             x, v, wt, bt, norm_weight.contiguous(), norm_bias.contiguous(), out,
             NP, H, W, Hr, Wr, C,
             x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2),
             float(eps),
-            SR=sr, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
         )
     return out
 
@@ -395,28 +375,18 @@ def _bwd(dout: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.
                 torch.zeros_like(bias), torch.zeros_like(norm_weight), torch.zeros_like(norm_bias))
     dv = _empty((B, Hr, Wr, C), v.dtype, v.device)
     g = _empty((B, H, W, C), torch.float32, v.device)
-    BLOCK_P, BLOCK_C, num_warps = _tile(C, NP, v.device, per_thread=4)
-    n_blocks = triton.cdiv(NP, BLOCK_P)
-    # SPLIT slots per sub-pixel bound the partial-sum buffer, [SPLIT, sr*sr, 12, C] fp32:
-    # sr*sr*SPLIT programs, about twice the SM count
-    split = max(1, min(n_blocks, triton.cdiv(_target_programs(v.device), S)))
-    blocks_per_split = triton.cdiv(n_blocks, split)
-    split = triton.cdiv(n_blocks, blocks_per_split)  # no empty splits
-    part = _empty((split, S, _N_PART, C), torch.float32, v.device)
+    plan = plans.upsample_bwd_plan(B, Hr, Wr, C, sr, v.dtype, plans.device_target(v.device))
+    part = _empty((plan.split, S, _N_PART, C), torch.float32, v.device)
     wt, bt = _subpixel_major(weight, bias, sr)
     with _device_ctx(v):
-        _upsample_bwd_g_kernel[(S * split,)](
+        plans.launch(
+            _upsample_bwd_g_kernel, plan.g,
             dout, v, wt, bt, norm_weight.contiguous(), g, part,
-            NP, H, W, Hr, Wr, C, blocks_per_split,
+            NP, H, W, Hr, Wr, C, plan.blocks_per_split,
             dout.stride(0), dout.stride(1), dout.stride(2), v.stride(0), v.stride(1), v.stride(2),
             float(eps),
-            SR=sr, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
         )
-        _upsample_bwd_dv_kernel[(n_blocks,)](
-            g, wt, dv,
-            NP, H, W, Hr, Wr, C,
-            SR=sr, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=num_warps,
-        )
+        plans.launch(_upsample_bwd_dv_kernel, plan.dv, g, wt, dv, NP, H, W, Hr, Wr, C)
     part = part.sum(0)  # [sr*sr, 12, C]: the second stage of the reduction
     dweight = part[:, :9].permute(2, 0, 1).reshape(C * S, 1, 3, 3)  # o = c*sr*sr + s
     dbias = part[:, 9].t().reshape(C * S)

@@ -1,0 +1,473 @@
+"""Launch plans: the geometry of every kernel launch, as pure functions of shapes, dtype and target.
+
+One source of truth. The launchers in ``attention/triton.py`` and ``upsample/triton.py`` ask
+these functions for their grid, block constexprs, ``num_warps``, ``num_stages`` and splits,
+and launch through ``launch()``; the GPU target check (``restv2_kernels.targets``) records
+the same launches and compiles exactly them for GPUs that are not here.
+
+- ``Target``: what a plan needs to know of a GPU (SM count, opt-in shared memory per block,
+  the per-SM limits of the occupancy estimate). ``TARGETS`` holds the GPUs users run on;
+  ``device_target(device)`` gives the live GPU's (its own SM count and shared memory, the
+  tables of the nearest known architecture), or ``INTERPRETER`` for CPU tensors.
+- Plan functions: ``attention_fwd_plan``, ``attention_bwd_plan``, ``upsample_fwd_plan``,
+  ``upsample_bwd_plan``. Their block tables are per target (``_ATTN_FWD`` ...): the
+  ``"default"`` row serves every target without a row of its own.
+- Grids are one-dimensional. CUDA caps grid dimensions y and z at 65,535 and Triton does not
+  check, so everything that grows with the batch (B * heads, splits, key blocks) is folded
+  into x (limit 2**31 - 1) and unfolded in the kernel. ``Launch`` refuses a grid over CUDA's
+  limits with a ValueError, before anything reaches the driver.
+- ``forced(...)`` and ``using_target(...)`` override the tables or the target inside a
+  ``with`` block: the tests run the interpreter on small blocks or on a real GPU's plans, and
+  the GPU sweep (``benchmarks/gpu_suite.py --phase sweep``) times candidate blocks.
+- ``recording()``: inside it, ``launch()`` records each launch (kernel, plan, arguments)
+  instead of running it. The target check runs the real launchers on meta tensors this way.
+
+Nothing here imports Triton or touches the GPU at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# CUDA's grid limits (every compute capability Triton supports).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# ---------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the plans and the occupancy estimate need to know of one GPU.
+
+    ``tables``: the name of the row of the plan tables this target uses (its own name when it
+    has rows, else ``"default"``). ``smem_per_block``: the opt-in maximum of shared memory per
+    block (what a Triton kernel may use); ``smem_per_sm``: per multiprocessor, of which each
+    resident block reserves ``smem_reserved``.
+    """
+
+    name: str  # "sm_90", or "interpreter"
+    arch: int  # compute capability as 10 * major + minor; 0 for the interpreter
+    gpu: str  # the GPU the numbers are from
+    sm_count: int
+    smem_per_block: int
+    smem_per_sm: int
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    regs_per_sm: int = 65536
+    smem_reserved: int = 1024
+    tensor_cores: str = "mma"  # what a 16-bit tl.dot becomes: "mma" (HMMA), "wgmma" (HGMMA), "fma"
+    tables: str = "default"
+
+    @property
+    def interpreter(self) -> bool:
+        return self.arch == 0
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        # Triton 3.2+ lowers tl.dot to FMA on Volta: no tensor cores there.
+        Target("sm_70", 70, "Tesla V100-SXM2", 80, 98304, 98304, 2048, 32, smem_reserved=0, tensor_cores="fma"),
+        Target("sm_80", 80, "A100-SXM4", 108, 166912, 167936, 2048, 32),
+        Target("sm_86", 86, "GeForce RTX 3090", 82, 101376, 102400, 1536, 16),
+        Target("sm_89", 89, "GeForce RTX 4090", 128, 101376, 102400, 1536, 24),
+        Target("sm_90", 90, "H100 SXM5", 132, 232448, 233472, 2048, 32, tensor_cores="wgmma"),
+    )
+}
+# CPU tensors under TRITON_INTERPRET=1: the attention plans of the default tables with an
+# H100's SM count; the upsample kernels take large tiles (the interpreter pays per op).
+INTERPRETER = Target("interpreter", 0, "Triton interpreter (CPU)", 132, 232448, 233472, 2048, 32)
+
+_target_override: contextvars.ContextVar[Target | None] = contextvars.ContextVar("restv2_target", default=None)
+
+
+def known_target(arch: int) -> Target:
+    """The entry of ``TARGETS`` for compute capability ``arch`` (86 for 8.6), or the nearest
+    one below it (a newer GPU takes the newest tables it can run)."""
+    below = [t for t in TARGETS.values() if t.arch <= arch]
+    if not below:
+        raise ValueError(f"compute capability {arch // 10}.{arch % 10} is older than any supported target (7.0)")
+    return max(below, key=lambda t: t.arch)
+
+
+@functools.cache
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    arch = 10 * props.major + props.minor
+    base = known_target(arch)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or base.smem_per_block
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or base.smem_per_sm
+    return dataclasses.replace(
+        base, name=f"sm_{arch}", arch=arch, gpu=props.name, sm_count=props.multi_processor_count,
+        smem_per_block=smem, smem_per_sm=smem_sm, tables=base.name if base.tables == "default" else base.tables,
+    )
+
+
+def device_target(device: torch.device) -> Target:
+    """The target the plans are made for: the live GPU of a CUDA ``device`` (SM count and shared
+    memory read off it), ``INTERPRETER`` otherwise; ``using_target`` overrides both."""
+    forced_target = _target_override.get()
+    if forced_target is not None:
+        return forced_target
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER
+
+
+@contextlib.contextmanager
+def using_target(target: Target | str) -> Iterator[Target]:
+    """Plans inside the block are made for ``target`` (a ``Target`` or a name in ``TARGETS``),
+    whatever the tensors' device: the interpreter runs a real GPU's geometry this way."""
+    target = TARGETS[target] if isinstance(target, str) else target
+    token = _target_override.set(target)
+    try:
+        yield target
+    finally:
+        _target_override.reset(token)
+
+
+# ---------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: grid, constexpr arguments, ``num_warps`` and ``num_stages``."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.grid) <= 3:
+            raise ValueError(f"{self.kernel}: a grid has 1 to 3 dimensions, got {self.grid}")
+        for axis, (size, limit) in enumerate(zip(self.grid, MAX_GRID)):
+            if not 1 <= size <= limit:
+                raise ValueError(
+                    f"{self.kernel}: grid dimension {'xyz'[axis]} = {size} is outside CUDA's limit 1..{limit}; "
+                    "the input is too large for one launch (split the batch)"
+                )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``kernel[grid](...)``: constexprs, warps and stages."""
+        return {**dict(self.constexprs), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def describe(self) -> str:
+        """``BLOCK_N=128 BLOCK_M=64 ... w8 s3``: the plan, without the grid."""
+        meta = " ".join(f"{k}={v}" for k, v in self.constexprs)
+        return f"{meta} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A launch seen by ``recording()``: the kernel object, its plan and its positional arguments."""
+
+    fn: Any
+    plan: Launch
+    args: tuple
+
+
+_recorder: contextvars.ContextVar[list[Recorded] | None] = contextvars.ContextVar("restv2_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Recorded]]:
+    """Inside the block ``launch()`` records instead of launching; yields the list it fills.
+
+    The launchers run as usual around it (allocation, strides, the torch sums of the second
+    passes), so on meta tensors they record every launch a real call would make.
+    """
+    seen: list[Recorded] = []
+    token = _recorder.set(seen)
+    try:
+        yield seen
+    finally:
+        _recorder.reset(token)
+
+
+def launch(fn: Any, plan: Launch, *args: Any) -> None:
+    """``fn[plan.grid](*args, **plan.options)``: the one place a kernel of this package is launched."""
+    seen = _recorder.get()
+    if seen is not None:
+        seen.append(Recorded(fn, plan, args))
+        return
+    fn[plan.grid](*args, **plan.options)
+
+
+# ---------------------------------------------------------------------------------------
+# Table overrides (tests, sweeps)
+# ---------------------------------------------------------------------------------------
+
+_forced: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar("restv2_forced", default={})
+
+
+@contextlib.contextmanager
+def forced(**overrides: dict[str, Any]) -> Iterator[None]:
+    """Overrides fields of the tables inside the block, per kernel family:
+
+    ``forced(attn_fwd=dict(block_n=16, block_m=16, num_stages=1), attn_bwd=dict(...),
+    upsample_fwd=dict(block_p=4, num_warps=1), upsample_bwd=dict(block_p=4, programs=12))``.
+    Fields: those of ``AttnBlocks`` (+ ``min_blocks_per_split`` for ``attn_bwd``) and of
+    ``UpsampleTile`` (+ ``programs`` for ``upsample_bwd``).
+    """
+    unknown = set(overrides) - set(_FAMILIES)
+    if unknown:
+        raise ValueError(f"forced: unknown kernel families {sorted(unknown)}; known: {sorted(_FAMILIES)}")
+    merged = {k: dict(v) for k, v in _forced.get().items()}
+    for family, fields in overrides.items():
+        bad = set(fields) - _FAMILIES[family]
+        if bad:
+            raise ValueError(f"forced: {family} has no fields {sorted(bad)}; known: {sorted(_FAMILIES[family])}")
+        merged.setdefault(family, {}).update(fields)
+    token = _forced.set(merged)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _apply_forced(family: str, config: Any) -> Any:
+    fields = {k: v for k, v in _forced.get().get(family, {}).items() if k in _fields(type(config))}
+    return dataclasses.replace(config, **fields) if fields else config
+
+
+def _fields(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _table_row(table: dict[str, Any], target: Target) -> Any:
+    return table.get(target.tables, table["default"])
+
+
+# ---------------------------------------------------------------------------------------
+# Attention (restv2_kernels/attention/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttnBlocks:
+    """Queries per block, keys per block, software-pipeline stages, and warps (None: the
+    family's rule from the tile size)."""
+
+    block_n: int
+    block_m: int
+    num_stages: int
+    num_warps: int | None = None
+
+
+# [precision]["d<=128" | "d>128"]. Forward: the q rows stay in registers while key blocks
+# stream; 16-bit 128 x 64 for d <= 128, halved for fp32 (IEEE dots on FMA units, tiles twice
+# the bytes) or d = 256.
+_ATTN_FWD: dict[str, dict[tuple[str, bool], AttnBlocks]] = {
+    "default": {
+        ("16bit", False): AttnBlocks(128, 64, 3),
+        ("16bit", True): AttnBlocks(64, 32, 2),
+        ("fp32", False): AttnBlocks(64, 64, 2),
+        ("fp32", True): AttnBlocks(32, 32, 1),
+    },
+}
+# Backward: a key block and its fp32 dk/dv accumulators stay on chip while [BLOCK_N, D] tiles
+# of q and dO stream past; 64 x 64 for 16-bit d <= 128, halved for fp32 or d = 256.
+_ATTN_BWD: dict[str, dict[tuple[str, bool], AttnBlocks]] = {
+    "default": {
+        ("16bit", False): AttnBlocks(64, 64, 2),
+        ("16bit", True): AttnBlocks(32, 32, 2),
+        ("fp32", False): AttnBlocks(32, 64, 1),
+        ("fp32", True): AttnBlocks(16, 32, 1),
+    },
+}
+MIN_BLOCKS_PER_SPLIT = 4  # each dk/dv program walks >= 4 query blocks to amortise its partial write
+PARTIAL_BYTES_CAP = 256 << 20  # at most 256 MiB of fp32 partial dk + dv
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 stays IEEE; 16-bit inputs use the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _attn_blocks(table: dict, family: str, D: int, M: int, dtype: torch.dtype, target: Target) -> tuple[AttnBlocks, int]:
+    """The table's blocks for (dtype, D), forced fields applied, BLOCK_M clipped to M, warps filled in."""
+    block_d = max(16, next_power_of_2(D))
+    blocks = _apply_forced(family, _table_row(table, target)[(_precision(dtype), block_d > 128)])
+    # M = 49 -> 64: every key in one block, no loop (tl.dot needs blocks of at least 16)
+    block_m = min(blocks.block_m, max(16, next_power_of_2(M)))
+    warps = blocks.num_warps
+    if warps is None:  # 8 warps for the large tiles: [128, 128] q rows forward, D >= 128 backward
+        large = blocks.block_n * block_d >= 128 * 128 if family == "attn_fwd" else block_d >= 128
+        warps = 8 if large else 4
+    return dataclasses.replace(blocks, block_m=block_m, num_warps=warps), block_d
+
+
+def attention_fwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype, target: Target) -> Launch:
+    """``_attn_fwd_kernel``: one program per (query block, batch * head), folded into x."""
+    blocks, block_d = _attn_blocks(_ATTN_FWD, "attn_fwd", D, M, dtype, target)
+    return Launch(
+        "attn_fwd", (cdiv(N, blocks.block_n) * B * H,),
+        (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
+         ("ONE_BLOCK", M <= blocks.block_m), ("DOT_PRECISION", dot_precision(dtype))),
+        blocks.num_warps, blocks.num_stages,
+    )
+
+
+@dataclass(frozen=True)
+class AttentionBwdPlan:
+    """The backward's launches: ``dq`` (None when dq is fused into the dk/dv pass, M in one
+    key block) and ``dkdv`` over (key blocks x ``splits`` x batch * heads); each split walks
+    ``blocks_per_split`` query blocks and writes fp32 partials (dk, dv directly when splits = 1)."""
+
+    dq: Launch | None
+    dkdv: Launch
+    splits: int
+    blocks_per_split: int
+
+    @property
+    def fuse_dq(self) -> bool:
+        return self.dq is None
+
+
+def attention_splits(n_qblocks: int, n_kblocks: int, bh: int, M: int, D: int, target: Target,
+                     min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT) -> int:
+    """Query splits S of the dk/dv pass: about 4 programs per SM, each split at least
+    ``min_blocks_per_split`` query blocks long, fp32 partials at most ``PARTIAL_BYTES_CAP``."""
+    splits = 4 * target.sm_count // max(1, n_kblocks * bh)
+    splits = min(splits, cdiv(n_qblocks, min_blocks_per_split))
+    splits = min(splits, PARTIAL_BYTES_CAP // max(1, 8 * bh * M * D))
+    splits = max(1, splits)
+    return cdiv(n_qblocks, cdiv(n_qblocks, splits))  # no empty split
+
+
+def attention_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype, target: Target) -> AttentionBwdPlan:
+    """``_attn_bwd_dq_kernel`` (several key blocks only) and ``_attn_bwd_dkdv_kernel``."""
+    blocks, block_d = _attn_blocks(_ATTN_BWD, "attn_bwd", D, M, dtype, target)
+    n_qblocks, n_kblocks = cdiv(N, blocks.block_n), cdiv(M, blocks.block_m)
+    min_per_split = _forced.get().get("attn_bwd", {}).get("min_blocks_per_split", MIN_BLOCKS_PER_SPLIT)
+    splits = attention_splits(n_qblocks, n_kblocks, B * H, M, D, target, min_per_split)
+    meta = (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
+            ("DOT_PRECISION", dot_precision(dtype)))
+    fuse_dq = n_kblocks == 1
+    dq = None if fuse_dq else Launch("attn_bwd_dq", (n_qblocks * B * H,), meta, blocks.num_warps, blocks.num_stages)
+    dkdv = Launch("attn_bwd_dkdv", (n_kblocks * splits * B * H,), meta + (("FUSE_DQ", fuse_dq),),
+                  blocks.num_warps, blocks.num_stages)
+    return AttentionBwdPlan(dq, dkdv, splits, cdiv(n_qblocks, splits))
+
+
+# ---------------------------------------------------------------------------------------
+# Upsample branch (restv2_kernels/upsample/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpsampleTile:
+    """A [block_p reduced pixels, BLOCK_C channels] register tile of about ``per_thread``
+    fp32 values a thread; ``block_p`` (a cap, or exact when forced) and ``num_warps`` derive
+    from it unless forced."""
+
+    per_thread: int
+    max_block_p: int
+    num_stages: int = 3
+    block_p: int | None = None
+    num_warps: int | None = None
+
+
+# Each kernel keeps 9 tap tiles live plus a few working tiles (the backward also 12 [BLOCK_C]
+# sums), so 8 (forward) or 4 (backward) values a thread keeps it within the register file.
+_UPSAMPLE_FWD = {"default": UpsampleTile(per_thread=8, max_block_p=64)}
+_UPSAMPLE_BWD = {"default": UpsampleTile(per_thread=4, max_block_p=64)}
+_INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
+UPSAMPLE_MAX_C = 4096  # one pixel's channel row lives in registers
+UPSAMPLE_BWD_PROGRAMS = 2  # reduction programs per SM of the backward's first kernel
+
+
+def _upsample_tile(family: str, table: dict, C: int, NP: int, target: Target) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps, num_stages) of a kernel over NP reduced pixels of C channels."""
+    tile = _apply_forced(family, _table_row(table, target))
+    block_c = next_power_of_2(max(C, 1))
+    if target.interpreter:
+        size, cap = _INTERPRETER_TILE, 256
+    else:
+        size, cap = tile.per_thread * 256, tile.max_block_p
+    block_p = tile.block_p or max(1, min(size // block_c, cap, next_power_of_2(max(NP, 1))))
+    num_warps = tile.num_warps or max(1, min(8, block_p * block_c // (32 * tile.per_thread)))
+    return block_p, block_c, num_warps, tile.num_stages
+
+
+def _check_pixels(NP: int) -> None:
+    if NP >= 2**31:
+        raise ValueError(f"upsample_add: {NP} reduced pixels (B * Hr * Wr) do not fit 32-bit indices; split the batch")
+
+
+def upsample_fwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dtype, target: Target) -> Launch:
+    """``_upsample_fwd_kernel``: one program per BLOCK_P reduced pixels (all sr*sr sub-pixels)."""
+    NP = B * Hr * Wr
+    _check_pixels(NP)
+    block_p, block_c, num_warps, stages = _upsample_tile("upsample_fwd", _UPSAMPLE_FWD, C, NP, target)
+    return Launch("upsample_fwd", (cdiv(NP, block_p),), (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c)),
+                  num_warps, stages)
+
+
+@dataclass(frozen=True)
+class UpsampleBwdPlan:
+    """``g``: (sr*sr sub-pixels x ``split``) programs, each over ``blocks_per_split`` pixel
+    blocks, writing the g scratch and [split, sr*sr, 12, C] fp32 partial sums; ``dv``: one
+    program per pixel block."""
+
+    g: Launch
+    dv: Launch
+    split: int
+    blocks_per_split: int
+
+
+def upsample_bwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dtype, target: Target) -> UpsampleBwdPlan:
+    NP = B * Hr * Wr
+    _check_pixels(NP)
+    block_p, block_c, num_warps, stages = _upsample_tile("upsample_bwd", _UPSAMPLE_BWD, C, NP, target)
+    n_blocks = cdiv(NP, block_p)
+    S = sr * sr
+    # SPLIT slots per sub-pixel bound the partial-sum buffer; sr*sr*SPLIT programs, about
+    # UPSAMPLE_BWD_PROGRAMS per SM (8 in all in the interpreter)
+    programs = 8 if target.interpreter else UPSAMPLE_BWD_PROGRAMS * target.sm_count
+    programs = _forced.get().get("upsample_bwd", {}).get("programs", programs)
+    split = max(1, min(n_blocks, cdiv(programs, S)))
+    per_split = cdiv(n_blocks, split)
+    split = cdiv(n_blocks, per_split)  # no empty split
+    meta = (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c))
+    return UpsampleBwdPlan(
+        Launch("upsample_bwd_g", (S * split,), meta, num_warps, stages),
+        Launch("upsample_bwd_dv", (n_blocks,), meta, num_warps, stages),
+        split, per_split,
+    )
+
+
+_FAMILIES = {
+    "attn_fwd": _fields(AttnBlocks),
+    "attn_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
+    "upsample_fwd": _fields(UpsampleTile),
+    "upsample_bwd": _fields(UpsampleTile) | {"programs"},
+}
