@@ -221,7 +221,11 @@ def launch(fn: Any, plan: Launch, *args: Any) -> None:
 # Table overrides (tests, sweeps)
 # ---------------------------------------------------------------------------------------
 
-_forced: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar("restv2_forced", default={})
+_forced: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar("restv2_forced", default=None)
+
+
+def _forced_fields(family: str) -> dict[str, Any]:
+    return (_forced.get() or {}).get(family, {})
 
 
 @contextlib.contextmanager
@@ -229,14 +233,14 @@ def forced(**overrides: dict[str, Any]) -> Iterator[None]:
     """Overrides fields of the tables inside the block, per kernel family:
 
     ``forced(attn_fwd=dict(block_n=16, block_m=16, num_stages=1), attn_bwd=dict(...),
-    upsample_fwd=dict(block_p=4, num_warps=1), upsample_bwd=dict(block_p=4, programs=12))``.
-    Fields: those of ``AttnBlocks`` (+ ``min_blocks_per_split`` for ``attn_bwd``) and of
-    ``UpsampleTile`` (+ ``programs`` for ``upsample_bwd``).
+    upsample_fwd=dict(block_p=4, num_warps=1), upsample_bwd=dict(block_p=4, programs=12),
+    upsample_bwd_dv=dict(block_p=4))``. Fields: those of ``AttnBlocks`` (+ ``min_blocks_per_split``
+    for ``attn_bwd``) and of ``UpsampleTile`` (+ ``programs`` for ``upsample_bwd``, the g kernel).
     """
     unknown = set(overrides) - set(_FAMILIES)
     if unknown:
         raise ValueError(f"forced: unknown kernel families {sorted(unknown)}; known: {sorted(_FAMILIES)}")
-    merged = {k: dict(v) for k, v in _forced.get().items()}
+    merged = {k: dict(v) for k, v in (_forced.get() or {}).items()}
     for family, fields in overrides.items():
         bad = set(fields) - _FAMILIES[family]
         if bad:
@@ -250,7 +254,7 @@ def forced(**overrides: dict[str, Any]) -> Iterator[None]:
 
 
 def _apply_forced(family: str, config: Any) -> Any:
-    fields = {k: v for k, v in _forced.get().get(family, {}).items() if k in _fields(type(config))}
+    fields = {k: v for k, v in _forced_fields(family).items() if k in _fields(type(config))}
     return dataclasses.replace(config, **fields) if fields else config
 
 
@@ -269,34 +273,39 @@ def _table_row(table: dict[str, Any], target: Target) -> Any:
 
 @dataclass(frozen=True)
 class AttnBlocks:
-    """Queries per block, keys per block, software-pipeline stages, and warps (None: the
-    family's rule from the tile size)."""
+    """Queries per block, keys per block, warps, software-pipeline stages."""
 
     block_n: int
     block_m: int
+    num_warps: int
     num_stages: int
-    num_warps: int | None = None
 
 
-# [precision]["d<=128" | "d>128"]. Forward: the q rows stay in registers while key blocks
-# stream; 16-bit 128 x 64 for d <= 128, halved for fp32 (IEEE dots on FMA units, tiles twice
-# the bytes) or d = 256.
-_ATTN_FWD: dict[str, dict[tuple[str, bool], AttnBlocks]] = {
+# Rows: (precision, head-dim class); the target check (python -m restv2.targets) holds each to
+# its GPU's limits: no local memory in 16-bit plans, shared memory within the opt-in maximum.
+# fp32 dots are IEEE, which Triton lowers to FMA with large per-thread operand arrays: the
+# fp32 tiles are the smallest that keep spills low (some remain; the check lists them).
+# Forward: the q rows stay in registers while key blocks stream; 8 warps for 16-bit [128, D].
+_ATTN_FWD: dict[str, dict[tuple[str, str], AttnBlocks]] = {
     "default": {
-        ("16bit", False): AttnBlocks(128, 64, 3),
-        ("16bit", True): AttnBlocks(64, 32, 2),
-        ("fp32", False): AttnBlocks(64, 64, 2),
-        ("fp32", True): AttnBlocks(32, 32, 1),
+        ("16bit", "d<=64"): AttnBlocks(128, 64, 8, 3),
+        ("16bit", "d128"): AttnBlocks(128, 64, 8, 3),
+        ("16bit", "d256"): AttnBlocks(64, 32, 8, 2),
+        ("fp32", "d<=64"): AttnBlocks(16, 64, 4, 2),
+        ("fp32", "d128"): AttnBlocks(16, 64, 8, 2),
+        ("fp32", "d256"): AttnBlocks(16, 32, 8, 1),
     },
 }
 # Backward: a key block and its fp32 dk/dv accumulators stay on chip while [BLOCK_N, D] tiles
-# of q and dO stream past; 64 x 64 for 16-bit d <= 128, halved for fp32 or d = 256.
-_ATTN_BWD: dict[str, dict[tuple[str, bool], AttnBlocks]] = {
+# of q and dO stream past; 32 queries a step (64 spill on sm_80/sm_89 when dq is fused in).
+_ATTN_BWD: dict[str, dict[tuple[str, str], AttnBlocks]] = {
     "default": {
-        ("16bit", False): AttnBlocks(64, 64, 2),
-        ("16bit", True): AttnBlocks(32, 32, 2),
-        ("fp32", False): AttnBlocks(32, 64, 1),
-        ("fp32", True): AttnBlocks(16, 32, 1),
+        ("16bit", "d<=64"): AttnBlocks(32, 64, 4, 2),
+        ("16bit", "d128"): AttnBlocks(32, 64, 8, 2),
+        ("16bit", "d256"): AttnBlocks(32, 32, 8, 2),
+        ("fp32", "d<=64"): AttnBlocks(16, 64, 8, 1),
+        ("fp32", "d128"): AttnBlocks(16, 64, 8, 1),
+        ("fp32", "d256"): AttnBlocks(16, 32, 8, 1),
     },
 }
 MIN_BLOCKS_PER_SPLIT = 4  # each dk/dv program walks >= 4 query blocks to amortise its partial write
@@ -313,16 +322,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _attn_blocks(table: dict, family: str, D: int, M: int, dtype: torch.dtype, target: Target) -> tuple[AttnBlocks, int]:
-    """The table's blocks for (dtype, D), forced fields applied, BLOCK_M clipped to M, warps filled in."""
+    """The table's blocks for (dtype, D), forced fields applied, BLOCK_M clipped to M."""
     block_d = max(16, next_power_of_2(D))
-    blocks = _apply_forced(family, _table_row(table, target)[(_precision(dtype), block_d > 128)])
+    d_class = "d<=64" if block_d <= 64 else f"d{block_d}"
+    blocks = _apply_forced(family, _table_row(table, target)[(_precision(dtype), d_class)])
     # M = 49 -> 64: every key in one block, no loop (tl.dot needs blocks of at least 16)
-    block_m = min(blocks.block_m, max(16, next_power_of_2(M)))
-    warps = blocks.num_warps
-    if warps is None:  # 8 warps for the large tiles: [128, 128] q rows forward, D >= 128 backward
-        large = blocks.block_n * block_d >= 128 * 128 if family == "attn_fwd" else block_d >= 128
-        warps = 8 if large else 4
-    return dataclasses.replace(blocks, block_m=block_m, num_warps=warps), block_d
+    return dataclasses.replace(blocks, block_m=min(blocks.block_m, max(16, next_power_of_2(M)))), block_d
 
 
 def attention_fwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype, target: Target) -> Launch:
@@ -367,7 +372,7 @@ def attention_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtyp
     """``_attn_bwd_dq_kernel`` (several key blocks only) and ``_attn_bwd_dkdv_kernel``."""
     blocks, block_d = _attn_blocks(_ATTN_BWD, "attn_bwd", D, M, dtype, target)
     n_qblocks, n_kblocks = cdiv(N, blocks.block_n), cdiv(M, blocks.block_m)
-    min_per_split = _forced.get().get("attn_bwd", {}).get("min_blocks_per_split", MIN_BLOCKS_PER_SPLIT)
+    min_per_split = _forced_fields("attn_bwd").get("min_blocks_per_split", MIN_BLOCKS_PER_SPLIT)
     splits = attention_splits(n_qblocks, n_kblocks, B * H, M, D, target, min_per_split)
     meta = (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
             ("DOT_PRECISION", dot_precision(dtype)))
@@ -396,10 +401,13 @@ class UpsampleTile:
     num_warps: int | None = None
 
 
-# Each kernel keeps 9 tap tiles live plus a few working tiles (the backward also 12 [BLOCK_C]
-# sums), so 8 (forward) or 4 (backward) values a thread keeps it within the register file.
+# The forward and the g kernel keep 9 tap tiles live plus a few working tiles (g also 12
+# [BLOCK_C] sums): 8 (forward) or 4 (g) values a thread keeps them within the register file.
+# The dv gather unrolls its sr*sr sub-pixel loads per tap: 2 a thread (4 spills at sr = 2 on
+# sm_89/sm_90).
 _UPSAMPLE_FWD = {"default": UpsampleTile(per_thread=8, max_block_p=64)}
 _UPSAMPLE_BWD = {"default": UpsampleTile(per_thread=4, max_block_p=64)}
+_UPSAMPLE_BWD_DV = {"default": UpsampleTile(per_thread=2, max_block_p=64)}
 _INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
 UPSAMPLE_MAX_C = 4096  # one pixel's channel row lives in registers
 UPSAMPLE_BWD_PROGRAMS = 2  # reduction programs per SM of the backward's first kernel
@@ -436,7 +444,7 @@ def upsample_fwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dt
 class UpsampleBwdPlan:
     """``g``: (sr*sr sub-pixels x ``split``) programs, each over ``blocks_per_split`` pixel
     blocks, writing the g scratch and [split, sr*sr, 12, C] fp32 partial sums; ``dv``: one
-    program per pixel block."""
+    program per pixel block of its own tile."""
 
     g: Launch
     dv: Launch
@@ -453,14 +461,16 @@ def upsample_bwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dt
     # SPLIT slots per sub-pixel bound the partial-sum buffer; sr*sr*SPLIT programs, about
     # UPSAMPLE_BWD_PROGRAMS per SM (8 in all in the interpreter)
     programs = 8 if target.interpreter else UPSAMPLE_BWD_PROGRAMS * target.sm_count
-    programs = _forced.get().get("upsample_bwd", {}).get("programs", programs)
+    programs = _forced_fields("upsample_bwd").get("programs", programs)
     split = max(1, min(n_blocks, cdiv(programs, S)))
     per_split = cdiv(n_blocks, split)
     split = cdiv(n_blocks, per_split)  # no empty split
-    meta = (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c))
+    dv_p, _, dv_warps, dv_stages = _upsample_tile("upsample_bwd_dv", _UPSAMPLE_BWD_DV, C, NP, target)
     return UpsampleBwdPlan(
-        Launch("upsample_bwd_g", (S * split,), meta, num_warps, stages),
-        Launch("upsample_bwd_dv", (n_blocks,), meta, num_warps, stages),
+        Launch("upsample_bwd_g", (S * split,), (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c)),
+               num_warps, stages),
+        Launch("upsample_bwd_dv", (cdiv(NP, dv_p),), (("SR", sr), ("BLOCK_P", dv_p), ("BLOCK_C", block_c)),
+               dv_warps, dv_stages),
         split, per_split,
     )
 
@@ -470,4 +480,5 @@ _FAMILIES = {
     "attn_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
     "upsample_fwd": _fields(UpsampleTile),
     "upsample_bwd": _fields(UpsampleTile) | {"programs"},
+    "upsample_bwd_dv": _fields(UpsampleTile),
 }

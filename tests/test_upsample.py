@@ -39,7 +39,7 @@ def _small_tiles():
     """4-pixel tiles and many splits: program boundaries inside rows and images, several
     blocks per reduction program, on small shapes."""
     tile = dict(block_p=4, num_warps=1)
-    return plans.forced(upsample_fwd=tile, upsample_bwd=dict(tile, programs=12))
+    return plans.forced(upsample_fwd=tile, upsample_bwd=dict(tile, programs=12), upsample_bwd_dv=tile)
 
 
 def _inputs(B, Hr, Wr, H, W, C, sr, seed=0):

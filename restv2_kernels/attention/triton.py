@@ -74,7 +74,10 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Shape ints that only bound loops, masks and the (b, h) split are not specialised
+# (do_not_specialize): a new image size or head count reuses the compiled kernel instead of
+# compiling one per divisibility pattern (and H = 1 saves one integer division a program).
+@triton.jit(do_not_specialize=["N", "M", "H"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qn, stride_qh,
@@ -151,7 +154,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + bh * N + start_n + offs_n, lse, mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M", "H"])
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ,
     stride_qb, stride_qn, stride_qh,
@@ -217,7 +220,7 @@ def _attn_bwd_dq_kernel(
              + offs_n[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M", "H", "NUM_SPLITS", "BLOCKS_PER_SPLIT"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK_PART, DV_PART,
     stride_qb, stride_qn, stride_qh,

@@ -109,7 +109,9 @@ def _conv(v00, v01, v02, v10, v11, v12, v20, v21, v22, w_ptr, bias_ptr, s, C, of
     return acc
 
 
-@triton.jit
+# Map sizes only bound loops and masks: not specialised (do_not_specialize), so a new image
+# size reuses the compiled kernel instead of compiling one per divisibility pattern.
+@triton.jit(do_not_specialize=["NP", "H", "W", "Hr", "Wr"])
 def _upsample_fwd_kernel(
     x_ptr, v_ptr, w_ptr, bias_ptr, nw_ptr, nb_ptr, out_ptr,
     NP, H, W, Hr, Wr, C,
@@ -164,7 +166,7 @@ def _upsample_fwd_kernel(
         tl.store(out_ptr + o_off[:, None] + offs_c[None, :], res.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NP", "H", "W", "Hr", "Wr", "BLOCKS_PER_SPLIT"])
 def _upsample_bwd_g_kernel(
     dout_ptr, v_ptr, w_ptr, bias_ptr, nw_ptr, g_ptr, part_ptr,
     NP, H, W, Hr, Wr, C, BLOCKS_PER_SPLIT,
@@ -262,7 +264,7 @@ def _upsample_bwd_g_kernel(
     tl.store(pp + 11 * C, dnb, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NP", "H", "W", "Hr", "Wr"])
 def _upsample_bwd_dv_kernel(
     g_ptr, w_ptr, dv_ptr,
     NP, H, W, Hr, Wr, C,

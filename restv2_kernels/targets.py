@@ -1,0 +1,402 @@
+"""The GPU target check: compile recorded launches for real NVIDIA GPUs on a machine without one.
+
+Triton's interpreter proves the maths; only the compiler says whether a plan fits a GPU. The
+Triton wheel compiles for any NVIDIA target without a GPU and ships ``cuobjdump``, so this
+module takes launches recorded by ``plans.recording()`` (the real launchers, run on meta
+tensors) and, per target:
+
+1. **Specialises** each launch as a JIT launch of those arguments would: the kernel's own
+   ``JITFunction.run`` binds the arguments under a stand-in driver that reports the target,
+   and its compile step is intercepted. Pointers get Triton's divisibility-by-16 flag from
+   their address (a 512-byte-aligned allocation plus the view's storage offset, as PyTorch's
+   caching allocator gives), ints from their value, and ints equal to 1 become constants.
+2. **Dedupes** the compile keys and **compiles** each once with ``triton.compile`` in a
+   process pool, sharing Triton's on-disk cache (``TRITON_CACHE_DIR``) between runs.
+3. **Reads** the cubin with ``cuobjdump``: registers and stack/local bytes (``-res-usage``),
+   tensor-core instructions (``HMMA``, ``HGMMA`` in ``-sass``), spill loads/stores
+   (``LDL``/``STL``); shared memory is Triton's dynamic allocation plus the static one.
+4. **Judges** each row (``problems``): compiled, shared memory within the target's opt-in
+   limit, no local memory in 16-bit plans, tensor cores in every 16-bit ``tl.dot`` kernel
+   on the targets that have them; and estimates occupancy (programs per SM from registers,
+   shared memory, threads and the block limit).
+
+Compiling needs the compiled ``triton.jit`` kernels: run it in a process without
+``TRITON_INTERPRET=1`` (the command line drops the variable itself). The model zoo's
+launches and the command line are in ``restv2.targets`` (``python -m restv2.targets``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .plans import TARGETS, Recorded, Target
+
+CHECKED_TARGETS = ("sm_80", "sm_89", "sm_90")  # what CI holds every plan to
+INFO_TARGETS = ("sm_70",)  # compiled and shown, never failing: tl.dot is FMA there (Triton >= 3.2)
+TENSOR_CORE_TARGETS = ("sm_80", "sm_90")  # where a 16-bit tl.dot kernel must show HMMA / HGMMA
+_ALLOC_ALIGNMENT = 512  # PyTorch's CUDA caching allocator hands out 512-byte-aligned blocks
+_BASE_ADDRESS = 1 << 32
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Specialisation: what a JIT launch of the recorded arguments compiles
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointerArg:
+    """What ``JITFunction.run`` reads of a tensor argument: its dtype and address."""
+
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def jit_arguments(args: Iterable[Any]) -> tuple:
+    """Tensors (meta or real) -> ``PointerArg`` at an aligned base plus the view's byte offset."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = PointerArg(a.dtype, _BASE_ADDRESS + a.storage_offset() * a.element_size())
+        out.append(a)
+    return tuple(out)
+
+
+class _TargetDriver:
+    """The part of Triton's active driver that ``JITFunction.run`` asks, for a GPU not here."""
+
+    def __init__(self, gpu_target: Any):
+        self.target = gpu_target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return f"restv2-target-check-{self.target.arch}"  # keys the kernel's per-device caches
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One distinct compilation: kernel, target, and Triton's signature/constexprs/attrs/options."""
+
+    module: str
+    qualname: str
+    kernel: str  # the plan's kernel name: "attn_fwd", ...
+    plan: str  # ``Launch.describe()``
+    num_warps: int
+    num_stages: int
+    target: str
+    arch: int
+    signature: tuple
+    constexprs: tuple
+    attrs: tuple
+    options: tuple
+    unspecialized: tuple[str, ...] = ()  # the kernel's do_not_specialize arguments
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.module, self.qualname, self.arch, self.signature, self.constexprs, self.attrs,
+                           self.options], default=str)
+
+    @property
+    def dtype(self) -> str:
+        """The data's element type: ``bf16`` or ``fp16`` when a pointer argument has it (scratch
+        and partial buffers are fp32 in every plan), else ``fp32``."""
+        pointers = {ty[1:] for _, ty in self.signature if ty.startswith("*")}
+        return next((dt for dt in ("bf16", "fp16") if dt in pointers), "fp32")
+
+    @property
+    def specialization(self) -> str:
+        """How the arguments specialised the kernel, beyond the plan: ints equal to 1 made
+        constants (``H=1``) and the pointers and ints not divisible by 16 (``not16: V``)."""
+        plan_names = set(re.findall(r"(\w+)=", self.plan))
+        index = {name: i for i, (name, _) in enumerate(self.signature)}
+        constexprs = dict(self.constexprs)
+        attrs = dict(self.attrs)
+        ones = [name for name, ty in self.signature
+                if ty == "constexpr" and name not in plan_names and constexprs.get((index[name],)) == 1]
+        odd = [name for name, ty in self.signature
+               if ty.startswith(("*", "i")) and name not in self.unspecialized and not any(a[0] == "tt.divisibility" for a in attrs.get((index[name],), ()))]
+        other = {}  # pointers of another dtype than the data's (fp32 scratch, lse, partial sums)
+        for name, ty in self.signature:
+            if ty.startswith("*") and ty[1:] != self.dtype:
+                other.setdefault(ty[1:], []).append(name)
+        parts = [" ".join(f"{n}=1" for n in ones)] if ones else []
+        parts += [f"{dt}: {','.join(names)}" for dt, names in other.items()]
+        return " ".join(parts + ([f"not16: {','.join(odd)}"] if odd else []))
+
+
+def _require_compiled(fn: Any) -> None:
+    if not hasattr(fn, "run") or type(fn).__name__ != "JITFunction":
+        raise RuntimeError(
+            "the target check compiles Triton kernels, which are interpreted in this process "
+            "(TRITON_INTERPRET=1 was set before triton was imported); run it in a process without it, "
+            "e.g. `python -m restv2.targets`"
+        )
+
+
+def specialize(rec: Recorded, target: Target) -> CompileJob:
+    """The compile job a JIT launch of ``rec`` on ``target`` would start (nothing is compiled)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    fn = rec.fn
+    _require_compiled(fn)
+    captured = {}
+
+    def capture(key, signature, device, constexprs, options, attrs, warmup):
+        captured.update(signature=signature, constexprs=constexprs, options=options, attrs=attrs)
+
+    previous = driver._active  # None until something asks for the driver; keep it so (no GPU here)
+    driver.set_active(_TargetDriver(GPUTarget("cuda", target.arch, 32)))
+    fn._do_compile = capture  # an instance attribute shadows the method for this call only
+    try:
+        fn.run(*jit_arguments(rec.args), grid=rec.plan.grid, warmup=True, **rec.plan.options)
+    finally:
+        del fn._do_compile
+        driver._active = previous
+    if not captured:  # the capture stores nothing in the JIT's cache, so every run reaches it
+        raise RuntimeError(f"{rec.plan.kernel}: Triton did not reach its compile step")
+    options = captured["options"]
+    return CompileJob(
+        module=fn.fn.__module__, qualname=fn.fn.__qualname__, kernel=rec.plan.kernel, plan=rec.plan.describe(),
+        num_warps=rec.plan.num_warps, num_stages=rec.plan.num_stages, target=target.name, arch=target.arch,
+        signature=tuple(captured["signature"].items()),
+        constexprs=tuple(sorted(captured["constexprs"].items())),
+        attrs=tuple(sorted((k, tuple(tuple(a) for a in v)) for k, v in captured["attrs"].items())),
+        options=tuple(sorted(vars(options).items())),  # what JITFunction passes: options.__dict__
+        unspecialized=tuple(p.name for p in fn.params if p.do_not_specialize),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# 2-3. Compilation and what the cubin says
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One compiled plan on one target, and the launches that use it."""
+
+    kernel: str
+    dtype: str
+    plan: str
+    target: str
+    num_warps: int
+    num_stages: int
+    specialization: str = ""  # CompileJob.specialization
+    uses: list[str] = field(default_factory=list)
+    registers: int | None = None
+    local_bytes: int | None = None  # stack frame + local memory per thread (spills)
+    spill_instructions: int | None = None  # LDL + STL in the SASS
+    shared_bytes: int | None = None  # Triton's dynamic allocation + static
+    shared_limit: int | None = None
+    dots: int | None = None  # tt.dot ops in the Triton IR
+    hmma: int | None = None
+    hgmma: int | None = None
+    programs_per_sm: int | None = None
+    occupancy_limit: str | None = None  # what bounds programs_per_sm
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary tool shipped with Triton's NVIDIA backend, else from PATH."""
+    try:
+        import triton.backends.nvidia as nv
+
+        path = pathlib.Path(nv.__file__).parent / "bin" / name
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found (Triton's NVIDIA backend ships it in triton/backends/nvidia/bin)")
+    return found
+
+
+def _res_usage(cubin: pathlib.Path, kernel: str) -> dict[str, int]:
+    out = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                         check=True).stdout
+    match = re.search(r"Function " + re.escape(kernel) + r":\s*\n\s*(.*)", out)
+    fields = dict(re.findall(r"(\w+):(\d+)", match.group(1) if match else out))
+    return {k: int(v) for k, v in fields.items()}
+
+
+def _sass_counts(cubin: pathlib.Path) -> dict[str, int]:
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.MULTILINE)
+
+    def count(prefix: str) -> int:
+        return sum(op.startswith(prefix) for op in ops)
+
+    return {"hmma": count("HMMA"), "hgmma": count("HGMMA"), "spills": count("LDL") + count("STL")}
+
+
+def compile_job(job: CompileJob) -> dict[str, Any]:
+    """Compiles one job (in a worker process) and reads its cubin: a dict of ``Row`` fields."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(job.module), job.qualname)
+    _require_compiled(fn)
+    src = ASTSource(fn, dict(job.signature), dict(job.constexprs), {k: [list(a) for a in v] for k, v in job.attrs})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
+    except Exception as exc:  # noqa: BLE001 - a plan that does not compile is a finding, not a crash
+        lines = str(exc).strip().splitlines() or [""]
+        return {"error": f"{type(exc).__name__}: {lines[-1][:300]}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = _res_usage(cubin, compiled.metadata.name)
+        sass = _sass_counts(cubin)
+    return {
+        "registers": usage.get("REG"),
+        "local_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
+        "spill_instructions": sass["spills"],
+        "shared_bytes": compiled.metadata.shared + usage.get("SHARED", 0),
+        "dots": compiled.asm["ttir"].count("tt.dot "),
+        "hmma": sass["hmma"],
+        "hgmma": sass["hgmma"],
+    }
+
+
+def _worker_init() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Occupancy and the rules
+# ---------------------------------------------------------------------------------------
+
+
+def programs_per_sm(target: Target, registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str]:
+    """Resident programs per SM and what limits them (``registers``, ``shared``, ``threads``, ``blocks``).
+
+    Registers are allocated per warp in units of 256; each resident block also reserves
+    ``target.smem_reserved`` bytes of shared memory.
+    """
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    limits = {
+        "registers": (target.regs_per_sm // regs_per_warp) // num_warps,
+        "threads": target.max_threads_per_sm // (32 * num_warps),
+        "blocks": target.max_blocks_per_sm,
+    }
+    if shared_bytes:
+        limits["shared"] = target.smem_per_sm // (shared_bytes + target.smem_reserved)
+    limiter = min(limits, key=limits.get)
+    return limits[limiter], limiter
+
+
+def problems(row: Row) -> list[str]:
+    """What is wrong with a compiled plan on its target (empty: nothing)."""
+    if row.error:
+        return [f"does not compile: {row.error}"]
+    found = []
+    if row.shared_bytes > row.shared_limit:
+        found.append(f"shared memory {row.shared_bytes} B over the limit {row.shared_limit} B")
+    if row.local_bytes and row.dtype != "fp32":
+        found.append(f"{row.local_bytes} B of local memory (spills) in a 16-bit plan")
+    if row.dots and row.dtype != "fp32" and row.target in TENSOR_CORE_TARGETS and not (row.hmma or row.hgmma):
+        found.append("16-bit tl.dot without tensor-core instructions (no HMMA/HGMMA)")
+    if row.programs_per_sm == 0:
+        found.append("no program fits on an SM")
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# The check
+# ---------------------------------------------------------------------------------------
+
+
+def check(
+    launches: dict[str, Sequence[tuple[Recorded, str]]],
+    jobs: int | None = None,
+    progress: Any = None,
+) -> list[Row]:
+    """Compiles every distinct plan of ``launches`` for its target and judges it.
+
+    ``launches``: target name -> (launch recorded under ``plans.using_target(target)``, use
+    label). Rows come sorted by kernel, dtype, target, plan; ``Row.uses`` lists the labels
+    of the launches that compile to it. ``progress(done, total, job)`` is called as jobs finish.
+    """
+    by_key: dict[str, tuple[CompileJob, list[str]]] = {}
+    for name, recorded in launches.items():
+        target = TARGETS[name]
+        for rec, use in recorded:
+            job = specialize(rec, target)
+            entry = by_key.setdefault(job.key, (job, []))
+            if use not in entry[1]:
+                entry[1].append(use)
+    jobs_list = [job for job, _ in by_key.values()]
+    results: dict[str, dict] = {}
+    ctx = multiprocessing.get_context("spawn")  # a clean process: no interpreter, no inherited MLIR state
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1, mp_context=ctx,
+                                                initializer=_worker_init) as pool:
+        futures = {pool.submit(compile_job, job): job for job in jobs_list}
+        for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            job = futures[future]
+            results[job.key] = future.result()
+            if progress:
+                progress(i, len(futures), job)
+    rows = []
+    for key, (job, uses) in by_key.items():
+        target = TARGETS[job.target]
+        row = Row(kernel=job.kernel, dtype=job.dtype, plan=job.plan, target=job.target, num_warps=job.num_warps,
+                  num_stages=job.num_stages, specialization=job.specialization, uses=uses, shared_limit=target.smem_per_block, **results[key])
+        if row.error is None:
+            row.programs_per_sm, row.occupancy_limit = programs_per_sm(target, row.registers, row.shared_bytes,
+                                                                       row.num_warps)
+        row.problems = problems(row)
+        rows.append(row)
+    rows.sort(key=lambda r: (r.kernel, r.dtype, r.target, r.plan))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """One line per row: kernel, dtype, plan, target, registers, local bytes, shared vs limit,
+    tensor-core instructions, programs per SM, and the problems."""
+    head = (f"{'kernel':<16} {'dtype':<5} {'target':<6} {'regs':>4} {'local':>6} {'shared KB':>12} "
+            f"{'mma':>11} {'prog/SM':>9}  plan / problems")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {'':>4} {'':>6} {'':>12} {'':>11} {'':>9}  "
+                         f"{r.plan} [{r.specialization}]  !! COMPILE ERROR {r.error}")
+            continue
+        mma = f"HGMMA {r.hgmma}" if r.hgmma else (f"HMMA {r.hmma}" if r.hmma else ("FMA" if r.dots else "-"))
+        shared = f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}"
+        occ = f"{r.programs_per_sm} {r.occupancy_limit[:4]}"
+        flag = ("  !! " + "; ".join(r.problems)) if r.problems else ""
+        spec = f" [{r.specialization}]" if r.specialization else ""
+        lines.append(f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {r.registers:>4} {r.local_bytes:>6} {shared:>12} "
+                     f"{mma:>11} {occ:>9}  {r.plan}{spec}{flag}")
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[Row]) -> list[dict]:
+    return [dataclasses.asdict(r) for r in rows]
