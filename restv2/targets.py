@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from unittest import mock
@@ -58,6 +59,18 @@ class OpCall:
     args: tuple
     use: str  # "restv2_tiny bf16 224x224 b256"
 
+    def to(self, dtype: str) -> OpCall:
+        """The same call in ``dtype`` (a key of ``DTYPES``): same shapes, strides and offsets."""
+
+        def convert(a):
+            if not isinstance(a, torch.Tensor):
+                return a
+            size = a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1
+            base = torch.empty(size, dtype=DTYPES[dtype], device="meta")
+            return base.as_strided(a.shape, a.stride(), a.storage_offset())
+
+        return OpCall(self.op, tuple(convert(a) for a in self.args), self.use.replace("{dtype}", dtype))
+
     @property
     def key(self) -> tuple:
         return (self.op,) + tuple(
@@ -66,16 +79,16 @@ class OpCall:
         )
 
 
-def model_calls(model_name: str, dtype: torch.dtype, height: int, width: int, batch: int) -> list[OpCall]:
-    """The kernel-path calls of one forward, in order, traced on meta tensors.
+def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
+    """The kernel-path calls of one fp32 forward per (height, width, batch) in ``inputs``, in
+    order, traced on meta tensors (``OpCall.to`` gives them in another dtype).
 
     The model runs with ``backend="reference"``, whose calls take the very views the kernel
     path passes (q and kv straight out of their Linear layers); each call's output is a meta
     tensor of the kernel's layout (contiguous), as the kernel path gets.
     """
-    use = f"{model_name} {str(dtype).removeprefix('torch.').replace('float', 'fp').replace('bfp', 'bf')} " \
-          f"{height}x{width} b{batch}"
     calls: list[OpCall] = []
+    use = ""
 
     def attention(q, k, v, scale=None):
         calls.append(OpCall("attention", (q, k, v, scale), use))
@@ -86,22 +99,26 @@ def model_calls(model_name: str, dtype: torch.dtype, height: int, width: int, ba
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     with torch.device("meta"):
-        model = MODELS[model_name](backend="reference").to(dtype)
+        model = MODELS[model_name](backend="reference")
     with mock.patch.object(reference, "emsa_attention", attention), \
             mock.patch.object(reference, "upsample_add", upsample), torch.no_grad():
-        model(torch.empty(batch, 3, height, width, device="meta", dtype=dtype))
+        for height, width, batch in inputs:
+            use = f"{model_name} {{dtype}} {height}x{width} b{batch}"
+            model(torch.empty(batch, 3, height, width, device="meta"))
     return calls
 
 
 def zoo_calls(models: Sequence[str], dtypes: Sequence[str], inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
     """Every distinct kernel-path call of ``models`` x ``dtypes`` x ``inputs``; ``use`` names
-    the first model/input that made it."""
+    the first model/input that made it. The views do not depend on the dtype: each model is
+    traced once, in fp32."""
     unique: dict[tuple, OpCall] = {}
     for name in models:
+        traced = model_calls(name, inputs)
         for dt in dtypes:
-            for h, w, b in inputs:
-                for call in model_calls(name, DTYPES[dt], h, w, b):
-                    unique.setdefault(call.key, call)
+            for call in traced:
+                call = call.to(dt)
+                unique.setdefault(call.key, call)
     return list(unique.values())
 
 
@@ -212,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the kernels must be compiled ones: the interpreter's decorator is chosen at import
     if "restv2_kernels.attention.triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET", None)
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 3.9's notice, not a finding
 
     try:
         with plans.forced(**overrides):

@@ -38,6 +38,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,6 +288,8 @@ def compile_job(job: CompileJob) -> dict[str, Any]:
 
 def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
+    # Triton 3.9 warns once a process that its fp-fusion default will change: not this check's news
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
 # ---------------------------------------------------------------------------------------
