@@ -1,0 +1,1651 @@
+"""The GPU runner: one phase per command, each within a time budget, its results in at most 3 files.
+
+GPUs come to this project by chance, for 30 minutes of device time, at most 10 minutes a command,
+through a remote tool that runs one shell command in a copy of the repository and brings back the
+files under ``$OUT`` (at most 8 a command, at most two folders deep). Nothing can be installed there,
+so the tree runs in place, one phase a command, each into its own folder of ``$OUT``:
+
+    PYTHONPATH=. python benchmarks/gpu_suite.py --phase env --out $OUT/env
+
+Phases (``--phase``); each writes ``<phase>.json`` (everything), ``<phase>.log`` (what it printed)
+and, where a chart helps (kernels, e2e), ``<phase>.png`` into ``--out``:
+
+  env      GPU, driver, torch, triton, CUDA, SM count, L2, memory, compute capability, the plans'
+           target (``plans.device_target``), copy bandwidth and matmul rates measured now, the first
+           (compiling) call of both kernels, nvidia-smi.
+  tests    ``pytest -m cuda``, then ``pytest -m "not cuda"`` (on a GPU conftest sets no
+           TRITON_INTERPRET, so every kernel runs compiled); counts per run and each failure's node
+           id and message, from the JUnit XML.
+  kernels  ``bench_attention.py`` and ``bench_upsample.py`` for bf16, fp16, fp32 (in that order), the
+           224 px stage shapes and the 800x1333 stage, forward and backward, against eager, SDPA and
+           torch.compile, merged into one JSON.
+  e2e      ``throughput.py`` rows: ``--part core`` (restv2_tiny with the four backends, the ConvNeXt
+           and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
+  sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
+           candidate's time, and the best plan per shape next to the current plan's.
+
+Budget (``--budget-s``, default 480): a phase is a list of work items in order of importance, each
+with an estimate. An item starts only if its estimate fits what is left of the budget, and a child
+still running when the budget ends is stopped. What does not run is recorded as skipped, with why.
+The JSON is rewritten after every item, so a command killed from outside still leaves its results.
+
+Isolation: pytest, the kernel benchmarks, the e2e rows and the sweep candidates run in child
+processes (e2e and sweep children are this script with ``--worker``). A CUDA error, a hang or a crash
+ends that child; the parent records it and starts another for the items left.
+
+``--dry-run`` (every phase) runs on a CPU-only machine in seconds: no CUDA call, the same files with
+the same structure, measurements null and ``"dry_run": true``, and the plan printed (command lines,
+rows and candidates with their estimates). Without it, a machine without CUDA is refused. The
+summary is printed last: the remote tool returns only the last 12,000 characters of output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import fnmatch
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+import torch
+
+_HERE = pathlib.Path(__file__).resolve().parent
+ROOT = _HERE.parent
+for _p in (str(ROOT), str(_HERE)):  # the tree's restv2_kernels and common, installed or not
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import common
+
+from restv2_kernels import plans  # pure functions: no Triton, no GPU at import
+
+PHASES = ("env", "tests", "kernels", "e2e", "sweep")
+DEFAULT_BUDGET_S = 480.0  # of the 600 s a command may take: imports, start-up and the last writes fit in the rest
+MAX_FILES = 3  # per phase: <phase>.json, <phase>.log, <phase>.png
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what the remote tool brings back
+STOP_GRACE_S = 20.0  # a child told to stop (SIGINT) gets this long to write its report before SIGKILL
+WORKER_CUDA_LOST = 3  # a worker's exit code when its CUDA context is gone (the parent starts another)
+DEVICE = "cuda"  # the workers' device; the CPU test points it at "cpu" (Triton's interpreter)
+
+RECOMMENDED = """\
+Recommended commands for a GPU session (one phase per command, each within --budget-s, default 480 s;
+each writes at most 3 files into its own folder $OUT/<name>/, two levels deep, within the remote tool's
+limits of 8 files per command and 2 folders):
+
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase env     --out $OUT/env       # ~30 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase tests   --out $OUT/tests     # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --out $OUT/kernels   # <= 480 s (fp32 last)
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e     --out $OUT/e2e       # <= 480 s (--part core)
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families attn_fwd attn_bwd \\
+      --tag sweep-attn --out $OUT/sweep-attn                                        # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families upsample_fwd upsample_bwd upsample_bwd_dv \\
+      --tag sweep-upsample --out $OUT/sweep-upsample                                # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e --part zoo --tag e2e-zoo --out $OUT/e2e-zoo
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --dtypes fp32 --tag kernels-fp32 \\
+      --out $OUT/kernels-fp32
+
+A 30-minute session holds env and three 480 s phases (the machine's start counts too); the rest
+goes to the next session. Add --dry-run to any command to see, on any machine, what it would run.
+Afterwards copy each folder's files under benchmarks/results/<gpu-slug>/ (e.g. nvidia-h100-80gb-hbm3,
+the slug common.device_slug() gives), where env.json names the GPU the others ran on.
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# The run: output folder, clock, budget, record (the JSON), log
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """One phase's command: what it writes where, its clock and budget, and its record (the JSON)."""
+
+    phase: str
+    out: pathlib.Path
+    args: argparse.Namespace
+    argv: list[str]
+    record: dict = dataclasses.field(default_factory=dict)
+    items: list[dict] = dataclasses.field(default_factory=list)  # the work items, in order
+    t0: float = dataclasses.field(default_factory=time.monotonic)
+    log: TextIO | None = None
+
+    @property
+    def dry_run(self) -> bool:
+        return bool(self.args.dry_run)
+
+    @property
+    def stem(self) -> str:
+        return self.args.tag or self.phase
+
+    def path(self, ext: str) -> pathlib.Path:
+        return self.out / f"{self.stem}.{ext}"
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return self.args.budget_s - self.elapsed()
+
+    def deadline(self) -> float:
+        """The end of the budget on the wall clock (``time.time()``), which children share."""
+        return time.time() + self.left()
+
+    def log_only(self, line: str) -> None:
+        """A line for the log file, not the console (the chatter of parallel children)."""
+        if self.log is not None:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def save(self, status: str | None = None) -> None:
+        """Rewrites the JSON: the record, the work items' states, the files present, the wall time."""
+        if status:
+            self.record["status"] = status
+        self.record["wall_s"] = round(self.elapsed(), 2)
+        self.record["work"] = [_work_view(item) for item in self.items]
+        self.record["files"] = [p.name for p in (self.path("json"), self.path("log"), self.path("png"))
+                                if p.name == self.path("json").name or p.exists()]
+        common.write_json(self.path("json"), self.record)
+
+
+def _work_view(item: dict) -> dict:
+    return {k: item.get(k) for k in ("id", "estimate_s", "status", "wall_s", "reason", "plan")}
+
+
+def work_item(item_id: str, estimate_s: float, **extra: Any) -> dict:
+    """A unit of work: ``status`` goes pending -> running -> ok | error | timeout | skipped (| planned)."""
+    return {"id": item_id, "estimate_s": round(float(estimate_s), 1), "status": "pending",
+            "wall_s": None, "reason": None, "plan": None, **extra}
+
+
+def skip(item: dict, reason: str) -> None:
+    item.update(status="skipped", reason=reason)
+
+
+def fits(run: Run, item: dict) -> bool:
+    """Whether the item may start: its estimate (or its ``min_s``) fits what is left of the budget."""
+    return run.left() >= item.get("min_s", item["estimate_s"])
+
+
+def plan_budget(items: list[dict], budget_s: float) -> float:
+    """Dry run: marks each item ``plan = "run"`` or ``"skip (budget)"`` from the estimates, in order,
+    as the real run decides; returns the estimated seconds of the items that would run."""
+    used = 0.0
+    for item in items:
+        if budget_s - used >= item.get("min_s", item["estimate_s"]):
+            item["plan"] = "run"
+            used += item["estimate_s"]
+        else:
+            item["plan"] = "skip (budget)"
+        item["status"] = "planned"
+    return used
+
+
+def format_plan(items: list[dict]) -> list[str]:
+    return [f"  [{item['plan'] or '':<13}] ~{item['estimate_s']:>5.0f}s  {item['id']}" for item in items]
+
+
+class _Tee:
+    """A stream writing to several (the console and the log), a line at a time across threads."""
+
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            for stream in self.streams:
+                stream.write(text)
+                stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _error(exc: BaseException, limit: int = 400) -> str:
+    text = f"{type(exc).__name__}: {str(exc).strip()}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def display(cmd: list[str]) -> str:
+    """A command line as one would type it: ``python`` for the interpreter, paths relative to the tree."""
+    parts = ["python" if c == sys.executable else c.replace(str(ROOT) + os.sep, "") for c in cmd]
+    return " ".join(f"'{p}'" if (" " in p or not p) else p for p in parts)
+
+
+def load_script(name: str):
+    """A sibling script (``throughput``, ``bench_attention``) as a module, by path, as the tests load them."""
+    spec = importlib.util.spec_from_file_location(f"_gpu_suite_{name}", _HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# Provenance: git commit, changed files, a hash of the sources (no git on the GPU machine)
+# ---------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    exe = shutil.which("git")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def tree_sha256() -> str:
+    """SHA-256 over the Python sources of the tree (paths and contents): ties results to code without git."""
+    digest = hashlib.sha256()
+    for folder in ("restv2", "restv2_kernels", "benchmarks", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def base_record(run: Run) -> dict:
+    device = torch.device("cpu" if run.dry_run else "cuda")
+    status = _git("status", "--porcelain")
+    return {
+        "suite": "benchmarks/gpu_suite.py",
+        "phase": run.phase,
+        "tag": run.args.tag,
+        "dry_run": run.dry_run,
+        "status": "running",
+        "command": display([sys.executable, "benchmarks/gpu_suite.py", *run.argv]),
+        "argv": list(run.argv),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "wall_s": 0.0,
+        "budget_s": run.args.budget_s,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_changed": status.splitlines()[:100] if status else ([] if status is not None else None),
+        "tree_sha256": tree_sha256(),
+        "environment": common.environment(device),
+        "files": [],
+        "work": [],
+        run.phase: {},
+        "summary": [],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Child processes
+# ---------------------------------------------------------------------------------------
+
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def child_env() -> dict[str, str]:
+    """This environment without TRITON_INTERPRET (compiled kernels), with the tree on PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn(cmd: list[str], echo: Callable[[str], None]) -> tuple[subprocess.Popen, threading.Thread, collections.deque]:
+    """Starts ``cmd`` in the tree's root in its own process group; a thread echoes its output lines.
+    Returns the process, the thread and the last 60 lines (kept for the JSON)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+    _CHILDREN.add(proc)
+    tail: collections.deque = collections.deque(maxlen=60)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            echo(line.rstrip("\n"))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return proc, thread, tail
+
+
+def stop(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGINT to the child's process group (pytest then writes its report), SIGKILL after ``grace`` s."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+
+
+def _reap(proc: subprocess.Popen, thread: threading.Thread) -> None:
+    thread.join(5)
+    _CHILDREN.discard(proc)
+
+
+def run_command(cmd: list[str], timeout_s: float, echo: Callable[[str], None] = print,
+                grace: float = STOP_GRACE_S) -> dict:
+    """Runs ``cmd`` to the end or for ``timeout_s``; its output echoed line by line."""
+    t0 = time.monotonic()
+    echo(f"$ {display(cmd)}")
+    proc, thread, tail = spawn(cmd, echo)
+    timed_out = False
+    try:
+        proc.wait(timeout=max(1.0, timeout_s))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        echo(f"[gpu_suite] the budget ran out after {timeout_s:.0f} s: stopping the child")
+        stop(proc, grace)
+    _reap(proc, thread)
+    return {"argv": display(cmd), "returncode": proc.returncode, "timed_out": timed_out,
+            "wall_s": round(time.monotonic() - t0, 2), "tail": list(tail)[-40:]}
+
+
+# ---------------------------------------------------------------------------------------
+# Workers: this script with --worker runs items and reports each as a JSON line
+# ---------------------------------------------------------------------------------------
+
+
+def _start_worker(kind: str, shared: dict, items: list[dict], deadline: float, tmp: pathlib.Path, index: int,
+                  echo: Callable[[str], None]) -> tuple[subprocess.Popen, threading.Thread, pathlib.Path]:
+    spec_path, events = tmp / f"worker{index}.json", tmp / f"worker{index}.events"
+    spec_path.write_text(json.dumps({
+        "kind": kind, "shared": shared, "events": str(events),
+        "items": [{"id": it["id"], "estimate_s": it["estimate_s"], "group": it.get("group", ""),
+                   "deadline": min(it.get("deadline", deadline), deadline), "spec": it["spec"]} for it in items],
+    }))
+    proc, thread, _ = spawn([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(spec_path)], echo)
+    return proc, thread, events
+
+
+class _Events:
+    """Reads a worker's event file as it grows: complete lines only."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
+
+
+def supervise(run: Run, kind: str, items: list[dict], *, shared: dict, item_timeout: Callable[[dict], float],
+              on_done: Callable[[dict], None] = lambda item: None, max_workers: int = 6) -> None:
+    """Runs the pending ``items`` in order in one worker child at a time, until the budget ends.
+
+    A worker that dies (a crash, a lost CUDA context) or hangs past ``item_timeout(item)`` takes
+    the item it was on with it (status error / timeout); another worker starts for the items left.
+    Each item gets status, wall_s, reason and the worker's ``result``.
+    """
+    by_id = {it["id"]: it for it in items}
+    for attempt in range(max_workers):
+        pending = [it for it in items if it["status"] == "pending"]
+        if not pending or run.left() <= 0:
+            break
+        with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
+            proc, thread, path = _start_worker(kind, shared, pending, run.deadline(), pathlib.Path(tmp), attempt, print)
+            events, current, started = _Events(path), None, 0.0
+            while True:
+                exited = proc.poll() is not None
+                for ev in events.read():
+                    item = by_id[ev["id"]]
+                    if ev["event"] == "start":
+                        current, started = item, time.monotonic()
+                        item["status"] = "running"
+                    elif ev["event"] == "skip":
+                        skip(item, ev["reason"])
+                    else:
+                        item.update(status=ev["status"], wall_s=ev["wall_s"], reason=ev.get("reason"),
+                                    result=ev.get("result"))
+                        current = None
+                        on_done(item)
+                if exited:
+                    break
+                if current is not None and time.monotonic() - started > item_timeout(current):
+                    stop(proc, grace=5.0)
+                    current.update(status="timeout", wall_s=round(time.monotonic() - started, 1),
+                                   reason=f"no result after {item_timeout(current):.0f} s: the worker was stopped")
+                    current = None
+                elif run.left() < -STOP_GRACE_S:
+                    stop(proc, grace=5.0)
+                    if current is not None:
+                        current.update(status="timeout", reason="the budget ran out during this item")
+                        current = None
+                time.sleep(0.2)
+            _reap(proc, thread)
+            if current is not None:  # it died on this item
+                why = "lost its CUDA context" if proc.returncode == WORKER_CUDA_LOST else f"exited with code {proc.returncode}"
+                current.update(status="error", wall_s=round(time.monotonic() - started, 1),
+                               reason=f"the worker {why} during this item")
+                on_done(current)
+    for it in items:
+        if it["status"] in ("pending", "running"):
+            skip(it, "budget" if run.left() <= 0 else f"{max_workers} workers died before reaching it")
+
+
+def run_parallel(run: Run, kind: str, items: list[dict], *, shared: dict, workers: int, deadline: float) -> dict:
+    """Runs ``items`` spread over ``workers`` children at once (round-robin: the first items first),
+    until they finish or ``deadline``; their output goes to the log only. Returns event counts."""
+    counts: collections.Counter = collections.Counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
+        procs = []
+        for index in range(min(workers, len(items))):
+            chunk = items[index::workers]
+            proc, thread, path = _start_worker(kind, shared, chunk, deadline, pathlib.Path(tmp), index,
+                                               lambda line, i=index: run.log_only(f"[w{i}] {line}"))
+            procs.append((proc, thread, _Events(path)))
+        while any(p.poll() is None for p, _, _ in procs) and time.time() < deadline + 1:
+            time.sleep(0.5)
+        for proc, thread, events in procs:
+            stop(proc, grace=2.0)
+            _reap(proc, thread)
+            for ev in events.read():
+                counts[ev["event"] if ev["event"] != "done" else ev["status"]] += 1
+            counts["exit_" + str(proc.returncode)] += 1
+    return dict(counts)
+
+
+class CudaLost(RuntimeError):
+    """The worker's CUDA context is gone (an illegal address, a trap): nothing more can run in it."""
+
+
+def _synchronize() -> None:
+    if torch.device(DEVICE).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if torch.device(DEVICE).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cuda_alive() -> bool:
+    try:
+        _synchronize()
+        return float(torch.ones(1, device=DEVICE).add_(1).item()) == 2.0
+    except Exception:  # noqa: BLE001  (any error here means the context is unusable)
+        return False
+
+
+def worker_main(spec_path: str) -> int:
+    """The child side: runs each item (unless it no longer fits its deadline), one JSON event a line."""
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    handle = WORKERS[spec["kind"]](spec["shared"])
+    taken: dict[str, list[float]] = collections.defaultdict(list)  # actual seconds per group: later estimates
+    with open(spec["events"], "a") as events:
+
+        def emit(**event: Any) -> None:
+            events.write(json.dumps(event, default=str) + "\n")
+            events.flush()
+
+        for item in spec["items"]:
+            group = item.get("group", "")
+            need = statistics.mean(taken[group]) if taken[group] else item["estimate_s"]
+            if time.time() + need > item["deadline"]:
+                left = max(0.0, item["deadline"] - time.time())
+                emit(event="skip", id=item["id"], reason=f"budget: ~{need:.0f} s needed, {left:.0f} s left")
+                continue
+            emit(event="start", id=item["id"])
+            t0 = time.monotonic()
+            lost = False
+            try:
+                status, result, reason = handle(item["spec"])
+            except CudaLost as exc:
+                status, result, reason, lost = "error", None, _error(exc), True
+            except Exception as exc:  # noqa: BLE001  (one failing item must not take the others with it)
+                status, result, reason = "error", None, _error(exc)
+                lost = not cuda_alive()
+            wall = time.monotonic() - t0
+            taken[group].append(wall)
+            emit(event="done", id=item["id"], status=status, result=result, reason=reason, wall_s=round(wall, 2))
+            if lost:
+                print("[worker] the CUDA context is lost; this worker stops", flush=True)
+                return WORKER_CUDA_LOST
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Phase env
+# ---------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _props_dict(props: Any) -> dict:
+    return {k: _jsonable(getattr(props, k)) for k in dir(props)
+            if not k.startswith("_") and not callable(getattr(props, k, None))}
+
+
+def _measure(record: dict, key: str, fn: Callable[[], Any]) -> None:
+    """``record[key] = fn()``, or the error as ``record[key + "_error"]``: one failure hides nothing else."""
+    try:
+        record[key] = fn()
+    except Exception as exc:  # noqa: BLE001  (recorded; the other measurements go on)
+        record[key] = None
+        record[key + "_error"] = _error(exc)
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _first_calls(device: torch.device) -> dict:
+    """Seconds of the first (compiling) call and ms of a later one, of both kernels, forward + backward."""
+    from restv2_kernels import emsa_attention, upsample_add
+
+    torch.manual_seed(0)
+    q = torch.randn(8, 784, 2, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(8, 49, 2, 2, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(8, 28, 28, 192, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(8, 7, 7, 192, device=device, dtype=torch.bfloat16, requires_grad=True)
+    params = [torch.randn(16 * 192, 1, 3, 3, device=device, dtype=torch.bfloat16, requires_grad=True),
+              torch.randn(16 * 192, device=device, dtype=torch.bfloat16, requires_grad=True),
+              torch.ones(192, device=device, dtype=torch.bfloat16, requires_grad=True),
+              torch.zeros(192, device=device, dtype=torch.bfloat16, requires_grad=True)]
+    steps = {
+        "attention": lambda: emsa_attention(q, kv[:, :, 0], kv[:, :, 1]).float().sum().backward(),
+        "upsample": lambda: upsample_add(x, v, *params, 4).float().sum().backward(),
+    }
+    out = {}
+    for name, step in steps.items():
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        out[f"{name}_first_call_s"] = round(time.perf_counter() - t0, 3)
+        out[f"{name}_later_call_ms"] = round(common.time_ms(step, device, reps=10), 4)
+    return out
+
+
+def phase_env(run: Run) -> list[str]:
+    rec = run.record["env"]
+    keys = ("gpu", "driver", "torch", "triton", "cuda", "compute_capability", "sm_count", "l2_cache_mib",
+            "memory_gib", "target", "triton_target", "copy_gbps", "matmul_tflops", "first_calls",
+            "device_properties", "nvidia_smi", "nvidia_smi_query")
+    rec.update(dict.fromkeys(keys))
+    env = run.record["environment"]
+    rec.update(gpu=env["gpu"], driver=env["driver"], torch=env["torch"], triton=env["triton"], cuda=env["cuda"])
+    rec["packages"] = {p: common._version(p) for p in ("torch", "triton", "timm", "numpy", "matplotlib", "pytest",
+                                                       "pytest-xdist", "pytest-timeout", "hypothesis", "tqdm")}
+    if run.dry_run:
+        print("would record: device properties (SM count, L2, memory, compute capability), "
+              "plans.device_target(cuda), Triton's target, nvidia-smi;")
+        print("would measure: copy bandwidth (1 GiB dst.copy_(src)), 8192^3 matmul TFLOP/s in bf16, fp16, "
+              "fp32 (IEEE) and tf32, the first (compiling) call of emsa_attention and upsample_add.")
+        return _env_summary(rec)
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    rec.update(
+        compute_capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
+        l2_cache_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 2) or None,
+        memory_gib=round(props.total_memory / 2**30, 2), device_properties=_props_dict(props),
+    )
+    _measure(rec, "target", lambda: dataclasses.asdict(plans.device_target(device)))
+
+    def triton_target() -> str:
+        from triton.runtime import driver
+
+        return str(driver.active.get_current_target())
+
+    _measure(rec, "triton_target", triton_target)
+    run.save()
+    _measure(rec, "copy_gbps", lambda: round(common.copy_bandwidth_gbps(device), 1))
+    rates: dict = {}
+    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
+                              ("fp32_ieee", torch.float32, False), ("tf32", torch.float32, True)):
+        def rate(dtype: torch.dtype = dtype, tf32: bool = tf32) -> float:
+            with _tf32(tf32):
+                return round(common.matmul_tflops(device, dtype), 1)
+
+        _measure(rates, name, rate)
+    rec["matmul_tflops"] = rates
+    run.save()
+    _measure(rec, "first_calls", lambda: _first_calls(device))
+    rec["nvidia_smi"] = _nvidia_smi()
+    rec["nvidia_smi_query"] = _nvidia_smi(
+        "--query-gpu=name,driver_version,pstate,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,"
+        "power.draw,power.limit,temperature.gpu,memory.used,memory.total,mig.mode.current,ecc.mode.current",
+        "--format=csv")
+    return _env_summary(rec)
+
+
+def _env_summary(rec: dict) -> list[str]:
+    rates = rec.get("matmul_tflops") or {}
+    target = rec.get("target") or {}
+    first = rec.get("first_calls") or {}
+    return [
+        (f"GPU {rec['gpu']} | cc {rec['compute_capability']} | {rec['sm_count']} SMs | L2 {rec['l2_cache_mib']} MiB "
+         f"| {rec['memory_gib']} GiB | driver {rec['driver']}"),
+        f"torch {rec['torch']} | triton {rec['triton']} | CUDA {rec['cuda']} | triton target {rec['triton_target']}",
+        (f"plans target: {target.get('name')} tables={target.get('tables')} sm_count={target.get('sm_count')} "
+         f"smem/block={target.get('smem_per_block')} tensor_cores={target.get('tensor_cores')}"),
+        f"copy {rec['copy_gbps']} GB/s | matmul TFLOP/s: " + ", ".join(f"{k} {v}" for k, v in rates.items()),
+        "first call (compile) s: " + ", ".join(f"{k} {v}" for k, v in first.items()),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Phase tests
+# ---------------------------------------------------------------------------------------
+
+TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start
+    ("cuda", "cuda", 90.0, 30.0),
+    ("not-cuda", "not cuda", 360.0, 30.0),
+)
+
+
+def pytest_command(args: argparse.Namespace, marker: str, junit: pathlib.Path, parallel: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", marker, "-p", "no:cacheprovider", "-rfE",
+           "--durations=25", f"--junitxml={junit}"]
+    if _has("pytest_timeout"):
+        cmd.append(f"--timeout={args.test_timeout}")
+    if parallel and args.pytest_workers > 0 and _has("xdist"):
+        cmd += ["-n", str(args.pytest_workers)]
+    return cmd
+
+
+def clip_lines(text: str | None, limit: int = 40) -> str:
+    """The first ~``limit`` lines: the head and, for long text, the tail (where the assertion is)."""
+    lines = (text or "").splitlines()
+    if len(lines) <= limit:
+        return "\n".join(lines)
+    head, tail = 12, limit - 13
+    return "\n".join(lines[:head] + [f"... ({len(lines) - head - tail} lines cut) ..."] + lines[-tail:])
+
+
+def _node_id(case: ET.Element) -> str:
+    """``tests/test_x.py::Class::test[param]`` from JUnit's dotted classname and name."""
+    parts = (case.get("classname") or "").split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i]) + ".py"
+        if (ROOT / path).exists():
+            return "::".join([path, *parts[i:], case.get("name", "")])
+    return f"{case.get('classname')}::{case.get('name')}"
+
+
+def parse_junit(path: pathlib.Path) -> dict:
+    """Counts (passed, failed, errors, skipped, total) and each failure/error: node id, kind, message."""
+    counts = dict.fromkeys(("passed", "failed", "errors", "skipped"), 0)
+    failures = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        tags = {child.tag for child in case}
+        kind = "failed" if "failure" in tags else "errors" if "error" in tags else \
+            "skipped" if "skipped" in tags else "passed"
+        counts[kind] += 1
+        for child in case:
+            if child.tag in ("failure", "error"):
+                failures.append({"nodeid": _node_id(case), "kind": child.tag, "time_s": case.get("time"),
+                                 "message": clip_lines(child.get("message"), 5),
+                                 "text": clip_lines(child.text, 40)})
+    counts["total"] = sum(counts.values())
+    return {"counts": counts, "failures": failures}
+
+
+def phase_tests(run: Run) -> list[str]:
+    rec = run.record["tests"]
+    rec.update(runs=[], note="the GPU image has pytest-xdist and pytest-timeout; -n and --timeout are added "
+                             "when they are importable")
+    tmp = pathlib.Path("<tmp>" if run.dry_run else tempfile.mkdtemp(prefix="gpu_suite_junit_"))
+    run.items = [work_item(name, est, min_s=least, marker=marker) for name, marker, est, least in TEST_RUNS]
+    for item in run.items:
+        junit = tmp / f"junit-{item['id']}.xml"
+        cmd = pytest_command(run.args, item["marker"], junit, parallel=item["id"] != "cuda")
+        entry = {"name": item["id"], "marker": item["marker"], "argv": display(cmd), "returncode": None,
+                 "timed_out": None, "wall_s": None, "counts": None, "failures": []}
+        rec["runs"].append(entry)
+        if run.dry_run:
+            continue
+        if not fits(run, item):
+            skip(item, f"budget: {run.left():.0f} s left")
+            continue
+        item["status"] = "running"
+        run.save()
+        result = run_command(cmd, run.left())
+        entry.update({k: result[k] for k in ("returncode", "timed_out", "wall_s", "tail")})
+        reason = None
+        try:
+            entry.update(parse_junit(junit))
+        except (OSError, ET.ParseError) as exc:  # pytest killed before it wrote the report
+            reason = f"no JUnit report: {_error(exc, 200)}"
+        item.update(wall_s=result["wall_s"], reason=reason,
+                    status="timeout" if result["timed_out"] else "ok" if result["returncode"] in (0, 1, 5) else "error")
+        run.save()
+    if run.dry_run:
+        plan_budget(run.items, run.args.budget_s)
+        print("would run (one after the other, TRITON_INTERPRET removed from the environment; "
+              f"pytest-timeout here: {_has('pytest_timeout')}, pytest-xdist here: {_has('xdist')}):")
+        for entry in rec["runs"]:
+            print(f"  {entry['argv']}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _tests_summary(rec)
+
+
+def _tests_summary(rec: dict) -> list[str]:
+    lines = []
+    for entry in rec["runs"]:
+        c = entry.get("counts")
+        counts = (f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"
+                  if c else "no counts")
+        extra = " TIMED OUT" if entry.get("timed_out") else ""
+        lines.append(f"pytest -m {entry['marker']!r}: {counts} (rc {entry['returncode']}, {entry['wall_s']} s){extra}")
+    failures = [f for entry in rec["runs"] for f in entry.get("failures", [])]
+    for f in failures[:40]:
+        first = (f["message"] or f["text"] or "").splitlines()[:1]
+        lines.append(f"  {f['kind'].upper()} {f['nodeid']}: {first[0][:160] if first else ''}")
+    if len(failures) > 40:
+        lines.append(f"  ... and {len(failures) - 40} more in tests.json")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# Phase kernels
+# ---------------------------------------------------------------------------------------
+
+KERNEL_BENCHES = ("attention", "upsample")
+SHAPE_GROUPS = ("tiny", "det")  # the 224 px stages at batch 128, the 800x1333 stage 1 at batch 2
+KERNEL_ESTIMATE_S = {("attention", "tiny"): 60.0, ("attention", "det"): 35.0,
+                     ("upsample", "tiny"): 90.0, ("upsample", "det"): 35.0}  # fp32 runs take ~1.3x
+
+
+def kernel_items(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict]:
+    items = []
+    for dtype in args.dtypes:
+        for group in SHAPE_GROUPS:
+            for bench in args.benches:
+                out = tmp / f"{bench}_{dtype}_{group}.json"
+                cmd = [sys.executable, str(_HERE / f"bench_{bench}.py"), "--dtype", dtype, "--shapes", group,
+                       "--out", str(out)]
+                est = KERNEL_ESTIMATE_S[bench, group] * (1.3 if dtype == "fp32" else 1.0)
+                items.append(work_item(f"{bench}/{dtype}/{group}", est, bench=bench, dtype=dtype, group=group,
+                                       cmd=cmd, json=out))
+    return items
+
+
+def _read_json(path: pathlib.Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or cut short by a kill
+        return None
+
+
+def kernel_summary(rows: list[dict]) -> list[dict]:
+    """Per (bench, dtype, shape) and mode: triton's ms and multiple of the floor, the fastest other impl."""
+    out = []
+    for bench, dtype, shape in dict.fromkeys((r["bench"], r["dtype"], r["shape"]) for r in rows):
+        entry: dict = {"bench": bench, "dtype": dtype, "shape": shape}
+        for mode in common.MODES:
+            sub = [r for r in rows if (r["bench"], r["dtype"], r["shape"], r["mode"]) == (bench, dtype, shape, mode)
+                   and r.get("ms") is not None]
+            ours = next((r for r in sub if r["impl"] == "triton"), None)
+            others = [r for r in sub if r["impl"] != "triton"]
+            best = min(others, key=lambda r: r["ms"]) if others else None
+            entry[mode] = {
+                "triton_ms": ours["ms"] if ours else None, "x_floor": ours.get("x_floor") if ours else None,
+                "best_other": best["impl"] if best else None, "best_other_ms": best["ms"] if best else None,
+                "speedup": best["ms"] / ours["ms"] if ours and best else None,
+            }
+        out.append(entry)
+    return out
+
+
+def _kernel_line(entry: dict) -> str:
+    parts = []
+    for mode in common.MODES:
+        m = entry[mode]
+        if m["triton_ms"] is None:
+            parts.append(f"{mode} n/a")
+            continue
+        vs = f" {m['speedup']:.2f}x vs {m['best_other']}" if m["speedup"] else ""
+        floor = f" {m['x_floor']:.1f}xfloor" if m["x_floor"] else ""
+        parts.append(f"{mode} {m['triton_ms']:.3f}ms{vs}{floor}")
+    return f"{entry['bench']:<9} {entry['dtype']:<4} {entry['shape']:<16} " + " | ".join(parts)
+
+
+def plot_kernels(summary: list[dict], path: pathlib.Path, title: str, note: str = "") -> pathlib.Path | None:
+    """Triton's speed-up over the fastest other implementation, per shape and dtype; a panel per bench and mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(len(KERNEL_BENCHES), len(common.MODES), figsize=(16, 8), squeeze=False)
+    for i, bench in enumerate(KERNEL_BENCHES):
+        for j, mode in enumerate(common.MODES):
+            ax = axes[i][j]
+            sub = [e for e in summary if e["bench"] == bench and e[mode]["speedup"]]
+            shapes = list(dict.fromkeys(e["shape"] for e in sub))
+            dtypes = list(dict.fromkeys(e["dtype"] for e in sub))
+            width = 0.8 / max(1, len(dtypes))
+            for k, dtype in enumerate(dtypes):
+                xs = [s + width * (k + 0.5 - len(dtypes) / 2) for s in range(len(shapes))]
+                ys = [next((e[mode]["speedup"] for e in sub if e["shape"] == s and e["dtype"] == dtype), 0) for s in shapes]
+                ax.bar(xs, ys, width, label=dtype)
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels(shapes, rotation=20, ha="right", fontsize=7)
+            ax.set_title(f"{bench} {mode}: triton vs the fastest other", fontsize=9)
+            if sub:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, f"no measurements{note}", transform=ax.transAxes, ha="center", va="center")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def phase_kernels(run: Run) -> list[str]:
+    args = run.args
+    rec = run.record["kernels"]
+    tmp = pathlib.Path("<tmp>" if run.dry_run else tempfile.mkdtemp(prefix="gpu_suite_kernels_"))
+    run.items = kernel_items(args, tmp)
+    rec.update(dtypes=args.dtypes, benches=args.benches, shape_groups=list(SHAPE_GROUPS), runs=[], rows=[], summary=[])
+    for item in run.items:
+        entry = {"id": item["id"], "bench": item["bench"], "dtype": item["dtype"], "group": item["group"],
+                 "argv": display(item["cmd"]), "returncode": None, "wall_s": None,
+                 "rates": None, "counts": None}
+        rec["runs"].append(entry)
+        if run.dry_run:
+            continue
+        if not fits(run, item):
+            skip(item, f"budget: ~{item['estimate_s']:.0f} s needed, {run.left():.0f} s left")
+            continue
+        item["status"] = "running"
+        run.save()
+        result = run_command(item["cmd"], run.left())
+        entry.update(returncode=result["returncode"], wall_s=result["wall_s"], tail=result["tail"])
+        item["wall_s"] = result["wall_s"]
+        data = _read_json(item["json"])
+        if data is not None:
+            entry.update(rates=data.get("rates"), counts=data.get("counts"))
+            rec["rows"] += [{"bench": item["bench"], "dtype": item["dtype"], **row} for row in data.get("rows", [])]
+            item["status"] = "ok"
+        else:
+            item.update(status="timeout" if result["timed_out"] else "error",
+                        reason=f"no JSON (rc {result['returncode']}): " + " / ".join(result["tail"][-3:])[-300:])
+        rec["summary"] = kernel_summary(rec["rows"])
+        run.save()
+    if not run.dry_run:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        used = plan_budget(run.items, args.budget_s)
+        print(f"would run, in this order (~{used:.0f} s of the {args.budget_s:.0f} s budget):")
+        for item, entry in zip(run.items, rec["runs"]):
+            print(f"  [{item['plan']:<13}] ~{item['estimate_s']:>4.0f}s  {entry['argv']}")
+    if not args.no_plot:
+        plot_kernels(rec["summary"], run.path("png"), common.describe(run.record["environment"]),
+                     " (dry run)" if run.dry_run else "")
+    lines = [f"{it['id']:<22} {it['plan'] if run.dry_run else it['status']:<13} est {it['estimate_s']:>4.0f}s "
+             f"took {it['wall_s'] or 0:>4.0f}s  {it['reason'] or ''}"[:200] for it in run.items]
+    lines.append("triton ms per mode, its speed-up over the fastest other impl, and its multiple of the roofline floor:")
+    return lines + [_kernel_line(e) for e in rec["summary"]]
+
+
+# ---------------------------------------------------------------------------------------
+# Phase e2e
+# ---------------------------------------------------------------------------------------
+
+_E2E_BASE_S = {"infer": 20.0, "train": 30.0, "features-fwd": 20.0, "features-fwd+bwd": 25.0}
+_E2E_COMPILE_S = {"infer": 55.0, "train": 90.0, "features-fwd": 60.0, "features-fwd+bwd": 90.0}
+_E2E_SIZE = {"tiny": 1.0, "small": 1.3, "base": 1.7, "large": 2.4}
+
+
+def e2e_estimate(model: str, mode: str, compiled: bool) -> float:
+    size = next((f for name, f in _E2E_SIZE.items() if model.endswith(name)), 1.0)
+    return size * (_E2E_BASE_S[mode] + (_E2E_COMPILE_S[mode] if compiled else 0.0))
+
+
+def e2e_items(part: str, tp: Any) -> list[dict]:
+    """The rows of ``--part``, most important first, each a work item whose spec is a ``throughput.Row``."""
+    _, warmup, iters = tp.PROTOCOLS["modern"]
+
+    def row(model: str, label: str, mode: str = "infer", batch: int = 256, resolution: tuple = (224, 224),
+            anchor: str | None = None) -> dict:
+        backend, compiled = label.split("+")[0], label.endswith("+compile")
+        spec = {"model": model, "family": "peer" if backend == "timm" else "restv2", "backend": backend,
+                "compile": compiled, "protocol": "modern", "mode": mode, "precision": "bf16",
+                "resolution": list(resolution), "batch_requested": batch, "warmup": warmup, "iters": iters,
+                "anchor": anchor, "compile_mode": "default", "optimizer": "adamw" if mode == "train" else None}
+        return work_item(f"{mode}/{model}/{label}", e2e_estimate(model, mode, compiled), spec=spec)
+
+    if part == "zoo":
+        models = ["restv2_small", "restv2_base", "restv2_large"]
+        return ([row(m, b) for m in models for b in ("reference", "kernels")]
+                + [row(m, b) for m in models for b in ("reference+compile", "kernels+compile")])
+    tiny = "restv2_tiny"
+    peers = [p for p in tp.PEERS[tiny] if p.startswith(("convnext", "swin"))]
+    det = {"batch": 2, "resolution": (800, 1333)}
+    return [
+        *(row(tiny, b) for b in ("reference", "kernels", "reference+compile", "kernels+compile")),
+        *(row(p, "timm", anchor=tiny) for p in peers),
+        *(row(tiny, b, "train", batch=128) for b in ("reference", "kernels")),
+        *(row(tiny, b, mode, **det) for mode in ("features-fwd", "features-fwd+bwd") for b in ("reference", "kernels")),
+        *(row(p, "timm+compile", anchor=tiny) for p in peers),
+        *(row(tiny, b, "train", batch=128) for b in ("reference+compile", "kernels+compile")),
+    ]
+
+
+def _row_from_item(tp: Any, item: dict) -> Any:
+    names = {f.name for f in dataclasses.fields(tp.Row)}
+    data = item.get("result") if item["status"] in ("ok", "error") and item.get("result") else item["spec"]
+    row = tp.Row(**{k: v for k, v in data.items() if k in names})
+    row.resolution = tuple(row.resolution)
+    if data is item["spec"]:  # never measured: skipped, timed out, crashed, or a dry run
+        row.status = "planned" if item["status"] == "planned" else \
+            "skipped" if item["status"] == "skipped" else "error"
+        row.reason = item["reason"] or (f"dry run: ~{item['estimate_s']:.0f} s, {item['plan']}" if item["plan"]
+                                        else f"not run ({item['status']})")
+    return row
+
+
+def phase_e2e(run: Run) -> list[str]:
+    args = run.args
+    tp = load_script("throughput")
+    items = e2e_items(args.part, tp)
+    if args.rows:
+        items = [it for it in items if any(fnmatch.fnmatch(it["id"], pattern) for pattern in args.rows)]
+        if not items:
+            raise SystemExit(f"--rows {args.rows} match none of: {', '.join(i['id'] for i in e2e_items(args.part, tp))}")
+    run.items = items
+    rec = run.record["e2e"]
+    rec.update(part=args.part, protocol="modern", precision="bf16", rows=[])
+    if run.dry_run:
+        used = plan_budget(items, args.budget_s)
+        print(f"would run these throughput.py rows in one worker child, in this order "
+              f"(~{used:.0f} s of the {args.budget_s:.0f} s budget):")
+        print("\n".join(format_plan(items)))
+    else:
+        def done(item: dict) -> None:
+            rec["rows"] = [_row_from_item(tp, it).to_dict() for it in items]
+            run.save()
+
+        supervise(run, "e2e", items, shared={}, item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]),
+                  on_done=done)
+    rows = [_row_from_item(tp, it) for it in items]
+    tp.add_speedups(rows)
+    rec["rows"] = [r.to_dict() for r in rows]
+    if not args.no_plot and rows:
+        tp.plot(rows, run.path("png"), common.describe(run.record["environment"]))
+    return tp.format_table(rows).splitlines()
+
+
+def _e2e_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
+    tp = load_script("throughput")
+    device = torch.device(DEVICE)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as throughput.py: the best conv algorithms per shape
+
+    def handle(spec: dict) -> tuple[str, Any, str | None]:
+        row = tp.Row(**{**spec, "resolution": tuple(spec["resolution"])})
+        tp.run_row(row, device, lambda text: None)
+        if row.status == "ok":
+            print(f"[e2e] {row.model} {row.label} {row.mode}: {row.ips_median:.1f} img/s (batch {row.batch}, "
+                  f"first call {row.first_call_s:.1f} s)", flush=True)
+        else:
+            print(f"[e2e] {row.model} {row.label} {row.mode}: ERROR {(row.reason or '')[:300]}", flush=True)
+            if not cuda_alive():
+                raise CudaLost(row.reason or "CUDA context lost")
+        return ("ok" if row.status == "ok" else "error"), row.to_dict(), row.reason
+
+    return handle
+
+
+# ---------------------------------------------------------------------------------------
+# Phase sweep: candidate launch plans per kernel family
+# ---------------------------------------------------------------------------------------
+
+ATTN_SHAPES = {  # name: (B, N, M, h, d), restv2_tiny at 224 px batch 256, and 800x1333 batch 2 stage 1
+    "tiny-s1-224-b256": (256, 56 * 56, 49, 1, 96),
+    "tiny-s2-224-b256": (256, 28 * 28, 49, 2, 96),
+    "tiny-s3-224-b256": (256, 14 * 14, 49, 4, 96),
+    "tiny-s4-224-b256": (256, 7 * 7, 49, 8, 96),
+    "det-s1-800x1333": (2, 200 * 334, 25 * 42, 1, 96),
+}
+UPSAMPLE_SHAPES = {  # name: (B, Hr, Wr, H, W, C, sr)
+    "tiny-s1-224-b256": (256, 7, 7, 56, 56, 96, 8),
+    "tiny-s2-224-b256": (256, 7, 7, 28, 28, 192, 4),
+    "tiny-s3-224-b256": (256, 7, 7, 14, 14, 384, 2),
+    "tiny-s4-224-b256": (256, 7, 7, 7, 7, 768, 1),
+    "det-s1-800x1333": (2, 25, 42, 200, 334, 96, 8),
+}
+SWEEP_FAMILIES = {  # family: (shapes, mode)
+    "attn_fwd": (ATTN_SHAPES, "fwd"),
+    "attn_bwd": (ATTN_SHAPES, "bwd"),
+    "upsample_fwd": (UPSAMPLE_SHAPES, "fwd"),
+    "upsample_bwd": (UPSAMPLE_SHAPES, "bwd"),
+    "upsample_bwd_dv": (UPSAMPLE_SHAPES, "bwd"),
+}
+SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
+    "attn_fwd": {"block_n": (64, 128, 256), "block_m": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4)},
+    "attn_bwd": {"block_n": (32, 64, 128), "block_m": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
+    "upsample_fwd": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
+    "upsample_bwd": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
+    "upsample_bwd_dv": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
+}
+SWEEP_WEIGHT = {"attn_fwd": 1.0, "attn_bwd": 1.2, "upsample_fwd": 0.8, "upsample_bwd": 0.8,  # budget shares
+                "upsample_bwd_dv": 0.5}
+SWEEP_COMPILE_S = {"attn_fwd": 2.0, "attn_bwd": 3.0, "upsample_fwd": 1.5, "upsample_bwd": 2.5,  # a new plan, a shape
+                   "upsample_bwd_dv": 1.5}
+SWEEP_TIME_S = 0.5  # do_bench and the output check of one plan at one shape, once compiled
+SWEEP_FOLLOW_UP = 3  # candidates per family (besides the current plan) re-timed in the other dtypes
+WRONG_ULPS = 4  # a candidate whose result differs from the current plan's by more (relative to the
+#                 tensor's largest magnitude, in eps of the dtype; 1e-5 at least) is wrong, whatever its time
+ATTN_MAX_REGS = 256  # fp32 accumulator + score values a thread: past this, a plan spills (pruned)
+UPSAMPLE_MAX_PER_THREAD = 4  # x the table's per_thread values a thread of a [BLOCK_P, BLOCK_C] tile
+_ABBR = {"block_n": "n", "block_m": "m", "num_warps": "w", "num_stages": "s", "block_p": "p",
+         "BLOCK_N": "n", "BLOCK_M": "m", "BLOCK_P": "p"}
+
+
+def cid(fields: dict | None) -> str:
+    """A candidate's name: ``n128.m64.w8.s3``; the current plan is ``current``."""
+    return "current" if fields is None else ".".join(f"{_ABBR[k]}{v}" for k, v in fields.items())
+
+
+def _main_launch(family: str, launches: list[plans.Launch]) -> plans.Launch:
+    """The launch a family's fields shape: the dk/dv pass of attn_bwd, the dv gather of upsample_bwd_dv."""
+    return launches[-1] if family in ("attn_bwd", "upsample_bwd_dv") else launches[0]
+
+
+def sweep_plan(family: str, shape: tuple, dtype: torch.dtype, target: plans.Target,
+               fields: dict | None = None) -> tuple[str, str, list[plans.Launch]]:
+    """The launches ``family`` makes at ``shape`` under ``plans.forced(family=fields)``: (key, short name, launches)."""
+    ctx = plans.forced(**{family: fields}) if fields else contextlib.nullcontext()
+    with ctx:
+        if family.startswith("attn"):
+            B, N, M, h, d = shape
+            if family == "attn_fwd":
+                launches, extra = [plans.attention_fwd_plan(B, N, M, h, d, dtype, target)], ""
+            else:
+                p = plans.attention_bwd_plan(B, N, M, h, d, dtype, target)
+                launches = [lch for lch in (p.dq, p.dkdv) if lch is not None]
+                extra = f" split{p.splits}" + ("" if p.fuse_dq else " 2pass")
+        else:
+            B, Hr, Wr, _, _, C, sr = shape
+            if family == "upsample_fwd":
+                launches, extra = [plans.upsample_fwd_plan(B, Hr, Wr, C, sr, dtype, target)], ""
+            else:
+                p = plans.upsample_bwd_plan(B, Hr, Wr, C, sr, dtype, target)
+                launches, extra = [p.g, p.dv], f" split{p.split}"
+    key = " | ".join(f"{lch.kernel}{list(lch.grid)} {lch.describe()}" for lch in launches) + extra
+    main = _main_launch(family, launches)
+    short = ".".join(f"{_ABBR[k]}{v}" for k, v in main.constexprs if k in _ABBR)
+    return key, f"{short}.w{main.num_warps}.s{main.num_stages}{extra}", launches
+
+
+def prune_reason(family: str, launch: plans.Launch) -> str | None:
+    """Why a candidate plan is not worth compiling at a shape (a register estimate), or None."""
+    c, threads = dict(launch.constexprs), 32 * launch.num_warps
+    if family == "attn_fwd":  # o accumulator [BLOCK_N, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
+        regs = (c["BLOCK_N"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
+    elif family == "attn_bwd":  # dk, dv accumulators [BLOCK_M, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
+        regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
+    else:
+        table = {"upsample_fwd": plans._UPSAMPLE_FWD, "upsample_bwd": plans._UPSAMPLE_BWD,
+                 "upsample_bwd_dv": plans._UPSAMPLE_BWD_DV}[family]
+        per_thread = table["default"].per_thread
+        per = c["BLOCK_P"] * c["BLOCK_C"] / threads
+        if per > UPSAMPLE_MAX_PER_THREAD * per_thread:
+            return f"{per:.0f} values a thread per tile (> {UPSAMPLE_MAX_PER_THREAD} x {per_thread}): spills"
+        if per < 0.25:
+            return f"{per:.2f} values a thread per tile: most threads idle"
+        return None
+    return f"~{regs:.0f} fp32 values a thread (> {ATTN_MAX_REGS}): spills" if regs > ATTN_MAX_REGS else None
+
+
+def sweep_candidates(family: str, shapes: dict, target: plans.Target) -> list[dict]:
+    """The family's grid, nearest to the current plans first (fewest fields changed at any shape)."""
+    grid = SWEEP_GRIDS[family]
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    currents = []
+    for shape in shapes.values():
+        launch = _main_launch(family, sweep_plan(family, shape, torch.bfloat16, target)[2])
+        c = dict(launch.constexprs)
+        currents.append({"block_n": c.get("BLOCK_N"), "block_m": c.get("BLOCK_M"), "block_p": c.get("BLOCK_P"),
+                         "num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+    def distance(fields: dict) -> int:
+        return min(sum(fields[k] != cur[k] for k in fields) for cur in currents)
+
+    return sorted(combos, key=distance)  # stable: grid order within a distance
+
+
+def select_sweep_shapes(family: str, wanted: list[str] | None) -> dict:
+    return common.select_shapes(SWEEP_FAMILIES[family][0], wanted)
+
+
+def sweep_items(args: argparse.Namespace, dtype: str, candidates: dict[str, list[dict]]) -> list[dict]:
+    items = []
+    for family, cands in candidates.items():
+        shapes = list(select_sweep_shapes(family, args.shapes))
+        per_shape = SWEEP_COMPILE_S[family] + SWEEP_TIME_S
+        for fields in [None, *cands]:
+            spec = {"family": family, "dtype": dtype, "cid": cid(fields), "fields": fields, "shapes": shapes}
+            items.append(work_item(f"{family}/{dtype}/{cid(fields)}", per_shape * len(shapes),
+                                   group=f"{family}/{dtype}", spec=spec))
+    return items
+
+
+def _compare(outs: Any, refs: Any, dtype: torch.dtype) -> dict:
+    """The largest difference from the current plan's result, absolute and relative to each tensor's
+    largest magnitude; ``correct`` if within ``WRONG_ULPS`` eps of the dtype and no new non-finite."""
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    refs = refs if isinstance(refs, (tuple, list)) else (refs,)
+    worst_abs, worst_rel, finite = 0.0, 0.0, True
+    for out, ref in zip(outs, refs):
+        out, ref = out.float(), ref.float()
+        ok = torch.isfinite(ref)
+        finite = finite and not bool((~torch.isfinite(out) & ok).any())
+        diff = (out - ref).abs()[ok]
+        if diff.numel():
+            worst_abs = max(worst_abs, float(diff.max()))
+            worst_rel = max(worst_rel, float(diff.max()) / max(float(ref.abs()[ok].max()), 1e-30))
+    tol = max(WRONG_ULPS * torch.finfo(dtype).eps, 1e-5)  # fp32: summation order alone moves a few eps
+    return {"max_abs_diff": worst_abs, "rel_diff": worst_rel, "tolerance": tol, "correct": finite and worst_rel <= tol}
+
+
+def _attention_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """q and k/v as the model's views of a q Linear output and a kv Linear output (bench_attention.time_impl)."""
+    from restv2_kernels import emsa_attention
+
+    B, N, M, h, d = shape
+    C = h * d
+    torch.manual_seed(0)
+    q_buf = torch.randn(B, N, C, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv_buf = torch.randn(B, M, 2 * C, device=DEVICE, dtype=dtype, requires_grad=True)
+    q, kv = q_buf.view(B, N, h, d), kv_buf.view(B, M, 2, h, d)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if not bwd:
+        return {"run": torch.no_grad()(lambda: emsa_attention(q, k, v)), "keep": (q_buf, kv_buf)}
+    dout = torch.randn(B, N, h, d, device=DEVICE, dtype=dtype)
+    out = emsa_attention(q, k, v)  # one graph, the current forward plan; the backward alone is timed
+    return {"run": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), "keep": (q_buf, kv_buf, out)}
+
+
+def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """x, the V half of a kv tensor read in place, and the four parameters (bench_upsample.time_impl)."""
+    from restv2_kernels import upsample_add
+
+    B, Hr, Wr, H, W, C, sr = shape
+    torch.manual_seed(0)
+
+    def leaf(*size: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return (shift + scale * torch.randn(*size, device=DEVICE, dtype=dtype)).requires_grad_()
+
+    x, kv = leaf(B, H, W, C), leaf(B, Hr, Wr, 2 * C)
+    weight, bias = leaf(sr * sr * C, 1, 3, 3, scale=0.2), leaf(sr * sr * C, scale=0.1)
+    norm_weight, norm_bias = leaf(C, scale=0.1, shift=1.0), leaf(C, scale=0.1)
+    v = kv.view(B, Hr, Wr, 2, C)[..., 1, :]
+    args = (x, v, weight, bias, norm_weight, norm_bias, sr)
+    if not bwd:
+        return {"run": torch.no_grad()(lambda: upsample_add(*args)), "keep": args}
+    dout = torch.randn(B, H, W, C, device=DEVICE, dtype=dtype)
+    out = upsample_add(*args)
+    return {"run": lambda: torch.autograd.grad(out, (v, weight, bias, norm_weight, norm_bias), dout, retain_graph=True),
+            "keep": (*args, out)}
+
+
+class _SweepState:
+    """A worker's inputs and current-plan results per (family, dtype, shape); plans already timed."""
+
+    def __init__(self, shared: dict) -> None:
+        self.compile_only = shared.get("compile_only", False)
+        self.warmup_ms, self.rep_ms = shared.get("warmup_ms", 10), shared.get("rep_ms", 40)
+        self.key: tuple | None = None
+        self.cases: dict[str, dict] = {}
+        self.seen: dict[tuple, dict] = {}
+
+    def case(self, family: str, dtype_name: str, shape_name: str) -> dict:
+        if self.key != (family, dtype_name):  # one family at a time in memory
+            self.key, self.cases = (family, dtype_name), {}
+            _empty_cache()
+        if shape_name not in self.cases:
+            shapes, mode = SWEEP_FAMILIES[family]
+            make = _attention_case if family.startswith("attn") else _upsample_case
+            case = make(shapes[shape_name], common.KERNEL_DTYPES[dtype_name], mode == "bwd")
+            case["ref"] = case["run"]()  # the current plan's result: what every candidate must match
+            self.cases[shape_name] = case
+        return self.cases[shape_name]
+
+    def measure(self, family: str, dtype_name: str, fields: dict | None, name: str, shape_name: str) -> dict:
+        from triton.testing import do_bench
+
+        dtype = common.KERNEL_DTYPES[dtype_name]
+        target = plans.device_target(torch.device(DEVICE))
+        key, short, launches = sweep_plan(family, SWEEP_FAMILIES[family][0][shape_name], dtype, target, fields)
+        res: dict = {"plan": short, "key": key, "status": None, "ms": None, "reason": None}
+        if fields is not None:
+            reason = prune_reason(family, _main_launch(family, launches))
+            if reason:
+                return {**res, "status": "pruned", "reason": reason}
+        seen = self.seen.get((family, dtype_name, shape_name, key))
+        if seen is not None:  # the same launches as an earlier candidate (e.g. the current plan)
+            return {**seen, "same_as": seen["cid"]}
+        try:
+            case = self.case(family, dtype_name, shape_name)
+            with plans.forced(**{family: fields}) if fields else contextlib.nullcontext():
+                outs = case["run"]()  # the first call compiles
+                _synchronize()
+                if self.compile_only:
+                    return {**res, "status": "compiled"}
+                res.update(_compare(outs, case["ref"], dtype))
+                del outs
+                res["ms"] = do_bench(case["run"], warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+            res["status"] = "ok" if res["correct"] else "wrong"
+        except Exception as exc:  # compile errors, out of resources: recorded on the candidate
+            res.update(status="error", reason=_error(exc))
+            if not cuda_alive():
+                raise CudaLost(f"{family} {name} at {shape_name}: {res['reason']}") from exc
+            _empty_cache()
+        self.seen[(family, dtype_name, shape_name, key)] = {**res, "cid": name}
+        return res
+
+
+def _sweep_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
+    state = _SweepState(shared)
+
+    def handle(spec: dict) -> tuple[str, Any, str | None]:
+        family, dtype, fields, name = spec["family"], spec["dtype"], spec["fields"], spec["cid"]
+        shapes = {s: state.measure(family, dtype, fields, name, s) for s in spec["shapes"]}
+        result: dict = {"shapes": shapes}
+        if fields is None:
+            result["target"] = dataclasses.asdict(plans.device_target(torch.device(DEVICE)))
+        if not state.compile_only:
+            times = " ".join(f"{s.split('-')[0]}-{s.split('-')[1]} " +
+                             (f"{r['ms']:.3f}" if r["ms"] is not None else r["status"]) for s, r in shapes.items())
+            print(f"[sweep] {family} {dtype} {name}: {times}", flush=True)
+        return "ok", result, None
+
+    return handle
+
+
+def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Best correct plan per (family, dtype, shape) next to the current plan's; and per (family, dtype)
+    the one candidate with the least total time over the 224 px shapes (what a table row would hold)."""
+    best, overall = [], []
+    groups = dict.fromkeys((it["spec"]["family"], it["spec"]["dtype"]) for it in items)
+    for family, dtype in groups:
+        done = [it for it in items if (it["spec"]["family"], it["spec"]["dtype"]) == (family, dtype)
+                and it.get("result")]
+        current = next((it for it in done if it["spec"]["fields"] is None), None)
+        shapes = list(dict.fromkeys(s for it in done for s in it["result"]["shapes"]))
+        for shape in shapes:
+            cur = current["result"]["shapes"].get(shape, {}) if current else {}
+            timed = [(it, it["result"]["shapes"][shape]) for it in done if shape in it["result"]["shapes"]]
+            ok = [(it, r) for it, r in timed if r.get("status") == "ok" and r.get("ms") is not None]
+            win_item, win = min(ok, key=lambda p: p[1]["ms"]) if ok else (None, None)
+            best.append({
+                "family": family, "shape": shape, "dtype": dtype, "mode": SWEEP_FAMILIES[family][1],
+                "current_plan": cur.get("plan"), "current_ms": cur.get("ms"),
+                "best_cid": win_item["spec"]["cid"] if win_item else None,
+                "best_fields": win_item["spec"]["fields"] if win_item else None,
+                "best_plan": win.get("plan") if win else None, "best_ms": win.get("ms") if win else None,
+                "speedup": cur["ms"] / win["ms"] if win and cur.get("ms") else None,
+                "timed": len(ok), "wrong": sum(r.get("status") == "wrong" for _, r in timed),
+                "errors": sum(r.get("status") == "error" for _, r in timed),
+                "pruned": sum(r.get("status") == "pruned" for _, r in timed),
+            })
+        tiny = [s for s in shapes if s.startswith("tiny")]
+
+        def total(it: dict, tiny: list[str] = tiny) -> float | None:
+            rs = [it["result"]["shapes"].get(s, {}) for s in tiny]
+            ok = tiny and all(r.get("status") == "ok" and r.get("ms") is not None for r in rs)
+            return sum(r["ms"] for r in rs) if ok else None
+
+        totals = [(it, total(it)) for it in done if total(it) is not None]
+        if totals:
+            win_item, win_total = min(totals, key=lambda p: p[1])
+            cur_total = total(current) if current else None
+            overall.append({"family": family, "dtype": dtype, "shapes": tiny, "best_cid": win_item["spec"]["cid"],
+                            "best_fields": win_item["spec"]["fields"], "best_total_ms": win_total,
+                            "current_total_ms": cur_total, "speedup": cur_total / win_total if cur_total else None})
+    return best, overall
+
+
+def _sweep_table(best: list[dict], overall: list[dict]) -> list[str]:
+    def ms(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
+
+    header = (f"{'family':<15} | {'shape':<16} | {'dtype':<5} | {'current plan':<28} | {'current ms':>10} | "
+              f"{'best plan':<28} | {'best ms':>10} | speed-up")
+    lines = [header, "-" * len(header)]
+    for b in best:
+        speed = f"{b['speedup']:.2f}x" if b["speedup"] else "-"
+        lines.append(f"{b['family']:<15} | {b['shape']:<16} | {b['dtype']:<5} | {b['current_plan'] or '-':<28} | "
+                     f"{ms(b['current_ms']):>10} | {b['best_plan'] or '-':<28} | {ms(b['best_ms']):>10} | {speed}"
+                     + (f"  ({b['wrong']} wrong, {b['errors']} errors)" if b["wrong"] or b["errors"] else ""))
+    for o in overall:
+        speed = f"{o['speedup']:.2f}x" if o["speedup"] else "-"
+        lines.append(f"{o['family']} {o['dtype']}: one plan for the {len(o['shapes'])} 224 px shapes: {o['best_cid']} "
+                     f"{o['best_total_ms']:.4f} ms total vs current {ms(o['current_total_ms'])} ms ({speed})")
+    return lines
+
+
+def _dry_sweep(run: Run, items: list[dict], target: plans.Target, workers: int) -> None:
+    """Fills each item's per-shape plans on ``target`` (pruned, duplicate launches) and prints the counts."""
+    seen: dict[tuple, str] = {}
+    counts: dict = collections.defaultdict(lambda: collections.Counter())
+    for item in items:
+        spec = item["spec"]
+        family, fields = spec["family"], spec["fields"]
+        shapes = {}
+        for name in spec["shapes"]:
+            shape = SWEEP_FAMILIES[family][0][name]
+            key, short, launches = sweep_plan(family, shape, common.KERNEL_DTYPES[spec["dtype"]], target, fields)
+            res: dict = {"plan": short, "key": key, "status": "planned", "ms": None, "reason": None}
+            reason = prune_reason(family, _main_launch(family, launches)) if fields else None
+            if reason:
+                res.update(status="pruned", reason=reason)
+            elif (family, name, key) in seen:
+                res.update(status="same", same_as=seen[family, name, key])
+            else:
+                seen[family, name, key] = spec["cid"]
+            counts[family, name][res["status"]] += 1
+            shapes[name] = res
+        item["result"] = {"shapes": shapes}
+        compiles = sum(r["status"] == "planned" for r in shapes.values())
+        item["estimate_s"] = round(compiles * (SWEEP_COMPILE_S[family] / max(1, workers) + SWEEP_TIME_S), 1)
+    run.record["sweep"]["dry_run_counts"] = {f"{f}/{s}": dict(c) for (f, s), c in counts.items()}
+    print(f"plans computed for target {target.name} ({target.gpu}); per family and shape: plans to time "
+          f"(planned), pruned, duplicates of an earlier candidate's launches (same):")
+    for (family, name), c in counts.items():
+        print(f"  {family:<13} {name:<17} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+
+
+def phase_sweep(run: Run) -> list[str]:
+    args = run.args
+    rec = run.record["sweep"]
+    assumed = plans.TARGETS["sm_90"]  # ordering and dry-run counts only; the worker plans for the live GPU
+    candidates = {f: sweep_candidates(f, select_sweep_shapes(f, args.shapes), assumed)[:args.max_candidates]
+                  for f in args.families}
+    first, *others = args.dtypes
+    items = sweep_items(args, first, candidates)
+    run.items = items
+    rec.update(
+        families=args.families, dtypes=args.dtypes, grids={f: SWEEP_GRIDS[f] for f in args.families},
+        shapes={f: select_sweep_shapes(f, args.shapes) for f in args.families},
+        tables={name: repr(getattr(plans, name, None)) for name in ("_ATTN_FWD", "_ATTN_BWD", "_UPSAMPLE_FWD",
+                                                                     "_UPSAMPLE_BWD")},
+        rules={"wrong_if_rel_diff_above_eps_x": WRONG_ULPS, "attn_max_regs": ATTN_MAX_REGS,
+               "upsample_max_per_thread_x_table": UPSAMPLE_MAX_PER_THREAD, "follow_up_per_family": SWEEP_FOLLOW_UP,
+               "do_bench": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "return_mode": "median"}},
+        target=None, precompile=None, candidates=[], best=[], best_overall=[],
+    )
+    print(f"{first}: " + ", ".join(f"{f} {len(c)} candidates + current" for f, c in candidates.items())
+          + (f"; then {', '.join(others)}: the current plan and the {SWEEP_FOLLOW_UP} best {first} candidates "
+             "per family" if others else ""))
+    if run.dry_run:
+        _dry_sweep(run, items, assumed, args.compile_workers)
+        compile_s = sum(SWEEP_COMPILE_S[it["spec"]["family"]] * sum(r["status"] == "planned" for r in
+                        it["result"]["shapes"].values()) for it in items)
+        print(f"estimated: ~{compile_s:.0f} s of compiling (CPU) spread over {args.compile_workers} parallel "
+              f"workers, ~{sum(it['estimate_s'] for it in items):.0f} s in all with the timing; the "
+              f"{args.budget_s:.0f} s budget is shared by family (" + ", ".join(f"{f} {SWEEP_WEIGHT[f]}" for f in args.families) + ")")
+        plan_budget(items, args.budget_s)
+        runs = collections.Counter((it["spec"]["family"], it["plan"]) for it in items)
+        print("would time: " + ", ".join(f"{f} {runs[f, 'run']}/{runs[f, 'run'] + runs[f, 'skip (budget)']}"
+                                         for f in args.families))
+    else:
+        _sweep_run(run, items, candidates, others)
+    _sweep_record(run)
+    return _sweep_table(rec["best"], rec["best_overall"])
+
+
+def _sweep_record(run: Run) -> None:
+    """Every candidate's per-shape results, and the best plans (from what is measured so far)."""
+    rec = run.record["sweep"]
+    rec["candidates"] = [{"family": it["spec"]["family"], "dtype": it["spec"]["dtype"], "cid": it["spec"]["cid"],
+                          "fields": it["spec"]["fields"], "status": it["status"], "wall_s": it["wall_s"],
+                          "reason": it["reason"], "shapes": (it.get("result") or {}).get("shapes")} for it in run.items]
+    # a dry run lists the shapes and current plans (on the assumed target) with no times
+    rec["best"], rec["best_overall"] = sweep_best([it for it in run.items if it.get("result")
+                                                   and (run.dry_run or it["status"] == "ok")])
+
+
+def _sweep_run(run: Run, items: list[dict], candidates: dict, other_dtypes: list[str]) -> None:
+    args, rec = run.args, run.record["sweep"]
+    shared = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
+    if args.compile_workers > 0:  # Triton's disk cache then serves the timing worker
+        deadline = time.time() + min(0.4 * run.left(), run.left() - 60)
+        todo = [it for it in items if it["spec"]["fields"] is not None]
+        for it in todo:
+            it["deadline"] = deadline
+        t0 = time.monotonic()
+        print(f"compiling {len(todo)} candidates on {args.compile_workers} workers (at most "
+              f"{max(0.0, deadline - time.time()):.0f} s; their output goes to the log)", flush=True)
+        counts = run_parallel(run, "sweep", todo, shared={**shared, "compile_only": True},
+                              workers=args.compile_workers, deadline=deadline)
+        rec["precompile"] = {"workers": args.compile_workers, "wall_s": round(time.monotonic() - t0, 1),
+                             "events": counts}
+        print(f"compiled in {time.monotonic() - t0:.0f} s: {counts}", flush=True)
+    # the budget left, shared by family in order; time a family leaves unused passes to the next
+    reserve = 0.15 * run.left() if other_dtypes else 0.0
+    weights = sum(SWEEP_WEIGHT[f] for f in candidates)
+    end = time.time()
+    for family in candidates:
+        end += (run.left() - reserve) * SWEEP_WEIGHT[family] / weights
+        for it in items:
+            if it["spec"]["family"] == family:
+                it["deadline"] = end
+
+    def done(item: dict) -> None:
+        if item["spec"]["fields"] is None and item.get("result") and item["result"].get("target"):
+            rec["target"] = item["result"]["target"]
+        _sweep_record(run)
+        run.save()
+
+    def timeout(item: dict) -> float:
+        return max(90.0, 6 * item["estimate_s"])
+
+    supervise(run, "sweep", items, shared=shared, item_timeout=timeout, on_done=done)
+    if not other_dtypes:
+        return
+    best, overall = sweep_best([it for it in items if it["status"] == "ok"])
+    follow: dict[str, list[dict]] = {}
+    for family in candidates:
+        ranked = [o["best_fields"] for o in overall if o["family"] == family]
+        ranked += [b["best_fields"] for b in sorted((b for b in best if b["family"] == family and b["speedup"]),
+                                                    key=lambda b: -b["speedup"])]
+        unique = [f for i, f in enumerate(ranked) if f and f not in ranked[:i]]
+        follow[family] = unique[:SWEEP_FOLLOW_UP]
+    extra = [it for dtype in other_dtypes for it in sweep_items(args, dtype, follow)]
+    for it in extra:
+        it["deadline"] = run.deadline()
+    run.items = items + extra
+    supervise(run, "sweep", extra, shared=shared, item_timeout=timeout, on_done=done)
+
+
+WORKERS: dict[str, Callable[[dict], Callable[[dict], tuple[str, Any, str | None]]]] = {
+    "e2e": _e2e_worker,
+    "sweep": _sweep_worker,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+PHASE_FNS: dict[str, Callable[[Run], list[str]]] = {
+    "env": phase_env, "tests": phase_tests, "kernels": phase_kernels, "e2e": phase_e2e, "sweep": phase_sweep,
+}
+PHASE_DTYPES = {"kernels": ["bf16", "fp16", "fp32"], "sweep": ["bf16", "fp16"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu_suite.py", description=__doc__.split("\n\n")[0],
+        epilog=RECOMMENDED, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--phase", choices=PHASES, help="what to run (one phase per command)")
+    parser.add_argument("--out", type=pathlib.Path, help="the folder for <phase>.json, .log, .png (e.g. $OUT/env)")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU work: write the files, print the plan")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds of work (default {DEFAULT_BUDGET_S:.0f}); later items are skipped, recorded")
+    parser.add_argument("--tag", help="the files' name instead of the phase's: <tag>.json (letters, digits, . _ -)")
+    parser.add_argument("--list", action="store_true", help="print the recommended commands for a GPU session")
+    parser.add_argument("--no-plot", action="store_true", help="no PNG (kernels, e2e)")
+    group = parser.add_argument_group("tests")
+    group.add_argument("--pytest-workers", type=int, default=4,
+                       help="pytest-xdist workers for the not-cuda run, if xdist is there (default 4; 0: none)")
+    group.add_argument("--test-timeout", type=int, default=300,
+                       help="seconds per test, if pytest-timeout is there (default 300)")
+    group = parser.add_argument_group("kernels and sweep")
+    group.add_argument("--dtypes", nargs="+", choices=sorted(common.KERNEL_DTYPES),
+                       help="in order of importance (default: kernels bf16 fp16 fp32; sweep bf16 fp16, where "
+                            "the dtypes after the first re-time only the best candidates)")
+    group.add_argument("--benches", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
+    group = parser.add_argument_group("e2e")
+    group.add_argument("--part", choices=["core", "zoo"], default="core",
+                       help="core: restv2_tiny (4 backends, peers, train, 800x1333 features); zoo: small/base/large")
+    group.add_argument("--rows", nargs="+", metavar="PATTERN",
+                       help="only the rows whose id matches a glob, e.g. 'train/*' 'infer/*/kernels*'")
+    group = parser.add_argument_group("sweep")
+    group.add_argument("--families", nargs="+", choices=list(SWEEP_FAMILIES), default=list(SWEEP_FAMILIES))
+    group.add_argument("--shapes", nargs="+", metavar="NAME", help=f"names or prefixes of: {' '.join(ATTN_SHAPES)}")
+    group.add_argument("--max-candidates", type=int, help="at most this many candidates per family (nearest first)")
+    group.add_argument("--compile-workers", type=int, default=8,
+                       help="children compiling the candidates in parallel before timing (default 8; 0: none)")
+    group.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up (default 10)")
+    group.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time (default 40)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def _print_summary(run: Run, lines: list[str]) -> None:
+    rec = run.record
+    skipped = [it["id"] for it in run.items if it["status"] == "skipped"]
+    failed = [f"{it['id']} ({it['status']})" for it in run.items if it["status"] in ("error", "timeout")]
+    print()
+    print(f"== gpu_suite {run.phase}{' (dry run)' if run.dry_run else ''}: {rec['status']}, "
+          f"{rec.get('wall_s', 0):.0f} s of {run.args.budget_s:.0f} s | commit {rec.get('git_commit')} ==")
+    if rec.get("environment"):
+        print(common.describe(rec["environment"]))
+    if rec.get("error"):
+        print(f"ERROR: {rec['error'].strip().splitlines()[-1]}")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    if skipped:
+        print(f"skipped ({len(skipped)}): {', '.join(skipped[:12])}{' ...' if len(skipped) > 12 else ''}")
+    for line in lines:
+        print(line)
+    print(f"files: {', '.join(str(run.out / name) for name in rec.get('files', []))}")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if args.list:
+        print(RECOMMENDED)
+        return 0
+    if not args.phase or args.out is None:
+        parser.error("--phase and --out are needed (or --list)")
+    if args.tag and not NAME_RE.match(args.tag):
+        parser.error(f"--tag {args.tag!r}: only letters, digits, '.', '_' and '-'")
+    if args.dtypes is None:
+        args.dtypes = list(PHASE_DTYPES.get(args.phase, ["bf16"]))
+    if not args.dry_run and not torch.cuda.is_available():
+        print(f"gpu_suite: --phase {args.phase} needs a CUDA GPU and torch.cuda.is_available() is False here; "
+              "nothing was run. Add --dry-run to see what it would run.", file=sys.stderr)
+        return 2
+    if args.budget_s > 540:
+        print(f"gpu_suite: warning: --budget-s {args.budget_s:.0f} leaves little of the remote tool's 600 s a command")
+
+    run = Run(args.phase, args.out, args, argv)
+    run.out.mkdir(parents=True, exist_ok=True)
+    status, lines = "complete", []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    with open(run.path("log"), "w") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)), \
+            contextlib.redirect_stderr(_Tee(sys.stderr, log)):
+        run.log = log
+        try:
+            run.record = base_record(run)
+            print(f"gpu_suite {display([sys.executable, 'benchmarks/gpu_suite.py', *argv])}")
+            print(common.describe(run.record["environment"]))
+            run.save("running")
+            lines = PHASE_FNS[args.phase](run)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except Exception:  # noqa: BLE001  (recorded, and the files still written)
+            status = "error"
+            run.record["error"] = traceback.format_exc()
+            print(run.record["error"])
+        finally:
+            for proc in list(_CHILDREN):
+                stop(proc, grace=2.0)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        run.record["summary"] = lines
+        run.save(status)
+        _print_summary(run, lines)
+        run.log = None
+    return 0 if status == "complete" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

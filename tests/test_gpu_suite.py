@@ -1,0 +1,265 @@
+"""CPU checks of the GPU runner (benchmarks/gpu_suite.py): what it writes, and its parts that need no GPU.
+
+- Every phase's ``--dry-run``: exit 0, at most 3 files with names the remote tool brings back, two
+  folders deep under ``$OUT`` (``$OUT/<phase>/<phase>.json``), JSON with the phase, ``dry_run``, the
+  environment, provenance and the phase's own keys; the summary printed last.
+- Without ``--dry-run`` and without CUDA a phase refuses, with a clear message and no files.
+- The JUnit parsing of the tests phase, the budget plan, the worker supervision (a crash, a hang),
+  and the sweep and e2e workers' code on the device at hand (the interpreter on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import pathlib
+import re
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PHASES = ("env", "tests", "kernels", "e2e", "sweep")
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+COMMON_KEYS = {"suite", "phase", "tag", "dry_run", "status", "command", "argv", "started", "wall_s", "budget_s",
+               "git_commit", "git_changed", "tree_sha256", "environment", "files", "work", "summary"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return _load("gpu_suite")
+
+
+@pytest.fixture(scope="module")
+def dry_runs(suite, tmp_path_factory):
+    """Every phase's dry run into one $OUT, as a GPU session would lay it out: {phase: (rc, stdout)}."""
+    out = tmp_path_factory.mktemp("OUT")
+    results = {}
+    for phase in PHASES:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = suite.main(["--phase", phase, "--out", str(out / phase), "--dry-run"])
+        results[phase] = (rc, stdout.getvalue())
+    return out, results
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_dry_run_files(dry_runs, phase):
+    out, results = dry_runs
+    rc, stdout = results[phase]
+    assert rc == 0, stdout
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] == phase)
+    assert 2 <= len(files) <= 3, files  # JSON + log (+ PNG)
+    for path in files:
+        rel = path.relative_to(out)
+        assert len(rel.parts) == 2, rel  # $OUT/<phase>/<file>: within the remote tool's two folders
+        assert all(NAME.match(part) for part in rel.parts), rel
+        assert path.stat().st_size <= 16 << 20
+    assert {p.name for p in files} <= {f"{phase}.json", f"{phase}.log", f"{phase}.png"}
+    data = json.loads((out / phase / f"{phase}.json").read_text())
+    assert COMMON_KEYS <= set(data) and phase in data
+    assert data["phase"] == phase and data["dry_run"] is True and data["status"] == "complete"
+    assert data["environment"]["torch"] == torch.__version__ and "gpu" in data["environment"]
+    assert sorted(data["files"]) == sorted(p.name for p in files)
+    assert "--dry-run" in data["command"] and data["wall_s"] < 60
+    assert all(item["status"] in ("planned", "skipped") for item in data["work"]), data["work"]
+    assert data["summary"]
+    # the summary comes last: the remote tool returns only the last 12,000 characters
+    tail = stdout.rstrip().splitlines()
+    assert tail[-1].startswith("files: ") and f"gpu_suite {phase} (dry run): complete" in stdout[-12000:]
+    assert (out / phase / f"{phase}.log").read_text().rstrip().endswith(tail[-1])
+
+
+def test_all_phases_fit_the_remote_limits(dry_runs):
+    out, _ = dry_runs
+    per_phase = {phase: [p for p in (out / phase).iterdir()] for phase in PHASES}
+    assert all(len(files) <= 3 for files in per_phase.values())  # one phase a command, 8 files a command at most
+    assert not [p for p in out.rglob("*") if len(p.relative_to(out).parts) > 2]
+
+
+def test_dry_run_phase_contents(dry_runs):
+    out, results = dry_runs
+
+    def load(phase: str) -> dict:
+        return json.loads((out / phase / f"{phase}.json").read_text())[phase]
+
+    env = load("env")
+    assert {"sm_count", "l2_cache_mib", "target", "copy_gbps", "matmul_tflops", "nvidia_smi"} <= set(env)
+    assert env["copy_gbps"] is None and env["target"] is None
+
+    tests = load("tests")
+    assert [r["marker"] for r in tests["runs"]] == ["cuda", "not cuda"]
+    for run in tests["runs"]:
+        assert "-p no:cacheprovider" in run["argv"] and "--junitxml=" in run["argv"] and "-rfE" in run["argv"]
+        assert "-x" not in run["argv"].split() and run["counts"] is None
+    assert "TRITON_INTERPRET removed" in results["tests"][1]
+
+    kernels = load("kernels")
+    assert [r["id"] for r in kernels["runs"]][:2] == ["attention/bf16/tiny", "upsample/bf16/tiny"]
+    assert len(kernels["runs"]) == 2 * 3 * 2 and kernels["rows"] == []
+    assert {r["dtype"] for r in kernels["runs"]} == {"bf16", "fp16", "fp32"}
+
+    e2e = load("e2e")
+    ids = [f"{r['mode']}/{r['model']}/{r['label']}" for r in e2e["rows"]]
+    assert ids[:4] == [f"infer/restv2_tiny/{b}" for b in ("reference", "kernels", "reference+compile", "kernels+compile")]
+    assert {"train/restv2_tiny/kernels", "features-fwd/restv2_tiny/kernels", "infer/convnext_tiny/timm+compile"} <= set(ids)
+    assert all(r["status"] == "planned" and r["images_per_s_median"] is None for r in e2e["rows"])
+    assert "skip (budget)" in results["e2e"][1]  # the compile rows past the budget are listed, not dropped
+
+    sweep = load("sweep")
+    families = {"attn_fwd", "attn_bwd", "upsample_fwd", "upsample_bwd", "upsample_bwd_dv"}
+    assert {b["family"] for b in sweep["best"]} == families
+    assert len(sweep["best"]) == len(families) * 5 and all(b["current_ms"] is None and b["current_plan"] for b in sweep["best"])
+    assert {c["cid"] for c in sweep["candidates"] if c["family"] == "attn_fwd"} >= {"current", "n128.m64.w8.s3"}
+    assert sweep["dry_run_counts"]["upsample_fwd/tiny-s4-224-b256"]["pruned"] > 0
+    assert "family          | shape" in results["sweep"][1]
+
+
+def test_refuses_without_cuda(suite, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for phase in PHASES:
+        assert suite.main(["--phase", phase, "--out", str(tmp_path / phase)]) == 2
+        err = capsys.readouterr().err
+        assert "needs a CUDA GPU" in err and "--dry-run" in err
+        assert not (tmp_path / phase).exists()
+
+
+def test_list_and_help(suite, capsys):
+    assert suite.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "PYTHONPATH=. python benchmarks/gpu_suite.py --phase env" in out and "$OUT/env" in out
+    assert "benchmarks/results/<gpu-slug>/" in out
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--help"])
+    assert exc.value.code == 0 and "--budget-s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        suite.main(["--phase", "env", "--out", "x", "--tag", "bad/name", "--dry-run"])
+
+
+def test_parse_junit(suite, tmp_path):
+    long_text = "\n".join(f"line {i}" for i in range(100))
+    (tmp_path / "j.xml").write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite name="pytest" tests="4">'
+        '<testcase classname="tests.test_attention" name="test_ok[a]" time="0.1"/>'
+        '<testcase classname="tests.test_attention.TestX" name="test_bad" time="0.2">'
+        f'<failure message="assert 1 == 2">{long_text}</failure></testcase>'
+        '<testcase classname="tests.test_upsample" name="test_err"><error message="fixture broke">tb</error></testcase>'
+        '<testcase classname="tests.test_upsample" name="test_skip"><skipped message="needs a GPU"/></testcase>'
+        "</testsuite></testsuites>")
+    parsed = suite.parse_junit(tmp_path / "j.xml")
+    assert parsed["counts"] == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1, "total": 4}
+    fail, err = parsed["failures"]
+    assert fail["nodeid"] == "tests/test_attention.py::TestX::test_bad" and fail["message"] == "assert 1 == 2"
+    assert len(fail["text"].splitlines()) == 40 and "line 0" in fail["text"] and "line 99" in fail["text"]
+    assert err["nodeid"] == "tests/test_upsample.py::test_err" and err["kind"] == "error"
+
+
+def test_plan_budget(suite):
+    items = [suite.work_item(name, est) for name, est in (("a", 100), ("b", 300), ("c", 200), ("d", 50))]
+    assert suite.plan_budget(items, 480) == 450
+    assert [it["plan"] for it in items] == ["run", "run", "skip (budget)", "run"]
+
+
+def test_supervise_recovers_from_crash_and_hang(suite, monkeypatch, tmp_path):
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(textwrap.dedent("""\
+        import json, sys, time
+        spec = json.load(open(sys.argv[1]))
+        events = open(spec["events"], "a")
+        for item in spec["items"]:
+            events.write(json.dumps({"event": "start", "id": item["id"]}) + "\\n"); events.flush()
+            if item["spec"] == "crash":
+                sys.exit(3)
+            if item["spec"] == "hang":
+                time.sleep(60)
+            events.write(json.dumps({"event": "done", "id": item["id"], "status": "ok", "result": 1,
+                                     "wall_s": 0.0}) + "\\n"); events.flush()
+        """))
+
+    def start(kind, shared, items, deadline, tmp, index, echo):
+        spec, events = tmp / f"w{index}.json", tmp / f"w{index}.events"
+        spec.write_text(json.dumps({"events": str(events), "items": [{"id": i["id"], "spec": i["spec"]} for i in items]}))
+        proc, thread, _ = suite.spawn([sys.executable, str(fake), str(spec)], echo)
+        return proc, thread, events
+
+    monkeypatch.setattr(suite, "_start_worker", start)
+    monkeypatch.setattr(suite, "STOP_GRACE_S", 1.0)
+    args = suite.build_parser().parse_args(["--phase", "sweep", "--out", str(tmp_path), "--budget-s", "60"])
+    run = suite.Run("sweep", tmp_path, args, [])
+    items = [suite.work_item(f"i{k}", 1.0, spec=s) for k, s in enumerate(["ok", "crash", "ok", "hang", "ok"])]
+    t0 = time.monotonic()
+    suite.supervise(run, "fake", items, shared={}, item_timeout=lambda item: 1.0)
+    assert time.monotonic() - t0 < 20
+    assert [it["status"] for it in items] == ["ok", "error", "ok", "timeout", "ok"]
+    assert "CUDA" in items[1]["reason"] and "stopped" in items[3]["reason"]
+
+
+def test_sweep_worker_times_candidates(suite, monkeypatch, device):
+    """The sweep's worker on small shapes: current plan, a forced candidate, a duplicate, a pruned one."""
+    pytest.importorskip("triton")
+    import triton.testing
+
+    monkeypatch.setattr(suite, "DEVICE", device)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup=0, rep=0, return_mode="mean": suite.common.time_ms(fn, device, reps=1, warmup=0))
+    monkeypatch.setitem(suite.SWEEP_FAMILIES, "attn_fwd", ({"tiny-x": (2, 40, 6, 2, 16)}, "fwd"))
+    monkeypatch.setitem(suite.SWEEP_FAMILIES, "upsample_bwd", ({"tiny-x": (1, 3, 3, 3, 3, 16, 1)}, "bwd"))
+    handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
+
+    def shape(family, fields, dtype="fp32"):
+        status, result, _ = handle({"family": family, "dtype": dtype, "cid": suite.cid(fields), "fields": fields,
+                                    "shapes": ["tiny-x"]})
+        assert status == "ok"
+        return result["shapes"]["tiny-x"]
+
+    current = shape("attn_fwd", None)
+    assert current["status"] == "ok" and current["ms"] > 0 and current["rel_diff"] == 0.0
+    forced = shape("attn_fwd", {"block_n": 16, "block_m": 16, "num_warps": 4, "num_stages": 1})
+    assert forced["status"] == "ok" and forced["plan"].startswith("n16.m16.w4.s1") and forced["correct"]
+    assert forced["key"] != current["key"]
+    again = shape("attn_fwd", {"block_n": 16, "block_m": 32, "num_warps": 4, "num_stages": 1})  # M=6: m clipped to 16
+    assert again["same_as"] == "n16.m16.w4.s1"
+    assert shape("upsample_bwd", None)["status"] == "ok"
+    pruned = shape("upsample_bwd", {"block_p": 64, "num_warps": 1})
+    assert pruned["status"] == "pruned" and "spills" in pruned["reason"]
+    grads = shape("upsample_bwd", {"block_p": 4, "num_warps": 1})
+    assert grads["status"] == "ok" and grads["rel_diff"] <= grads["tolerance"]
+
+
+def test_e2e_rows_round_trip(suite, monkeypatch):
+    """Each e2e spec builds a ``throughput.Row`` in the worker, and its result one in the parent
+    (``run_row`` itself is throughput's, tested in test_throughput.py; a stand-in here: no model)."""
+    throughput = suite.load_script("throughput")
+
+    def fake_run_row(row, device, progress):
+        row.status, row.batch, row.times_s, row.first_call_s = "ok", row.batch_requested, [0.5, 0.25], 1.0
+
+    monkeypatch.setattr(throughput, "run_row", fake_run_row)
+    monkeypatch.setattr(suite, "load_script", lambda name: throughput)
+    monkeypatch.setattr(suite, "DEVICE", "cpu")
+    handle = suite._e2e_worker({})
+    for part in ("core", "zoo"):
+        items = suite.e2e_items(part, throughput)
+        assert len({it["id"] for it in items}) == len(items)
+        for item in items:
+            status, result, _ = handle(item["spec"])
+            assert status == "ok" and result["images_per_s_median"] == item["spec"]["batch_requested"] / 0.375
+            item.update(status="ok", result=json.loads(json.dumps(result)))  # as it comes back from the worker
+            row = suite._row_from_item(throughput, item)
+            assert row.status == "ok" and row.resolution == tuple(item["spec"]["resolution"])
+        rows = [suite._row_from_item(throughput, it) for it in items]
+        throughput.add_speedups(rows)
+        assert "restv2_tiny" in throughput.format_table(rows) or part == "zoo"
