@@ -40,6 +40,7 @@ from restv2_kernels.targets import (
     Row,
     check,
     format_table,
+    tensor_core_label,
     to_json,
 )
 
@@ -174,8 +175,8 @@ def run_check(
 
 
 def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGETS + INFO_TARGETS) -> str:
-    """Per kernel and dtype, per target: registers, local bytes, shared KB and tensor cores
-    (ranges over the kernel's plans), for the README."""
+    """Per kernel and dtype, per target: registers a thread, shared memory, local memory where
+    there is any, and what ``tl.dot`` became (ranges over the kernel's plans), for the README."""
     lines = ["| kernel | dtype | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
     groups: dict[tuple[str, str], dict[str, list[Row]]] = {}
     for r in rows:
@@ -192,9 +193,10 @@ def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGE
             if not rs:
                 cells.append("does not compile" if per_target.get(t) else "")
                 continue
-            mma = {"HGMMA" if r.hgmma else "HMMA" if r.hmma else "FMA" if r.dots else "-" for r in rs}
-            cells.append(f"{span([r.registers for r in rs])} regs, {span([r.local_bytes for r in rs])} B local, "
-                         f"{span([round(r.shared_bytes / 1024) for r in rs])} KB smem, {'/'.join(sorted(mma))}")
+            mma = "/".join(sorted({tensor_core_label(r).split(" ")[0] for r in rs}))
+            local = [r.local_bytes for r in rs]
+            cells.append(f"{span([r.registers for r in rs])} regs, {span([round(r.shared_bytes / 1024) for r in rs])} KB"
+                         + (f", {span(local)} B local" if any(local) else "") + ("" if mma == "-" else f", {mma}"))
         lines.append(f"| {kernel} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -86,7 +86,8 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         # Triton 3.2+ lowers tl.dot to FMA on Volta: no tensor cores there.
-        Target("sm_70", 70, "Tesla V100-SXM2", 80, 98304, 98304, 2048, 32, smem_reserved=0, tensor_cores="fma"),
+        Target("sm_70", 70, "Tesla V100-SXM2", 80, 98304, 98304, 2048, 32, smem_reserved=0, tensor_cores="fma",
+               tables="sm_70"),
         Target("sm_80", 80, "A100-SXM4", 108, 166912, 167936, 2048, 32),
         Target("sm_86", 86, "GeForce RTX 3090", 82, 101376, 102400, 1536, 16),
         Target("sm_89", 89, "GeForce RTX 4090", 128, 101376, 102400, 1536, 24),
@@ -308,6 +309,18 @@ _ATTN_BWD: dict[str, dict[tuple[str, str], AttnBlocks]] = {
         ("fp32", "d256"): AttnBlocks(16, 32, 8, 1),
     },
 }
+
+
+def _fma_rows(table: dict) -> dict:
+    """Every precision on the fp32 tiles: for targets where tl.dot is FMA whatever the dtype."""
+    return {(prec, d): table["default"][("fp32", d)] for prec, d in table["default"]}
+
+
+# sm_70: tl.dot is FMA for every dtype (Triton >= 3.2), and the tensor-core tiles spill
+# kilobytes a thread there.
+_ATTN_FWD["sm_70"] = _fma_rows(_ATTN_FWD)
+_ATTN_BWD["sm_70"] = _fma_rows(_ATTN_BWD)
+
 MIN_BLOCKS_PER_SPLIT = 4  # each dk/dv program walks >= 4 query blocks to amortise its partial write
 PARTIAL_BYTES_CAP = 256 << 20  # at most 256 MiB of fp32 partial dk + dv
 

@@ -213,8 +213,10 @@ class Row:
     shared_bytes: int | None = None  # Triton's dynamic allocation + static
     shared_limit: int | None = None
     dots: int | None = None  # tt.dot ops in the Triton IR
-    hmma: int | None = None
+    ptx_mma: int | None = None  # mma.sync / wgmma.mma_async in the PTX (tensor cores, before ptxas)
+    hmma: int | None = None  # in the SASS; None where cuobjdump cannot disassemble the target
     hgmma: int | None = None
+    sass_error: str | None = None
     programs_per_sm: int | None = None
     occupancy_limit: str | None = None  # what bounds programs_per_sm
     error: str | None = None
@@ -246,6 +248,10 @@ def _res_usage(cubin: pathlib.Path, kernel: str) -> dict[str, int]:
 
 
 def _sass_counts(cubin: pathlib.Path) -> dict[str, int]:
+    """Tensor-core (HMMA, HGMMA) and spill (LDL, STL) instructions in the cubin's SASS.
+
+    Raises ``subprocess.CalledProcessError`` where this cuobjdump cannot disassemble the target
+    (CUDA 13's tools refuse sm_70)."""
     sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.MULTILINE)
@@ -274,15 +280,21 @@ def compile_job(job: CompileJob) -> dict[str, Any]:
         cubin = pathlib.Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = _res_usage(cubin, compiled.metadata.name)
-        sass = _sass_counts(cubin)
+        try:
+            sass, sass_error = _sass_counts(cubin), None
+        except subprocess.CalledProcessError as exc:
+            sass, sass_error = {"hmma": None, "hgmma": None, "spills": None}, (exc.stderr or "").strip()[:200]
+    ptx = compiled.asm["ptx"]
     return {
         "registers": usage.get("REG"),
         "local_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
         "spill_instructions": sass["spills"],
         "shared_bytes": compiled.metadata.shared + usage.get("SHARED", 0),
         "dots": compiled.asm["ttir"].count("tt.dot "),
+        "ptx_mma": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", ptx)),
         "hmma": sass["hmma"],
         "hgmma": sass["hgmma"],
+        "sass_error": sass_error,
     }
 
 
@@ -326,6 +338,8 @@ def problems(row: Row) -> list[str]:
         found.append(f"{row.local_bytes} B of local memory (spills) in a 16-bit plan")
     if row.dots and row.dtype != "fp32" and row.target in TENSOR_CORE_TARGETS and not (row.hmma or row.hgmma):
         found.append("16-bit tl.dot without tensor-core instructions (no HMMA/HGMMA)")
+    if row.sass_error and row.target in TENSOR_CORE_TARGETS:
+        found.append(f"cuobjdump could not disassemble it: {row.sass_error}")
     if row.programs_per_sm == 0:
         found.append("no program fits on an SM")
     return found
@@ -391,7 +405,7 @@ def format_table(rows: Sequence[Row]) -> str:
             lines.append(f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {'':>4} {'':>6} {'':>12} {'':>11} {'':>9}  "
                          f"{r.plan} [{r.specialization}]  !! COMPILE ERROR {r.error}")
             continue
-        mma = f"HGMMA {r.hgmma}" if r.hgmma else (f"HMMA {r.hmma}" if r.hmma else ("FMA" if r.dots else "-"))
+        mma = tensor_core_label(r)
         shared = f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}"
         occ = f"{r.programs_per_sm} {r.occupancy_limit[:4]}"
         flag = ("  !! " + "; ".join(r.problems)) if r.problems else ""
@@ -399,6 +413,17 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {r.registers:>4} {r.local_bytes:>6} {shared:>12} "
                      f"{mma:>11} {occ:>9}  {r.plan}{spec}{flag}")
     return "\n".join(lines)
+
+
+def tensor_core_label(r: Row) -> str:
+    """What the row's ``tl.dot`` became: ``HGMMA n``, ``HMMA n``, ``FMA`` (no MMA in the PTX), or ``-``."""
+    if not r.dots:
+        return "-"
+    if r.hgmma:
+        return f"HGMMA {r.hgmma}"
+    if r.hmma:
+        return f"HMMA {r.hmma}"
+    return "FMA" if r.ptx_mma == 0 else f"PTX mma {r.ptx_mma}"
 
 
 def to_json(rows: Sequence[Row]) -> list[dict]:
