@@ -75,9 +75,9 @@ for _p in (str(ROOT), str(_HERE)):  # the tree's restv2_kernels and common, inst
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import common
+import common  # noqa: E402
 
-from restv2_kernels import plans  # pure functions: no Triton, no GPU at import
+from restv2_kernels import plans  # noqa: E402 - pure functions: no Triton, no GPU at import
 
 PHASES = ("env", "tests", "kernels", "e2e", "sweep")
 DEFAULT_BUDGET_S = 480.0  # of the 600 s a command may take: imports, start-up and the last writes fit in the rest

@@ -58,6 +58,7 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and common, inst
         sys.path.insert(0, _p)
 
 import common  # noqa: E402
+
 from restv2 import MODELS  # noqa: E402
 
 V2_MODELS = ["restv2_tiny", "restv2_small", "restv2_base", "restv2_large"]

@@ -50,7 +50,7 @@ class Backbone(nn.Module):
         """The backend the attention layers use: ``"auto"``, ``"triton"`` or ``"reference"``."""
         return self._backend
 
-    def set_backend(self, name: str | None = None) -> "Backbone":
+    def set_backend(self, name: str | None = None) -> Backbone:
         """Switches every attention layer to ``name`` (None: ``RESTV2_BACKEND`` or ``"auto"``)."""
         name = default_backend() if name is None else check_backend(name)
         self._backend = name

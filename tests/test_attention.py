@@ -205,11 +205,12 @@ def test_non_unit_last_stride(device, monkeypatch):
 def test_expanded_grad(device):
     """out.sum().backward() hands the kernel a stride-0 upstream gradient."""
     q, k, v, _ = _inputs(2, 30, 9, 2, 32, FP32, device, seed=10)
-    kernel, ref64, eager = (
-        _run(lambda *t: fn(*t).sum(), ins, None)
-        for fn, ins in ((emsa_attention, (q, k, v)), (reference.emsa_attention, [t.double() for t in (q, k, v)]),
-                        (reference.emsa_attention, (q, k, v)))
-    )
+    def summed(fn):
+        return lambda *t: fn(*t).sum()
+
+    kernel = _run(summed(emsa_attention), (q, k, v), None)
+    ref64 = _run(summed(reference.emsa_attention), [t.double() for t in (q, k, v)], None)
+    eager = _run(summed(reference.emsa_attention), (q, k, v), None)
     for name, a, r, e in zip(("sum", "dq", "dk", "dv"), kernel, ref64, eager):
         assert_close(name, a, r, e)
 

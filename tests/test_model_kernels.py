@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import restv2
 import restv2_kernels
 from restv2 import ResT, ResTV2, load_checkpoint
 from restv2_kernels import reference
-
-from helpers import assert_close
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = {"restv2_mini": ResTV2, "restv2_mini_heads": ResTV2, "rest_v1_mini": ResT}

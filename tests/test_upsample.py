@@ -7,7 +7,6 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from helpers import assert_close
