@@ -229,14 +229,19 @@ def write_json(path: str | os.PathLike, obj: object) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def ieee_fp32_matmul():
-    """TF32 off for fp32 matmuls inside the block (restored after): IEEE fp32, as the kernels' fp32 dots."""
+def matmul_tf32(enabled: bool):
+    """TF32 on or off for fp32 matmuls inside the block (restored after)."""
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def ieee_fp32_matmul():
+    """TF32 off for fp32 matmuls inside the block: IEEE fp32, as the kernels' fp32 dots."""
+    return matmul_tf32(False)
 
 
 def roofline_rates(device: torch.device | str, dtype: torch.dtype) -> dict:

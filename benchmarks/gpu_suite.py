@@ -64,7 +64,7 @@ import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import torch
@@ -574,16 +574,6 @@ def _nvidia_smi(*args: str) -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 def _first_calls(device: torch.device) -> dict:
     """Seconds of the first (compiling) call and ms of a later one, of both kernels, forward + backward."""
     from restv2_kernels import emsa_attention, upsample_add
@@ -650,7 +640,7 @@ def phase_env(run: Run) -> list[str]:
     for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
                               ("fp32_ieee", torch.float32, False), ("tf32", torch.float32, True)):
         def rate(dtype: torch.dtype = dtype, tf32: bool = tf32) -> float:
-            with _tf32(tf32):
+            with common.matmul_tf32(tf32):
                 return round(common.matmul_tflops(device, dtype), 1)
 
         _measure(rates, name, rate)
