@@ -28,10 +28,9 @@ a contiguous share of query blocks, and writes its partial dk, dv in fp32 to buf
 [S, B, M, H, D]; a ``torch.sum`` over S (deterministic, no atomics) is the second pass.
 ``plans.attention_splits`` picks S for about four programs per SM (132 SMs in the
 interpreter) while keeping each split at least ``plans.MIN_BLOCKS_PER_SPLIT`` query blocks
-long, so partial
-buffers stay small next to the q/dO traffic: restv2_tiny at B=128 gets S = 4, 2, 1, 1
-for its four stages (19 MB of fp32 partials at stage 1); 800x1333 at B=2 (N=66,800,
-M=1,050) gets S = 15 over 17 key blocks, 510 programs, 24 MB. With S = 1 the kernel
+long, so partial buffers stay small next to the q/dO traffic: on an H100, restv2_tiny at
+B=128 gets S = 4, 2, 1, 1 for its four stages (19 MB of fp32 partials at stage 1);
+800x1333 at B=2 (N=66,800, M=1,050) gets S = 15 over 17 key blocks, 510 programs, 24 MB. With S = 1 the kernel
 writes dk, dv directly in the input dtype and there is no second pass.
 dq needs a sum over all keys:
 - one key block (M <= BLOCK_M, ``FUSE_DQ``; the 224-px model): that sum is inside one
