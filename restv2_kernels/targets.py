@@ -137,7 +137,8 @@ class CompileJob:
         ones = [name for name, ty in self.signature
                 if ty == "constexpr" and name not in plan_names and constexprs.get((index[name],)) == 1]
         odd = [name for name, ty in self.signature
-               if ty.startswith(("*", "i")) and name not in self.unspecialized and not any(a[0] == "tt.divisibility" for a in attrs.get((index[name],), ()))]
+               if ty.startswith(("*", "i")) and name not in self.unspecialized
+               and not any(a[0] == "tt.divisibility" for a in attrs.get((index[name],), ()))]
         other = {}  # pointers of another dtype than the data's (fp32 scratch, lse, partial sums)
         for name, ty in self.signature:
             if ty.startswith("*") and ty[1:] != self.dtype:
@@ -384,7 +385,8 @@ def check(
     for key, (job, uses) in by_key.items():
         target = TARGETS[job.target]
         row = Row(kernel=job.kernel, dtype=job.dtype, plan=job.plan, target=job.target, num_warps=job.num_warps,
-                  num_stages=job.num_stages, specialization=job.specialization, uses=uses, shared_limit=target.smem_per_block, **results[key])
+                  num_stages=job.num_stages, specialization=job.specialization, uses=uses,
+                  shared_limit=target.smem_per_block, **results[key])
         if row.error is None:
             row.programs_per_sm, row.occupancy_limit = programs_per_sm(target, row.registers, row.shared_bytes,
                                                                        row.num_warps)
