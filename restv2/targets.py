@@ -13,7 +13,7 @@ ops intercepted; each distinct call goes through the real launchers under
 what a launch on that GPU would run. ``restv2_kernels.targets`` specialises, dedupes, compiles
 and judges; this module prints the table, writes ``--json`` rows, and exits 1 when a checked
 target has a problem (a plan that does not compile, shared memory over the opt-in limit,
-local memory in a 16-bit plan, a 16-bit ``tl.dot`` without tensor cores on sm_80/sm_90).
+local memory in a 16-bit plan, a 16-bit ``tl.dot`` without tensor cores).
 An fp32 plan that spills is reported, not failed (the CI test lists those it accepts).
 """
 
@@ -246,8 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets}, "rows": to_json(rows)}, f,
                       indent=1)
-    failing = [r for r in rows if r.problems and r.target not in INFO_TARGETS
-               and not (r.dtype == "fp32" and all("local memory" in p for p in r.problems))]
+    failing = [r for r in rows if r.problems and r.target not in INFO_TARGETS]  # fp32 spills are no problem
     spilling = [r for r in rows if r.dtype == "fp32" and r.local_bytes and r.target not in INFO_TARGETS]
     print(f"\n{len(rows)} compiled plans on {', '.join(targets)}: {len(failing)} with problems"
           + (f", {len(spilling)} fp32 plans with local memory (reported, not failed)" if spilling else ""))

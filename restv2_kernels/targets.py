@@ -49,7 +49,6 @@ from .plans import TARGETS, Recorded, Target
 
 CHECKED_TARGETS = ("sm_80", "sm_89", "sm_90")  # what CI holds every plan to
 INFO_TARGETS = ("sm_70",)  # compiled and shown, never failing: tl.dot is FMA there (Triton >= 3.2)
-TENSOR_CORE_TARGETS = ("sm_80", "sm_90")  # where a 16-bit tl.dot kernel must show HMMA / HGMMA
 _ALLOC_ALIGNMENT = 512  # PyTorch's CUDA caching allocator hands out 512-byte-aligned blocks
 _BASE_ADDRESS = 1 << 32
 
@@ -337,9 +336,10 @@ def problems(row: Row) -> list[str]:
         found.append(f"shared memory {row.shared_bytes} B over the limit {row.shared_limit} B")
     if row.local_bytes and row.dtype != "fp32":
         found.append(f"{row.local_bytes} B of local memory (spills) in a 16-bit plan")
-    if row.dots and row.dtype != "fp32" and row.target in TENSOR_CORE_TARGETS and not (row.hmma or row.hgmma):
+    tensor_cores = TARGETS[row.target].tensor_cores != "fma"  # a 16-bit tl.dot must show HMMA / HGMMA there
+    if row.dots and row.dtype != "fp32" and tensor_cores and not (row.hmma or row.hgmma):
         found.append("16-bit tl.dot without tensor-core instructions (no HMMA/HGMMA)")
-    if row.sass_error and row.target in TENSOR_CORE_TARGETS:
+    if row.sass_error and tensor_cores:
         found.append(f"cuobjdump could not disassemble it: {row.sass_error}")
     if row.programs_per_sm == 0:
         found.append("no program fits on an SM")
