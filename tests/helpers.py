@@ -1,4 +1,4 @@
-"""One comparison helper for every parity test.
+"""One comparison helper for every parity test, and the loader of the benchmark scripts.
 
 The kernel's error against a float64 reference must be at most twice the error of eager
 PyTorch in the same dtype, plus a small absolute slack scaled by the reference's
@@ -7,7 +7,14 @@ magnitude (flash-attention's rule). The slack is stated once per dtype, here.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import sys
+import types
+
 import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Absolute slack per dtype, relative to max(1, |reference|.max()).
 ATOL = {
@@ -50,3 +57,13 @@ def assert_close(
             f"(dtype {dtype}), relative RMS error {rms:.3e}, {int(bad.sum())} bad of {bad.numel()}, "
             f"first bad index {first}: got {a[first].item()!r}, expected {r[first].item()!r}"
         )
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package), registered in
+    ``sys.modules`` so that their dataclasses find their module."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -8,33 +8,21 @@ on hand-computed shapes, and the timing/table/JSON loop run on the CPU with a st
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def attention():
-    return _load("bench_attention")
+    return load_benchmark("bench_attention")
 
 
 @pytest.fixture(scope="module")
 def upsample():
-    return _load("bench_upsample")
+    return load_benchmark("bench_upsample")
 
 
 @pytest.fixture(params=["bench_attention", "bench_upsample"])

@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import pathlib
 import re
 import sys
 import textwrap
@@ -22,25 +20,18 @@ import time
 
 import pytest
 import torch
+from helpers import load_benchmark
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("env", "tests", "kernels", "e2e", "sweep")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMON_KEYS = {"suite", "phase", "tag", "dry_run", "status", "command", "argv", "started", "wall_s", "budget_s",
                "git_commit", "git_changed", "tree_sha256", "environment", "files", "work", "summary"}
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def suite():
-    return _load("gpu_suite")
+    return load_benchmark("gpu_suite")
 
 
 @pytest.fixture(scope="module")

@@ -5,27 +5,17 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
-import pathlib
 import sys
 import types
 
 import pytest
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    return _load("throughput")
+    return load_benchmark("throughput")
 
 
 def test_tiny_run_writes_json(throughput, tmp_path, capsys):
@@ -103,7 +93,7 @@ def test_resolution_and_flags(throughput):
 
 
 def test_results_path_never_overwrites(tmp_path):
-    common = sys.modules.get("common") or _load("common")
+    common = sys.modules.get("common") or load_benchmark("common")
     first = common.results_path("throughput", "json", device="cpu", out_dir=tmp_path)
     assert first.name.startswith("throughput_cpu_") and first.suffix == ".json"
     first.write_text("{}")
