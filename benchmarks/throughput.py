@@ -25,6 +25,10 @@ torch.cuda.max_memory_allocated after reset_peak_memory_stats (null on the CPU).
 Without CUDA the default is a short CPU run: restv2_tiny, reference and reference+compile,
 batch 8, 224x224, 1 warm-up + 3 timed iterations; the kernel rows are listed as skipped.
 
+Floor: each measured ResT inference and training row is also counted by the traffic model
+(benchmarks/traffic.py: bytes and matmul FLOPs of every op) and its median time printed over the
+floor at the copy bandwidth and matmul rate measured in the same run ("x floor"; 1.0 = at the floor).
+
 Output: a table on stdout; JSON (rows, raw samples, config, environment) and a PNG chart in
 benchmarks/results/throughput_<device>_<date>.json/.png (--out-dir, --tag).
 
@@ -58,6 +62,7 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and common, inst
         sys.path.insert(0, _p)
 
 import common  # noqa: E402
+import traffic  # noqa: E402
 
 from restv2 import MODELS  # noqa: E402
 
@@ -111,6 +116,9 @@ class Row:
     wall_s: float | None = None  # all timed iterations, host clock, synchronised
     peak_mem_mib: float | None = None
     speedup: float | None = None  # median images/s over the reference-eager row's
+    traffic_gb: float | None = None  # bytes one step moves, by the traffic model (benchmarks/traffic.py)
+    floor_ms: float | None = None  # the traffic model's roofline floor of one step at the rates measured here
+    x_floor: float | None = None  # median step time over floor_ms (1.0 = at the floor)
 
     @property
     def label(self) -> str:
@@ -468,6 +476,30 @@ def add_speedups(rows: list[Row]) -> None:
             r.speedup = r.ips_median / ref.ips_median
 
 
+def add_floors(rows: list[Row], device: torch.device, write: Callable[[str], None]) -> dict | None:
+    """The traffic model's floor of each measured ResT row (classification inference, training
+    forward + backward; not the optimizer step) at the copy bandwidth and matmul rate measured
+    now, and the measured time against it. Returns the rates (None when no row qualifies)."""
+    todo = [r for r in rows if r.status == "ok" and r.family != "peer" and r.mode in ("infer", "train")]
+    if not todo:
+        return None
+    rates: dict[str, dict] = {}
+    for r in todo:
+        if r.precision not in rates:
+            rates[r.precision] = common.roofline_rates(device, traffic.DTYPES[r.precision])
+        rate = rates[r.precision]
+        backend = "triton" if r.backend == "kernels" else "reference"
+        try:
+            count = traffic.count_model(r.model, backend, r.batch, r.resolution, r.precision, r.mode == "train")
+        except Exception as exc:  # the floor is extra information: never fail the run for it
+            write(f"traffic model of {r.model} {r.label}: {short_error(exc)}")
+            continue
+        r.traffic_gb = count.bytes / 1e9
+        r.floor_ms = count.floor_ms(rate["copy_gbps"], rate["matmul_tflops"])
+        r.x_floor = 1e3 * statistics.median(r.times_s) / r.floor_ms
+    return rates
+
+
 # ---------------------------------------------------------------------------- output
 
 
@@ -477,7 +509,7 @@ def _yes(flag: bool) -> str:
 
 def format_table(rows: list[Row]) -> str:
     header = (f"{'model':<30} {'backend':<10} {'compile':<7} {'protocol':<8} {'mode':<16} {'prec':<5} {'batch':>5} "
-              f"{'img/s med':>10} {'img/s mean':>10} {'speed-up':>8} {'peak MiB':>9}  note")
+              f"{'img/s med':>10} {'img/s mean':>10} {'speed-up':>8} {'peak MiB':>9} {'x floor':>7}  note")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.status == "ok":
@@ -486,13 +518,15 @@ def format_table(rows: list[Row]) -> str:
                 note += f"; OOM at {r.oom_batches}"
             speed = f"{r.speedup:.2f}x" if r.speedup else "-"
             mem = f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib is not None else "-"
+            floor = f"{r.x_floor:.2f}" if r.x_floor else "-"
             lines.append(f"{r.model:<30} {r.backend:<10} {_yes(r.compile):<7} {r.protocol:<8} {r.mode:<16} "
                          f"{r.precision:<5} {r.batch:>5} "
-                         f"{r.ips_median:>10.1f} {r.ips_mean:>10.1f} {speed:>8} {mem:>9}  {note}")
+                         f"{r.ips_median:>10.1f} {r.ips_mean:>10.1f} {speed:>8} {mem:>9} {floor:>7}  {note}")
         else:
             reason = (r.reason or "").splitlines()[0][:100]
             lines.append(f"{r.model:<30} {r.backend:<10} {_yes(r.compile):<7} {r.protocol:<8} {r.mode:<16} "
-                         f"{r.precision:<5} {r.batch_requested:>5} {r.status.upper():>10} {'':>10} {'':>8} {'':>9}  {reason}")
+                         f"{r.precision:<5} {r.batch_requested:>5} {r.status.upper():>10} {'':>10} {'':>8} {'':>9} "
+                         f"{'':>7}  {reason}")
     return "\n".join(lines)
 
 
@@ -634,16 +668,24 @@ def main(argv: list[str] | None = None) -> int:
         close()
     run_s = time.perf_counter() - t_run
     add_speedups(rows)
+    floor_rates = add_floors(rows, device, write)
 
     print()
     print(common.describe(env))
     print(format_table(rows))
+    if floor_rates:
+        measured = ", ".join(f"{p}: copy {r['copy_gbps']:.0f} GB/s, matmul {r['matmul_tflops']:.1f} TFLOP/s"
+                             for p, r in floor_rates.items())
+        print(f"x floor: median step time over the traffic model's floor (benchmarks/traffic.py: every op's bytes "
+              f"at the copy bandwidth, its matmul FLOPs at the matmul rate, both measured now: {measured}; "
+              "counted with the model in the row's dtype, which autocast exceeds; train rows: forward + backward, "
+              "no optimizer step)")
 
     json_path = common.results_path("throughput", "json", device=device, out_dir=args.out_dir, tag=args.tag)
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir",)}
     config.update(out_dir=str(json_path.parent), device=str(device), run_s=run_s,
                   protocol_defaults={k: dict(zip(("batch", "warmup", "iters"), v)) for k, v in PROTOCOLS.items()},
-                  peers_table=PEERS)
+                  peers_table=PEERS, floor_rates=floor_rates)
     common.write_json(json_path, {"environment": env, "config": config, "rows": [r.to_dict() for r in rows]})
     print(f"\nraw timings: {json_path}")
     if not args.no_plot:

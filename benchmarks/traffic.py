@@ -1,0 +1,359 @@
+"""Traffic model: the bytes every op of one forward (or forward + backward) reads and writes,
+its FLOPs, and the fastest a GPU could run it, counted on the CPU.
+
+    python benchmarks/traffic.py                                   # restv2_tiny, b256, bf16, 224²
+    python benchmarks/traffic.py --model restv2_large --train      # forward + backward
+    python benchmarks/traffic.py --backend reference --top 30 --json traffic.json
+    python benchmarks/traffic.py --top 0                           # totals and ratios only (CI)
+
+What is counted: a ``TorchDispatchMode`` sees every aten op (and each of this package's custom
+ops as ONE op, at its inputs and outputs) and counts
+
+- bytes read: the footprint of each distinct tensor argument (expanded dims count once, a
+  strided view counts only its elements); bytes written: each output (an in-place op's
+  mutated argument is both read and written; fills and ``zeros`` write only);
+- nothing for views and allocations (``view``, ``permute``, ``_unsafe_view``, ``empty`` ...);
+  a layout copy (``clone``, ``contiguous``, ``_to_copy``) counts like any other op;
+- FLOPs of matmuls and convolutions (``torch.utils.flop_counter``'s formulas) and of the fused
+  ops (their matmuls); elementwise FLOPs are ignored.
+
+Every op is assumed to move its bytes from and to HBM exactly once (no cache reuse between
+ops, none lost inside an op): what a memory-bound GPU pays, and what fusion saves.
+
+The model runs on meta tensors (nothing is allocated, nothing computed): a batch of 256 at 224²
+counts in seconds. The kernel path (``--backend triton``) runs the custom ops' shape-only fake
+implementations, so it counts exactly the launches' tensor arguments. ``--dtype bf16`` casts the
+model and its input to bf16 (deployment precision); autocast, which keeps fp32 weights and an
+fp32 residual stream, moves more bytes, so the floor below remains a lower bound for it.
+
+Floor: per op, ``max(bytes / copy bandwidth, FLOPs / matmul rate)``, summed. Both rates are
+measured when a CUDA GPU is present, else taken from ``--copy-gbps`` / ``--tflops`` (defaults:
+an H100 SXM's measured copy bandwidth and dense bf16 peak, stated as assumed).
+``throughput.py`` prints measured time against this floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
+
+_HERE = pathlib.Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and common, installed or not
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import common  # noqa: E402
+
+from restv2 import MODELS  # noqa: E402
+
+aten = torch.ops.aten
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Assumed rates when no GPU is present: an H100 SXM (copy: read + write bytes of a 1 GiB
+# device-to-device copy as benchmarks/common.py measures it; matmul: dense bf16 peak).
+ASSUMED_COPY_GBPS = 3000.0
+ASSUMED_TFLOPS = 989.0
+
+# No data moves: views, aliases and allocations.
+_FREE = {
+    aten._unsafe_view, aten.detach, aten.alias, aten.lift_fresh, aten._reshape_alias,
+    aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided,
+    aten.set_, aten.resize_,
+}
+# Write their output without reading an input's values.
+_WRITE_ONLY = {
+    aten.zero_, aten.fill_, aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.ones_like,
+    aten.full_like, aten.new_zeros, aten.new_ones, aten.new_full, aten.scalar_tensor,
+    aten.randint, aten.bernoulli_, aten.uniform_, aten.normal_,
+}
+
+
+def _attention_flops(q, k, *_, **__) -> int:
+    B, N, H, D = q.shape
+    return 4 * B * N * k.shape[1] * H * D  # q k^T and P v
+
+
+def _attention_bwd_flops(do, q, k, *_, **__) -> int:
+    B, N, H, D = q.shape
+    return 10 * B * N * k.shape[1] * H * D  # S recomputed, dP, dV, dK, dQ
+
+
+def _linear_flops(x, weight, *_, **__) -> int:
+    return 2 * x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
+
+
+# FLOPs of this package's custom ops (their matmuls), by op name; other custom ops count 0.
+CUSTOM_FLOPS: dict[str, Callable[..., int]] = {
+    "restv2::emsa_attention_fwd": _attention_flops,
+    "restv2::emsa_attention_bwd": _attention_bwd_flops,
+    "restv2::linear_gelu_fwd": _linear_flops,
+    "restv2::mlp_gelu_grad": lambda dy, weight2, *_, **__: _linear_flops(dy, weight2.t()),
+}
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor argument addresses (broadcast dims once)."""
+    if t.numel() == 0:
+        return 0
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+@dataclass
+class OpCount:
+    """One op call: what it moved and computed, and where (innermost module, forward or backward)."""
+
+    op: str
+    module: str  # fully qualified name of the innermost module, "" at top level
+    module_type: str  # its class name
+    phase: str  # "fwd" or "bwd"
+    read: int
+    written: int
+    flops: int
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.written
+
+
+def _op_name(func) -> str:
+    packet = func._overloadpacket
+    return f"{packet._qualified_op_name}" if hasattr(packet, "_qualified_op_name") else str(packet)
+
+
+class TrafficMode(TorchDispatchMode):
+    """Counts every dispatched op (see the module docstring) into ``self.ops``."""
+
+    def __init__(self, module_types: dict[str, str] | None = None):
+        super().__init__()
+        self.ops: list[OpCount] = []
+        self.tracker = ModuleTracker()
+        self.module_types = module_types or {}
+
+    def __enter__(self):
+        self.tracker.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.tracker.__exit__(*exc)
+
+    def _where(self) -> str:
+        """The innermost module's name as ``named_modules`` gives it (the tracker prefixes the
+        root's class name)."""
+        parents = [p for p in self.tracker.parents if p != "Global"]
+        if not parents:
+            return ""
+        inner = max(parents, key=lambda p: (p.count("."), len(p)))
+        return inner.partition(".")[2]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if func.is_view or packet in _FREE:
+            return out
+        inputs, _ = tree_flatten((args, kwargs))
+        outputs, _ = tree_flatten(out)
+        read = 0
+        if packet not in _WRITE_ONLY:
+            seen: set[int] = set()
+            for t in inputs:
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    read += footprint(t)
+        written = sum(footprint(t) for t in outputs if isinstance(t, torch.Tensor))
+        name = _op_name(func)
+        if packet in flop_registry:
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        elif name in CUSTOM_FLOPS:
+            flops = int(CUSTOM_FLOPS[name](*args, **kwargs))
+        else:
+            flops = 0
+        where = self._where()
+        self.ops.append(OpCount(name, where, self.module_types.get(where, ""),
+                                "bwd" if self.tracker.is_bw else "fwd", read, written, flops))
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Counting a model
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Count:
+    """One counted run: its configuration, every op, and the totals."""
+
+    model: str
+    backend: str
+    batch: int
+    resolution: tuple[int, int]
+    dtype: str
+    train: bool
+    ops: list[OpCount] = field(repr=False)
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.bytes for o in self.ops)
+
+    @property
+    def flops(self) -> int:
+        return sum(o.flops for o in self.ops)
+
+    def floor_ms(self, copy_gbps: float, tflops: float) -> float:
+        """The roofline floor: per op the larger of its memory and matmul time, summed."""
+        return sum(common.roofline_floor_ms(o.bytes, o.flops, copy_gbps, tflops) for o in self.ops)
+
+    def by(self, key: Callable[[OpCount], str]) -> list[tuple[str, int, int, int]]:
+        """(group, calls, bytes, flops) per group, largest bytes first."""
+        groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+        for o in self.ops:
+            g = groups[key(o)]
+            g[0] += 1
+            g[1] += o.bytes
+            g[2] += o.flops
+        return sorted(((k, *v) for k, v in groups.items()), key=lambda r: -r[2])
+
+
+def count_model(
+    model_name: str,
+    backend: str = "reference",
+    batch: int = 256,
+    resolution: tuple[int, int] = (224, 224),
+    dtype: str = "bf16",
+    train: bool = False,
+    model_kwargs: dict | None = None,
+    model: nn.Module | None = None,
+) -> Count:
+    """Counts one forward (``train``: forward, cross-entropy, backward) of a zoo model on meta
+    tensors, with ``backend`` ("reference" or "triton") in ``dtype``. ``model`` replaces the
+    zoo model (any module taking an image batch), for tests."""
+    dt = DTYPES[dtype]
+    if model is None:
+        with torch.device("meta"):
+            model = MODELS[model_name](backend=backend, **(model_kwargs or {}))
+    model = model.to(device="meta", dtype=dt).train(train)
+    types = {name: type(m).__name__ for name, m in model.named_modules()}
+    x = torch.empty(batch, 3, *resolution, device="meta", dtype=dt)
+    mode = TrafficMode(types)
+    with mode:
+        if train:
+            logits = model(x)
+            target = torch.empty(batch, dtype=torch.long, device="meta")
+            F.cross_entropy(logits, target).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return Count(model_name, backend, batch, tuple(resolution), dtype, train, mode.ops)
+
+
+def compare(counts: Iterable[Count]) -> dict[str, float]:
+    """Byte ratios of every count to the reference count among them."""
+    counts = list(counts)
+    ref = next((c for c in counts if c.backend == "reference"), None)
+    return {c.backend: c.bytes / ref.bytes for c in counts} if ref else {}
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:8.3f}"
+
+
+def format_count(c: Count, rates: dict, top: int = 15) -> str:
+    mode = "forward + backward" if c.train else "forward"
+    lines = [
+        f"{c.model} {c.backend}: {mode}, batch {c.batch}, {c.resolution[0]}x{c.resolution[1]}, {c.dtype}",
+        f"  {len(c.ops)} ops, {_gb(c.bytes).strip()} GB moved, {c.flops / 1e12:.3f} TFLOP, floor "
+        f"{c.floor_ms(rates['copy_gbps'], rates['matmul_tflops']):.2f} ms",
+    ]
+    groups = (("by op", lambda o: o.op), ("by module type", lambda o: o.module_type or "(top level)"))
+    for title, key in groups if top > 0 else ():
+        lines.append(f"  {title}:{'':<34} calls        GB     TFLOP")
+        for name, calls, nbytes, flops in c.by(key)[:top]:
+            lines.append(f"    {name:<44} {calls:5d} {_gb(nbytes)} {flops / 1e12:9.4f}")
+    return "\n".join(lines)
+
+
+def rates_for(args: argparse.Namespace) -> dict:
+    """Measured on a CUDA GPU (unless given), else the given or assumed rates."""
+    if torch.cuda.is_available() and args.copy_gbps is None and args.tflops is None:
+        return {**common.roofline_rates(torch.device("cuda"), DTYPES[args.dtype]), "source": "measured"}
+    return {"copy_gbps": args.copy_gbps or ASSUMED_COPY_GBPS, "matmul_tflops": args.tflops or ASSUMED_TFLOPS,
+            "source": "given" if (args.copy_gbps or args.tflops) else "assumed (H100 SXM)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="restv2_tiny", choices=sorted(MODELS))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--resolution", default="224x224", help="HxW or one side (default 224x224)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--backend", default="both", choices=("both", "reference", "triton"))
+    p.add_argument("--train", action="store_true", help="forward + cross-entropy + backward")
+    p.add_argument("--copy-gbps", type=float, help=f"copy bandwidth, GB/s (default: measured, else {ASSUMED_COPY_GBPS})")
+    p.add_argument("--tflops", type=float, help=f"matmul rate, TFLOP/s (default: measured, else {ASSUMED_TFLOPS})")
+    p.add_argument("--top", type=int, default=15, help="rows per table (0: totals only)")
+    p.add_argument("--json", type=pathlib.Path, help="write totals, groups and ratios here")
+    return p
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"resolution must be HxW or one side, got {text!r}")
+    h, w = int(parts[0]), int(parts[-1])
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resolution = parse_resolution(args.resolution)
+    backends = ("reference", "triton") if args.backend == "both" else (args.backend,)
+    rates = rates_for(args)
+    counts = [count_model(args.model, b, args.batch, resolution, args.dtype, args.train) for b in backends]
+    for c in counts:
+        print(format_count(c, rates, args.top))
+        print()
+    ratios = compare(counts)
+    print(f"rates ({rates['source']}): copy {rates['copy_gbps']:.0f} GB/s, matmul {rates['matmul_tflops']:.0f} TFLOP/s")
+    for c in counts:
+        floor = c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"])
+        ratio = f", {ratios[c.backend]:.3f}x the reference's bytes" if c.backend in ratios else ""
+        print(f"{c.backend:>10}: {c.bytes / 1e9:.2f} GB, floor {floor:.2f} ms "
+              f"({c.batch / floor * 1e3:.0f} images/s){ratio}")
+    if args.json:
+        report = {
+            "config": {**vars(args), "json": str(args.json), "resolution": resolution},
+            "rates": rates,
+            "counts": [{**{k: v for k, v in asdict(c).items() if k != "ops"}, "bytes": c.bytes, "flops": c.flops,
+                        "floor_ms": c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"]),
+                        "by_op": c.by(lambda o: o.op), "by_module_type": c.by(lambda o: o.module_type)}
+                       for c in counts],
+            "ratios": ratios,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The traffic model (benchmarks/traffic.py): its arithmetic on a model whose bytes are written
+out by hand, and the byte targets of the kernel path against the reference, counted on meta
+tensors (a count, not a timing: deterministic on any machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import load_benchmark
+
+traffic = load_benchmark("traffic")
+
+
+class AddBias(nn.Module):
+    """``x + bias`` with a broadcast [C] bias: the bias is read once, not once per row."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.GELU(), AddBias(8), nn.ReLU(inplace=True))
+
+
+def test_arithmetic_by_hand():
+    # input [2, 3, 2, 2] fp32 -> flatten (a view: free) -> [2, 12]
+    c = traffic.count_model("tiny", model=tiny_model(), batch=2, resolution=(2, 2), dtype="fp32")
+    f = 4  # bytes per fp32 element
+    addmm = (2 * 12 + 8 * 12 + 8) * f + 2 * 8 * f  # reads x, weight (its .t() is a view), bias; writes [2, 8]
+    gelu = 2 * (2 * 8 * f)  # reads and writes [2, 8]
+    add = (2 * 8 + 8) * f + 2 * 8 * f  # reads x and the [8] bias once; writes [2, 8]
+    relu_ = 2 * (2 * 8 * f)  # in place: reads and writes
+    assert [(o.op, o.bytes) for o in c.ops] == [
+        ("aten::addmm", addmm), ("aten::gelu", gelu), ("aten::add", add), ("aten::relu_", relu_),
+    ]
+    assert c.bytes == 992
+    assert c.flops == 2 * 2 * 12 * 8  # the matmul only
+    assert [o.module_type for o in c.ops] == ["Linear", "GELU", "AddBias", "ReLU"]
+    # floor: per op the larger of bytes / bandwidth and flops / matmul rate. At 1 GB/s and
+    # 1e-6 TFLOP/s (1 MFLOP/s) addmm is compute-bound (384 us vs 0.608 us); the rest memory-bound.
+    floor_ms = c.floor_ms(copy_gbps=1.0, tflops=1e-6)
+    assert floor_ms == pytest.approx(384 / 1e6 * 1e3 + (gelu + add + relu_) / 1e9 * 1e3)
+
+
+def test_backward_is_counted():
+    c = traffic.count_model("tiny", model=tiny_model(), batch=2, resolution=(2, 2), dtype="fp32", train=True)
+    phases = {o.phase for o in c.ops}
+    assert phases == {"fwd", "bwd"}
+    assert any(o.op == "aten::gelu_backward" for o in c.ops)
+    assert any(o.op == "aten::threshold_backward" for o in c.ops)
+
+
+def test_reference_count_of_restv2_tiny():
+    """The reference forward of restv2_tiny at batch 256, bf16, 224x224 moves 35.74 GB (the figure
+    the kernel targets are measured against); the two EMSAv2 kernels alone bring it to 28.4 GB."""
+    c = traffic.count_model("restv2_tiny", "reference", 256, (224, 224), "bf16")
+    assert c.bytes == pytest.approx(35.744e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("train, target", [(False, 0.62), (True, 0.75)])
+def test_kernel_path_traffic_target_restv2_tiny(train, target):
+    """restv2_tiny, 224², batch 256, bf16: the kernel path moves at most 0.62x the reference's
+    bytes in inference and 0.75x in forward + backward."""
+    ref = traffic.count_model("restv2_tiny", "reference", 256, (224, 224), "bf16", train)
+    ker = traffic.count_model("restv2_tiny", "triton", 256, (224, 224), "bf16", train)
+    ratio = ker.bytes / ref.bytes
+    assert ratio <= target, f"kernel/reference bytes {ratio:.3f} > {target} ({ker.bytes / 1e9:.2f} GB)"
+    # no layout copies on the kernel path: the one copy is the image's, to channels-last
+    copies = [o for o in ker.ops if o.op in ("aten::clone", "aten::contiguous", "aten::copy_") and o.phase == "fwd"]
+    assert [o.read for o in copies] == [256 * 3 * 224 * 224 * 2]
+
+
+@pytest.mark.parametrize("model", ["restv2_large", "rest_small"])
+def test_kernel_path_moves_fewer_bytes_across_the_zoo(model):
+    ref = traffic.count_model(model, "reference", 64, (224, 224), "bf16")
+    ker = traffic.count_model(model, "triton", 64, (224, 224), "bf16")
+    assert ker.bytes < 0.8 * ref.bytes
+    fused = {o.op for o in ker.ops}
+    assert {"restv2::add_layer_norm_fwd", "restv2::pixel_attention_fwd", "restv2::linear_gelu_fwd"} <= fused
+    assert "aten::gelu" not in fused
+    # BatchNorm folded into the convs at inference (ResTv1's head transform keeps its InstanceNorm)
+    assert not [o for o in ker.ops if o.module_type == "BatchNorm2d"]
