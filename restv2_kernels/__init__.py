@@ -14,11 +14,15 @@ import importlib
 
 from . import backend, reference
 
-__all__ = ["emsa_attention", "upsample_add", "reference", "backend"]
+__all__ = ["emsa_attention", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp", "reference", "backend"]
 
 _LAZY = {
     "emsa_attention": "restv2_kernels.attention.triton",
     "upsample_add": "restv2_kernels.upsample.triton",
+    "add_layer_norm": "restv2_kernels.layernorm.triton",
+    "linear_gelu": "restv2_kernels.ffn.triton",
+    "mlp": "restv2_kernels.ffn.triton",
+    "pixel_attention": "restv2_kernels.pa.triton",
 }
 
 

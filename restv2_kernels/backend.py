@@ -55,7 +55,9 @@ def check_kernel_device(*tensors: torch.Tensor) -> None:
     if not triton_available():
         raise RuntimeError("the Triton kernels need the `triton` package, which is not installed")
     for t in tensors:
-        if not (t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())):
+        # meta tensors carry shapes only: the custom ops' fake implementations run (tracing,
+        # the traffic model, the GPU target check); nothing is launched
+        if not (t.is_cuda or t.is_meta or (t.device.type == "cpu" and interpreter_enabled())):
             raise ValueError(
                 f"the Triton kernels need CUDA tensors, got a tensor on {t.device} "
                 "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU "

@@ -225,6 +225,10 @@ def launch(fn: Any, plan: Launch, *args: Any) -> None:
 _forced: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar("restv2_forced", default=None)
 
 
+# kernel family -> the fields ``forced`` may override; each section below adds its own
+_FAMILIES: dict[str, frozenset[str]] = {}
+
+
 def _forced_fields(family: str) -> dict[str, Any]:
     return (_forced.get() or {}).get(family, {})
 
@@ -488,10 +492,280 @@ def upsample_bwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dt
     )
 
 
-_FAMILIES = {
+_FAMILIES.update({
     "attn_fwd": _fields(AttnBlocks),
     "attn_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
     "upsample_fwd": _fields(UpsampleTile),
     "upsample_bwd": _fields(UpsampleTile) | {"programs"},
     "upsample_bwd_dv": _fields(UpsampleTile),
+})
+
+
+# ---------------------------------------------------------------------------------------
+# Residual add + LayerNorm (restv2_kernels/layernorm/triton.py)
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AddLayerNormTile:
+    """A [block_r rows, BLOCK_C = next_pow2(C)] register tile of about ``per_thread`` fp32
+    values a thread; ``block_r`` (capped by ``max_block_r``, exact when forced) and
+    ``num_warps`` derive from it unless forced."""
+
+    per_thread: int
+    max_block_r: int
+    num_stages: int = 1
+    block_r: int | None = None
+    num_warps: int | None = None
+    max_warps: int = 8
+
+
+# Forward: x, branch and the fp32 sum live per row, one pass; 8 values a thread. Backward:
+# residual, d_normed, d_residual, xhat and the two [block_r, BLOCK_C] parameter-gradient
+# accumulators live across the loop over row blocks; 2 values a thread on up to 16 warps (4 a
+# thread spilled 8-16 B at C = 1024 on sm_80/sm_89 when both input dtypes are written), 2
+# stages to prefetch the next block's rows.
+_ADD_LN_FWD = {"default": AddLayerNormTile(per_thread=8, max_block_r=64)}
+_ADD_LN_BWD = {"default": AddLayerNormTile(per_thread=2, max_block_r=64, num_stages=2, max_warps=16)}
+_ADD_LN_INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
+ADD_LN_MAX_C = 4096  # one row lives in registers (16 fp32 values a thread at 8 warps)
+ADD_LN_BWD_PROGRAMS = 2  # backward programs per SM, each walking a contiguous range of row blocks
+_ADD_LN_INTERPRETER_PROGRAMS = 4
+
+
+def _add_ln_tile(family: str, table: dict, R: int, C: int, target: Target) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps, num_stages) of a kernel over R rows of C channels."""
+    if R >= 2**31:
+        raise ValueError(f"add_layer_norm: {R} rows do not fit 32-bit row indices; split the batch")
+    tile = _apply_forced(family, _table_row(table, target))
+    block_c = next_power_of_2(max(C, 1))
+    if target.interpreter:
+        size, cap = _ADD_LN_INTERPRETER_TILE, 256
+    else:
+        size, cap = tile.per_thread * 256, tile.max_block_r
+    block_r = tile.block_r or max(1, min(size // block_c, cap, next_power_of_2(max(R, 1))))
+    num_warps = tile.num_warps or max(1, min(tile.max_warps, block_r * block_c // (32 * tile.per_thread)))
+    return block_r, block_c, num_warps, tile.num_stages
+
+
+def add_layer_norm_fwd_plan(R: int, C: int, dtype: torch.dtype, target: Target) -> Launch:
+    """``_add_ln_fwd_kernel``: one program per BLOCK_R rows."""
+    block_r, block_c, num_warps, stages = _add_ln_tile("add_ln_fwd", _ADD_LN_FWD, R, C, target)
+    return Launch("add_ln_fwd", (cdiv(max(R, 1), block_r),), (("BLOCK_R", block_r), ("BLOCK_C", block_c)),
+                  num_warps, stages)
+
+
+@dataclass(frozen=True)
+class AddLayerNormBwdPlan:
+    """``launch``: ``split`` programs, each over ``blocks_per_split`` consecutive row blocks,
+    writing the input gradient and one [2, C] fp32 slot of partial dweight/dbias sums."""
+
+    launch: Launch
+    split: int
+    blocks_per_split: int
+
+
+def add_layer_norm_bwd_plan(R: int, C: int, dtype: torch.dtype, target: Target) -> AddLayerNormBwdPlan:
+    """``_add_ln_bwd_kernel``: about ``ADD_LN_BWD_PROGRAMS`` programs per SM (4 in the interpreter)."""
+    block_r, block_c, num_warps, stages = _add_ln_tile("add_ln_bwd", _ADD_LN_BWD, R, C, target)
+    n_blocks = cdiv(max(R, 1), block_r)
+    programs = _ADD_LN_INTERPRETER_PROGRAMS if target.interpreter else ADD_LN_BWD_PROGRAMS * target.sm_count
+    programs = _forced_fields("add_ln_bwd").get("programs", programs)
+    per_split = cdiv(n_blocks, max(1, min(n_blocks, programs)))
+    split = cdiv(n_blocks, per_split)  # no empty split
+    return AddLayerNormBwdPlan(
+        Launch("add_ln_bwd", (split,), (("BLOCK_R", block_r), ("BLOCK_C", block_c)), num_warps, stages),
+        split, per_split,
+    )
+
+
+_FAMILIES.update({
+    "add_ln_fwd": _fields(AddLayerNormTile),
+    "add_ln_bwd": _fields(AddLayerNormTile) | {"programs"},
+})
+
+
+# ---------------------------------------------------------------------------------------
+# Pixel attention (restv2_kernels/pa/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelAttnTile:
+    """A [block_p pixels, BLOCK_C channels] register tile of about ``per_thread`` fp32 values a
+    thread; ``block_p`` (a cap, or exact when forced) and ``num_warps`` derive from it unless
+    forced."""
+
+    per_thread: int
+    max_block_p: int
+    num_stages: int = 2
+    block_p: int | None = None
+    num_warps: int | None = None
+
+
+# The forward and the dx kernel stream the 9 taps into one accumulator (the forward keeps
+# the centre tap, dx also a g accumulator): 8 values a thread (dx: 4). The g kernel keeps the 9 tap
+# tiles live for the dweight sums, plus 10 [BLOCK_C] partial sums: 4 a thread.
+_PA_FWD = {"default": PixelAttnTile(per_thread=8, max_block_p=64)}
+_PA_BWD = {"default": PixelAttnTile(per_thread=4, max_block_p=64)}
+_PA_BWD_DX = {"default": PixelAttnTile(per_thread=4, max_block_p=64)}  # 8 spilled 8 B at C = 512 on sm_80
+_PA_INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
+PIXEL_ATTENTION_MAX_C = 4096  # one pixel's channel row lives in registers
+PIXEL_ATTENTION_BWD_PROGRAMS = 2  # reduction programs per SM of the backward's first kernel
+PIXEL_ATTENTION_INTERPRETER_PROGRAMS = 4
+
+
+def _pa_tile(family: str, table: dict, C: int, NP: int, target: Target) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps, num_stages) of a kernel over NP pixels of C channels."""
+    tile = _apply_forced(family, _table_row(table, target))
+    block_c = next_power_of_2(max(C, 1))
+    if target.interpreter:
+        size, cap = _PA_INTERPRETER_TILE, 256
+    else:
+        size, cap = tile.per_thread * 256, tile.max_block_p
+    block_p = tile.block_p or max(1, min(size // block_c, cap, next_power_of_2(max(NP, 1))))
+    num_warps = tile.num_warps or max(1, min(8, block_p * block_c // (32 * tile.per_thread)))
+    # pixel indices are int32 in the kernels, the last block's padding included
+    if NP >= 2**31 or cdiv(NP, block_p) * block_p >= 2**31:
+        raise ValueError(
+            f"pixel_attention: {NP} pixels (B * H * W) do not fit 32-bit pixel indices; split the batch"
+        )
+    return block_p, block_c, num_warps, tile.num_stages
+
+
+def pixel_attention_fwd_plan(B: int, H: int, W: int, C: int, dtype: torch.dtype, target: Target) -> Launch:
+    """``_pa_fwd_kernel``: one program per BLOCK_P pixels (flattened over (b, y, x)) x all C."""
+    NP = B * H * W
+    block_p, block_c, num_warps, stages = _pa_tile("pixel_attention_fwd", _PA_FWD, C, NP, target)
+    return Launch("pixel_attention_fwd", (cdiv(NP, block_p),), (("BLOCK_P", block_p), ("BLOCK_C", block_c)),
+                  num_warps, stages)
+
+
+@dataclass(frozen=True)
+class PixelAttentionBwdPlan:
+    """``g``: ``programs`` programs, each over ``blocks_per_program`` consecutive pixel blocks,
+    writing the fp32 g scratch and its own [10, C] slot of fp32 partial sums; ``dx``: one
+    program per pixel block of its own tile."""
+
+    g: Launch
+    dx: Launch
+    programs: int
+    blocks_per_program: int
+
+
+def pixel_attention_bwd_plan(B: int, H: int, W: int, C: int, dtype: torch.dtype, target: Target
+                             ) -> PixelAttentionBwdPlan:
+    NP = B * H * W
+    block_p, block_c, num_warps, stages = _pa_tile("pixel_attention_bwd", _PA_BWD, C, NP, target)
+    n_blocks = cdiv(NP, block_p)
+    programs = (PIXEL_ATTENTION_INTERPRETER_PROGRAMS if target.interpreter
+                else PIXEL_ATTENTION_BWD_PROGRAMS * target.sm_count)
+    programs = _forced_fields("pixel_attention_bwd").get("programs", programs)
+    programs = max(1, min(n_blocks, programs))
+    per_program = cdiv(n_blocks, programs)
+    programs = cdiv(n_blocks, per_program)  # no empty program
+    dx_p, _, dx_warps, dx_stages = _pa_tile("pixel_attention_bwd_dx", _PA_BWD_DX, C, NP, target)
+    meta = (("BLOCK_C", block_c),)
+    return PixelAttentionBwdPlan(
+        Launch("pixel_attention_bwd_g", (programs,), (("BLOCK_P", block_p),) + meta, num_warps, stages),
+        Launch("pixel_attention_bwd_dx", (cdiv(NP, dx_p),), (("BLOCK_P", dx_p),) + meta, dx_warps, dx_stages),
+        programs, per_program,
+    )
+
+
+_FAMILIES.update({
+    "pixel_attention_fwd": _fields(PixelAttnTile),
+    "pixel_attention_bwd": _fields(PixelAttnTile) | {"programs"},
+    "pixel_attention_bwd_dx": _fields(PixelAttnTile),
+})
+
+
+# ---------------------------------------------------------------------------------------
+# Linear + GELU (restv2_kernels/ffn/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearTile:
+    """A [block_m, block_n] output tile of a GEMM, a K loop of block_k, ``group_m`` row blocks
+    per group of the 1-D grid's ordering (L2 reuse), warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Rows: precision class. 16-bit: Triton's matmul-tutorial tiles (tensor cores: HMMA on sm_80+,
+# HGMMA on sm_90); starting points, to be tuned by the GPU sweep. fp32 with IEEE dots is FMA:
+# a small tile, a short K step and 8 warps keep a thread's accumulators and operand fragments
+# in registers (target check: 80 registers, no spills; 16-bit operands on sm_70's FMA dot take
+# 128, where BLOCK_K = 32 with 4 warps spills ~370 B). tf32, when PyTorch allows it, takes the
+# same tile on the tensor cores.
+_LINEAR_GELU_FWD: dict[str, dict[str, LinearTile]] = {
+    "default": {
+        "16bit": LinearTile(128, 128, 64, 8, 8, 4),
+        "fp32": LinearTile(64, 64, 16, 8, 8, 3),
+    },
 }
+# sm_70: tl.dot is FMA for every dtype (Triton >= 3.2): the fp32 tiles, as the attention plans.
+_LINEAR_GELU_FWD["sm_70"] = {prec: _LINEAR_GELU_FWD["default"]["fp32"] for prec in ("16bit", "fp32")}
+# The interpreter pays per program and per op, not per element: few, large tiles.
+_LINEAR_GELU_INTERPRETER = LinearTile(256, 256, 128, 8, 4, 1)
+
+
+def linear_dot_precision(dtype: torch.dtype, allow_tf32: bool, target: Target) -> str:
+    """fp32: IEEE unless PyTorch allows cuBLAS TF32 (``allow_tf32``: the launcher reads
+    ``torch.backends.cuda.matmul``) on a GPU with TF32 tensor cores (not sm_70, not the
+    interpreter); 16-bit inputs use the tensor cores whatever this says."""
+    if dtype == torch.float32:
+        return "tf32" if allow_tf32 and target.tensor_cores != "fma" and not target.interpreter else "ieee"
+    return "tf32"
+
+
+def linear_gelu_bwd_plan(M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool = False) -> Launch:
+    """The MLP backward's ``d_pre = (dy @ fc2.weight) * gelu'(pre)``: the same GEMM kernel (and
+    tiles) in its GELU_GRAD mode, over [M, K=C] @ [K, N=4C]."""
+    return _linear_plan("linear_gelu_bwd", M, N, K, dtype, target, allow_tf32)
+
+
+def linear_gelu_fwd_plan(M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool = False) -> Launch:
+    """``_linear_gelu_fwd_kernel``: see ``_linear_plan``."""
+    return _linear_plan("linear_gelu_fwd", M, N, K, dtype, target, allow_tf32)
+
+
+def _linear_plan(family: str, M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool) -> Launch:
+    """``_linear_gelu_fwd_kernel`` for ``[M, K] @ [N, K]^T``: one program per [BLOCK_M, BLOCK_N]
+    output tile, all cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) of them on x in grouped order.
+
+    The table's tile is clipped to the problem (no block over the next power of 2 of its
+    dimension, none under 16: ``tl.dot``'s minimum); BLOCK_K is halved (down to 16) until it
+    divides K, so that the model's K (64 ... 1024, 96 * 2**i) runs an unmasked K loop
+    (EVEN_K; a K no power of 2 >= 16 divides keeps the table's step, masked); the stages are
+    cut to what fits the target's shared memory per block (assuming one buffer per stage;
+    Triton 3.9 allocates num_stages - 1, so there is headroom).
+    """
+    if target.interpreter:
+        tile = _apply_forced(family, _LINEAR_GELU_INTERPRETER)
+    else:
+        tile = _apply_forced(family, _table_row(_LINEAR_GELU_FWD, target)[_precision(dtype)])
+    block_m = min(tile.block_m, max(16, next_power_of_2(M)))
+    block_n = min(tile.block_n, max(16, next_power_of_2(N)))
+    block_k = min(tile.block_k, max(16, next_power_of_2(K)))
+    divisor = block_k
+    while divisor > 16 and K % divisor:
+        divisor //= 2
+    block_k = divisor if K % divisor == 0 else block_k  # K = 24, 1000: the table's step, masked
+    stage_bytes = (block_m + block_n) * block_k * dtype.itemsize
+    num_stages = max(1, min(tile.num_stages, target.smem_per_block // stage_bytes))
+    num_warps = max(1, min(tile.num_warps, block_m * block_n // 256))  # 16x16: 1 warp, 64x64: up to 8
+    meta = (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k), ("GROUP_M", tile.group_m),
+            ("EVEN_K", K % block_k == 0), ("DOT_PRECISION", linear_dot_precision(dtype, allow_tf32, target)))
+    if family == "linear_gelu_bwd":
+        meta += (("GELU_GRAD", True),)
+    return Launch(family, (cdiv(M, block_m) * cdiv(N, block_n),), meta, num_warps, num_stages)
+
+
+_FAMILIES.update({"linear_gelu_fwd": _fields(LinearTile), "linear_gelu_bwd": _fields(LinearTile)})
+

@@ -1,0 +1,55 @@
+"""Eager reference for the residual add + LayerNorm of every block: the ground truth and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_add_layer_norm_inputs(
+    x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> None:
+    """Raises TypeError/ValueError naming the problem unless the arguments fit ``add_layer_norm``."""
+    named = [("x", x), ("weight", weight), ("bias", bias)] + ([] if branch is None else [("branch", branch)])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"add_layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"add_layer_norm: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+        if t.device != x.device:
+            raise ValueError(f"add_layer_norm: {name} is on {t.device}, but x is on {x.device}; all must match")
+    if x.dim() < 1:
+        raise ValueError("add_layer_norm: x must have at least one dimension (..., C)")
+    C = x.shape[-1]
+    if branch is not None and branch.shape != x.shape:
+        raise ValueError(f"add_layer_norm: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"add_layer_norm: {name} must have shape ({C},) for x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"add_layer_norm: eps must be a non-negative number, got {eps!r}")
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual = x + branch`` (``x`` itself when ``branch`` is None) and
+    ``normed = LayerNorm(residual)`` over the last dim, in plain eager PyTorch.
+
+    Returns ``(residual, normed)``: the residual stream a block carries on, and the input of
+    its next sub-layer. ``normed`` is cast to ``out_dtype`` when given (the dtype the next
+    Linear computes in under autocast). The same aten ops as the published code.
+    """
+    check_add_layer_norm_inputs(x, branch, weight, bias, eps)
+    residual = x if branch is None else x + branch
+    normed = F.layer_norm(residual, (x.shape[-1],), weight, bias, eps)
+    if out_dtype is not None:
+        normed = normed.to(out_dtype)
+    return residual, normed

@@ -1,0 +1,39 @@
+"""Eager reference for pixel attention (PA), the positional encoding of every stem and patch
+embed: ``x * sigmoid(depthwise_conv3x3(x))``. The ground truth and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_pixel_attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Raises TypeError/ValueError naming the problem unless the arguments fit ``pixel_attention``."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"pixel_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"pixel_attention: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+        if t.dtype != x.dtype:
+            raise TypeError(f"pixel_attention: {name} has dtype {t.dtype}, but x has {x.dtype}; all must match")
+        if t.device != x.device:
+            raise ValueError(f"pixel_attention: {name} is on {t.device}, but x is on {x.device}; all must match")
+    if x.dim() != 4:
+        raise ValueError(f"pixel_attention: x must be a 4-D map (B, C, H, W), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if tuple(weight.shape) != (C, 1, 3, 3):
+        raise ValueError(f"pixel_attention: weight must have shape {(C, 1, 3, 3)} for C={C}, got {tuple(weight.shape)}")
+    if tuple(bias.shape) != (C,):
+        raise ValueError(f"pixel_attention: bias must have shape ({C},), got {tuple(bias.shape)}")
+
+
+def pixel_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C))`` in plain eager PyTorch.
+
+    x: [B, C, H, W] in any memory format; weight: [C, 1, 3, 3]; bias: [C]. Returns [B, C, H, W]
+    in the memory format PyTorch's conv gives (channels-last for a channels-last x).
+    """
+    check_pixel_attention_inputs(x, weight, bias)
+    return x * torch.sigmoid(F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]))

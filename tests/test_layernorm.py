@@ -1,0 +1,433 @@
+"""Parity, gradients, dtypes, strided views, errors and determinism of the fused residual add
++ LayerNorm.
+
+Every comparison goes through ``helpers.assert_close``: the kernel against a float64
+reference on the same (dtype-rounded) inputs, judged by the error of eager PyTorch in the
+kernel's dtypes. Without a GPU these run in Triton's interpreter (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from restv2_kernels import plans, reference
+from restv2_kernels.layernorm import triton as kernels
+from restv2_kernels.layernorm.triton import add_layer_norm
+
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+GRAD_NAMES = ("dx", "dbranch", "dweight", "dbias")
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
+    allocated = []
+
+    def empty(shape, dtype, device):
+        allocated.append((tuple(shape), dtype))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", empty)
+    return allocated
+
+
+def _inputs(shape, seed=0):
+    """float64 CPU tensors x, branch, weight, bias, d_residual, d_normed. x has a per-row
+    offset (the residual stream drifts), weight and bias are random, not the identity init."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = torch.randn(shape, generator=g) * 2 + torch.randn(*shape[:-1], 1, generator=g)
+    branch = torch.randn(shape, generator=g)
+    weight = 1 + torch.randn(C, generator=g) / 2
+    bias = torch.randn(C, generator=g) / 2
+    d_res = torch.randn(shape, generator=g)
+    d_normed = torch.randn(shape, generator=g)
+    return [t.double() for t in (x, branch, weight, bias, d_res, d_normed)]
+
+
+def _layout(t, layout):
+    """A differentiable view of t with the same values, in one of the layouts the model (or a
+    user) may pass: contiguous, a channel slice of a wider tensor (one row stride, read in
+    place), a slice of the token dim (leading dims not one stride: copied), channels not unit
+    stride (copied)."""
+    if layout == "contig":
+        return t.view(t.shape)
+    if layout == "channel-slice":
+        return F.pad(t, (2, 3))[..., 2:-3]
+    if layout == "token-slice":
+        return F.pad(t, (0, 0, 1, 2))[..., 1:-2, :]
+    if layout == "nonunit-c":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    raise ValueError(layout)
+
+
+def _run(fn, tensors, dtypes, device, layout="contig", use=("residual", "normed")):
+    """fn's (residual, normed) and the gradients of <residual, d_res> + <normed, d_normed>
+    (only the outputs in ``use``) w.r.t. x, branch, weight and bias. dtypes: (x, branch or
+    None, weight/bias, out_dtype or None); float64 everywhere when all are float64."""
+    x_dt, b_dt, w_dt, out_dt = dtypes
+    x, branch, weight, bias, d_res, d_normed = tensors
+    leaves = [x.to(device=device, dtype=x_dt, copy=True).requires_grad_(),
+              None if b_dt is None else branch.to(device=device, dtype=b_dt, copy=True).requires_grad_(),
+              weight.to(device=device, dtype=w_dt, copy=True).requires_grad_(),
+              bias.to(device=device, dtype=w_dt, copy=True).requires_grad_()]
+    xv = _layout(leaves[0], layout)
+    bv = None if b_dt is None else _layout(leaves[1], layout)
+    residual, normed = fn(xv, bv, leaves[2], leaves[3], 1e-6, out_dt)
+    if b_dt is None:
+        assert residual is xv
+    outs, grads_out = [], []
+    if "residual" in use:
+        outs.append(residual)
+        grads_out.append(_layout(d_res.to(device=device, dtype=residual.dtype), layout))
+    if "normed" in use:
+        outs.append(normed)
+        grads_out.append(_layout(d_normed.to(device=device, dtype=normed.dtype), layout))
+    wanted = [t for t in leaves if t is not None]
+    grads = list(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
+    if b_dt is None:
+        grads.insert(1, None)
+    return residual, normed, grads
+
+
+def _round(tensors, dtypes):
+    """The same rounded inputs for the kernel, the eager run and the float64 reference."""
+    x_dt, b_dt, w_dt, _ = dtypes
+    x, branch, weight, bias, d_res, d_normed = tensors
+    res_dt = x_dt if b_dt is None else torch.promote_types(x_dt, b_dt)
+    out_dt = dtypes[3] or res_dt
+    return [x.to(x_dt).double(), branch.to(b_dt or x_dt).double(), weight.to(w_dt).double(), bias.to(w_dt).double(),
+            d_res.to(res_dt).double(), d_normed.to(out_dt).double()]
+
+
+def _check_parity(shape, dtypes, device, layout="contig", seed=0, use=("residual", "normed")):
+    """Kernel vs float64 reference vs eager in the same dtypes: both outputs and all gradients."""
+    x_dt, b_dt, w_dt, out_dt = dtypes
+    tensors = _round(_inputs(shape, seed), dtypes)
+    res, normed, grads = _run(add_layer_norm, tensors, dtypes, device, layout, use)
+    f64 = (torch.float64, None if b_dt is None else torch.float64, torch.float64, None)
+    ref_res, ref_normed, ref_grads = _run(reference.add_layer_norm, tensors, f64, "cpu", "contig", use)
+    eager_res, eager_normed, eager_grads = _run(reference.add_layer_norm, tensors, dtypes, device, "contig", use)
+    res_dt = x_dt if b_dt is None else torch.promote_types(x_dt, b_dt)
+    assert normed.dtype == (out_dt or res_dt) and normed.shape == shape and normed.is_contiguous()
+    if b_dt is not None:
+        assert res.dtype == res_dt and res.shape == shape and res.is_contiguous()
+        assert_close("residual", res, ref_res, eager_res)
+    assert_close("normed", normed, ref_normed, eager_normed)
+    for name, a, r, e, dt in zip(GRAD_NAMES, grads, ref_grads, eager_grads, (x_dt, b_dt, w_dt, w_dt)):
+        if dt is None:
+            continue
+        if name in ("dweight", "dbias") and "normed" not in use:
+            assert a is None, name  # no path from the parameters to the used outputs
+            continue
+        assert a is not None and a.dtype == dt, (name, a.dtype if a is not None else None, dt)
+        assert_close(name, a, r, e)
+
+
+# (shape, (x, branch, weight, out_dtype), layout). C in {1, 3, 20, 48, 96, 768, 4096}: tiny,
+# not a power of 2, the model's widths, the largest; leading dims 0-D to 3-D; the autocast
+# mixes (fp32 stream + 16-bit branch, 16-bit out; 16-bit x with fp32 parameters); branch=None.
+SHAPES = [
+    pytest.param((2, 7, 48), (FP32, FP32, FP32, None), "contig", id="B2N7C48-fp32"),
+    pytest.param((3, 5, 96), (FP16, FP16, FP16, None), "contig", id="B3N5C96-fp16"),
+    pytest.param((2, 9, 20), (FP32, FP32, FP32, None), "channel-slice", id="C20-channel-slice-fp32"),
+    pytest.param((2, 6, 48), (FP16, FP16, FP16, None), "token-slice", id="C48-token-slice-fp16"),
+    pytest.param((3, 4, 24), (FP32, FP32, FP32, None), "nonunit-c", id="C24-nonunit-c-fp32"),
+    pytest.param((2, 3, 4, 40), (FP32, FP32, FP32, None), "contig", id="4d-C40-fp32"),
+    pytest.param((48,), (FP32, FP32, FP32, None), "contig", id="1d-C48-fp32"),
+    pytest.param((5, 3), (FP32, FP32, FP32, None), "contig", id="C3-fp32"),
+    pytest.param((4, 1), (FP32, FP32, FP32, None), "contig", id="C1-fp32"),
+    pytest.param((3, 768), (FP16, FP16, FP16, None), "contig", id="C768-fp16"),
+    pytest.param((2, 4096), (FP32, FP32, FP32, None), "contig", id="C4096-fp32"),
+    pytest.param((2, 5, 96), (FP32, FP16, FP32, FP16), "contig", id="autocast-x32-b16-out16"),
+    pytest.param((2, 5, 64), (FP32, FP16, FP32, FP16), "channel-slice", id="autocast-x32-b16-out16-slice"),
+    pytest.param((2, 5, 48), (FP16, FP16, FP32, None), "contig", id="x16-b16-params32"),
+    pytest.param((2, 5, 48), (FP16, FP32, FP32, FP16), "contig", id="x16-b32-out16"),
+    pytest.param((2, 7, 48), (FP32, None, FP32, None), "contig", id="no-branch-fp32"),
+    pytest.param((2, 7, 96), (FP16, None, FP16, None), "channel-slice", id="no-branch-fp16-slice"),
+    pytest.param((2, 7, 96), (FP32, None, FP32, FP16), "contig", id="no-branch-x32-out16"),
+]
+
+
+@pytest.mark.parametrize("shape,dtypes,layout", SHAPES)
+def test_parity(shape, dtypes, layout, device, nan_buffers):
+    _check_parity(shape, dtypes, device, layout)
+    R, C = math.prod(shape[:-1]), shape[-1]
+    res_dt = dtypes[0] if dtypes[1] is None else torch.promote_types(dtypes[0], dtypes[1])
+    # forward: normed, residual, mean, rstd; backward: dx, dx2, partial sums (all NaN-filled)
+    assert len(nan_buffers) == 7, nan_buffers
+    assert nan_buffers[0] == (shape, dtypes[3] or res_dt)
+    assert nan_buffers[2:4] == [((R,), FP32)] * 2
+    assert nan_buffers[6][0][1:] == (2, C) and nan_buffers[6][1] == FP32
+
+
+@pytest.mark.parametrize(
+    "shape,dtypes",
+    [
+        pytest.param((3, 13, 20), (FP32, FP32, FP32, None), id="C20-fp32"),
+        pytest.param((2, 11, 48), (FP32, FP16, FP32, FP16), id="C48-mixed"),
+        pytest.param((2, 9, 24), (FP32, None, FP32, None), id="C24-no-branch"),
+    ],
+)
+def test_parity_small_tiles(shape, dtypes, device):
+    """Tiles of 2 rows and 5 backward programs: programs straddle the batch, each walks
+    several row blocks, the last one partly masked."""
+    with plans.forced(add_ln_fwd=dict(block_r=2, num_warps=1), add_ln_bwd=dict(block_r=2, num_warps=1, programs=5)):
+        plan = plans.add_layer_norm_bwd_plan(shape[0] * shape[1], shape[2], FP32, plans.INTERPRETER)
+        assert plan.split > 1 and plan.blocks_per_split > 1
+        _check_parity(shape, dtypes, device, "channel-slice")
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 96), (3, 1024)], ids=["C96", "C1024"])
+def test_parity_gpu_tiles(shape, device):
+    """The tiles and program counts an H100 would pick."""
+    with plans.using_target("sm_90"):
+        _check_parity(shape, (FP32, FP32, FP32, None), device)
+
+
+@pytest.mark.parametrize(
+    "use,dtypes",
+    [
+        pytest.param(("normed",), (FP32, FP32, FP32, None), id="normed-only"),
+        pytest.param(("residual",), (FP32, FP32, FP32, None), id="residual-only"),
+        pytest.param(("residual",), (FP32, FP16, FP32, FP16), id="residual-only-mixed"),
+    ],
+)
+def test_one_output_used(use, dtypes, device, nan_buffers):
+    """Only one output reaches the loss: no d_residual read (normed-only), or no backward
+    kernel at all (residual-only: the gradient passes through to x and branch)."""
+    _check_parity((2, 5, 48), dtypes, device, use=use)
+    assert len(nan_buffers) == (7 if use == ("normed",) else 4)
+
+
+def test_strided_grads(device):
+    """A stride-0 (expanded) d_normed, from normed.sum(): copied by the launcher."""
+    tensors = _inputs((2, 5, 24), seed=2)
+
+    def grads(fn, dtype, dev):
+        leaves = [t.to(device=dev, dtype=dtype, copy=True).requires_grad_() for t in tensors[:4]]
+        res, normed = fn(*leaves)
+        (normed.sum() + (res * tensors[4].to(res)).sum()).backward()
+        return [t.grad for t in leaves]
+
+    for name, a, r, e in zip(GRAD_NAMES, grads(add_layer_norm, FP32, device), grads(reference.add_layer_norm, torch.float64, "cpu"),
+                             grads(reference.add_layer_norm, FP32, device)):
+        assert_close(name, a, r, e)
+
+
+def test_only_parameter_grads(device, nan_buffers):
+    """x and branch frozen: the backward writes no input gradient (no [R, C] buffer)."""
+    tensors = _inputs((2, 6, 48), seed=4)
+    x, branch, weight, bias, d_res, d_normed = (t.float().to(device) for t in tensors)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    _, normed = add_layer_norm(x, branch, weight, bias)
+    dw, db = torch.autograd.grad(normed, (weight, bias), d_normed)
+    refw, refb = (t.clone().requires_grad_() for t in tensors[2:4])
+    _, ref = reference.add_layer_norm(tensors[0], tensors[1], refw, refb)
+    rdw, rdb = torch.autograd.grad(ref, (refw, refb), tensors[5])
+    assert_close("dweight", dw, rdw)
+    assert_close("dbias", db, rdb)
+    assert [s for s, _ in nan_buffers[4:6]] == [(0,), (0,)]  # dx, dx2 not allocated
+
+
+@pytest.mark.parametrize("branch", [True, False], ids=["branch", "no-branch"])
+def test_inference_skips_stats(branch, device, nan_buffers):
+    """Under no_grad (and with nothing requiring grad) mean and rstd are not written."""
+    tensors = _inputs((2, 5, 48), seed=1)
+    x, b, weight, bias = (t.float().to(device) for t in tensors[:4])
+    b = b if branch else None
+    with torch.no_grad():
+        res, normed = add_layer_norm(x.requires_grad_(), b, weight, bias)
+    assert normed.grad_fn is None and (res is x) == (not branch)
+    ref_res, ref_normed = reference.add_layer_norm(*(None if t is None else t.double() for t in (x, b, weight, bias)))
+    assert_close("normed", normed, ref_normed, reference.add_layer_norm(x, b, weight, bias)[1])
+    assert_close("residual", res, ref_res)
+    assert [s for s, _ in nan_buffers[2:]] == [(0,), (0,)]
+
+
+def test_empty_rows(device):
+    x = torch.empty(0, 3, 16, device=device, requires_grad=True)
+    weight = torch.ones(16, device=device, requires_grad=True)
+    bias = torch.zeros(16, device=device, requires_grad=True)
+    res, normed = add_layer_norm(x, x.detach(), weight, bias)
+    assert res.shape == normed.shape == (0, 3, 16)
+    normed.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros(16)) and x.grad.shape == x.shape
+
+
+def test_deterministic(device):
+    """Two backward runs give bitwise-identical gradients (no atomics, fixed split)."""
+    tensors = _inputs((3, 17, 48), seed=5)
+    dtypes = (FP32, FP32, FP32, None)
+    with plans.forced(add_ln_bwd=dict(block_r=4, programs=3)):
+        first = _run(add_layer_norm, tensors, dtypes, device)[2]
+        second = _run(add_layer_norm, tensors, dtypes, device)[2]
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(1, 20),
+    C=st.sampled_from([1, 7, 16, 33, 64, 100]),
+    has_branch=st.booleans(),
+    layout=st.sampled_from(["contig", "channel-slice", "token-slice"]),
+    block_r=st.sampled_from([1, 2, 4, None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(B, N, C, has_branch, layout, block_r, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with plans.forced(add_ln_fwd=dict(block_r=block_r), add_ln_bwd=dict(block_r=block_r, programs=3)):
+        _check_parity((B, N, C), (FP32, FP32 if has_branch else None, FP32, None), device, layout, seed=seed)
+
+
+def test_launchers_on_meta_tensors():
+    """On meta tensors under plans.recording(), the launchers record the plan functions'
+    launches (what the GPU target check compiles), for a batch far above CUDA's grid y/z cap."""
+    B, N, C = 4096, 3136, 96
+    x = torch.empty(B, N, C, device="meta", dtype=FP32)
+    branch = torch.empty(B, N, 2 * C, device="meta", dtype=BF16)[..., :C]
+    weight, bias = (torch.empty(C, device="meta", dtype=FP32) for _ in range(2))
+    target = plans.TARGETS["sm_90"]
+    with plans.using_target(target), plans.recording() as seen:
+        res, normed, mean, rstd = kernels._fwd(x, branch, weight, bias, 1e-6, BF16, True)
+        out = kernels._bwd(torch.empty_like(normed), torch.empty_like(res), res, mean, rstd, weight, FP32, BF16)
+    R = B * N
+    bwd = plans.add_layer_norm_bwd_plan(R, C, FP32, target)
+    assert [r.plan for r in seen] == [plans.add_layer_norm_fwd_plan(R, C, FP32, target), bwd.launch]
+    assert seen[0].args[1].stride(0) == 2 * C  # the branch slice is read in place
+    assert res.dtype == FP32 and normed.dtype == BF16 and out[0].dtype == FP32 and out[1].dtype == BF16
+    assert bwd.split <= 2 * target.sm_count and all(len(r.plan.grid) == 1 for r in seen)
+    with pytest.raises(ValueError, match="32-bit row indices"):
+        plans.add_layer_norm_fwd_plan(2**31, C, FP32, target)
+
+
+def test_custom_ops_trace(device):
+    """The fake implementations: torch.compile traces the op (forward and backward) in one
+    graph with no compiler (aot_eager), matching eager, with and without a branch."""
+    tensors = [t.float().to(device) for t in _inputs((2, 5, 24), seed=6)]
+
+    def f(x, branch, weight, bias):
+        res, normed = add_layer_norm(x * 2, branch, weight, bias, 1e-5, FP16)
+        _, normed2 = add_layer_norm(res, None, weight, bias)
+        return res.sum() + (normed.float() * tensors[5]).sum() + (normed2 * tensors[4]).sum()
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors[:4]]
+        out = fn(*leaves)
+        out.backward()
+        return [out] + [t.grad for t in leaves]
+
+    compiled = grads(torch.compile(f, backend="aot_eager", fullgraph=True))
+    eager = grads(f)
+    for name, a, e in zip(("out", *GRAD_NAMES), compiled, eager):
+        assert_close(name, a, e.double())
+
+
+def test_custom_ops_opcheck(device):
+    """torch.library.opcheck (schema, fake tensors, AOT dispatch with dynamic shapes) of both ops."""
+    x, branch, weight, bias, d_res, d_normed = (t.float().to(device) for t in _inputs((2, 3, 16)))
+    fwd, bwd = torch.ops.restv2.add_layer_norm_fwd.default, torch.ops.restv2.add_layer_norm_bwd.default
+    torch.library.opcheck(fwd, (x, branch.half(), weight, bias, 1e-6, FP16, True))
+    torch.library.opcheck(fwd, (x[..., :8], None, weight[:8], bias[:8], 1e-6, None, False))
+    res, normed, mean, rstd = fwd(x, branch, weight, bias, 1e-6, None, True)
+    torch.library.opcheck(bwd, (d_normed, d_res, res, mean, rstd, weight, FP32, FP16))
+    torch.library.opcheck(bwd, (d_normed, None, res, mean, rstd, weight, None, None))
+
+
+def _good(device, C=16):
+    return dict(x=torch.randn(2, 3, C, device=device), branch=torch.randn(2, 3, C, device=device),
+                weight=torch.ones(C, device=device), bias=torch.zeros(C, device=device))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        pytest.param(lambda a: a.update(x=a["x"].double(), branch=a["branch"].double()), TypeError,
+                     "fp16/bf16/fp32", id="fp64"),
+        pytest.param(lambda a: a.update(weight=a["weight"].double()), TypeError, "weight in torch.float64",
+                     id="weight-fp64"),
+        pytest.param(lambda a: a.update(out_dtype=torch.float64), TypeError, "out_dtype", id="out-fp64"),
+        pytest.param(lambda a: a.update(out_dtype="float16"), TypeError, "out_dtype", id="out-str"),
+        pytest.param(lambda a: a.update(x=a["x"].int()), TypeError, "x has dtype", id="x-int"),
+        pytest.param(lambda a: a.update(x=a["x"].tolist()), TypeError, "x must be a torch.Tensor", id="not-tensor"),
+        pytest.param(lambda a: a.update(branch=a["branch"][:1]), ValueError, "branch .* must have", id="branch-shape"),
+        pytest.param(lambda a: a.update(weight=a["weight"][:3]), ValueError, "weight must have shape", id="weight-shape"),
+        pytest.param(lambda a: a.update(bias=a["bias"][None]), ValueError, "bias must have shape", id="bias-shape"),
+        pytest.param(lambda a: a.update(eps=-1.0), ValueError, "eps", id="eps-negative"),
+        pytest.param(lambda a: a.update(x=torch.tensor(1.0)), ValueError, "at least one dimension", id="x-0d"),
+    ],
+)
+def test_errors(change, error, match, device):
+    args = _good(device)
+    change(args)
+    with pytest.raises(error, match=match):
+        add_layer_norm(**args)
+
+
+def test_error_too_many_channels(device):
+    with pytest.raises(ValueError, match="channels"):
+        add_layer_norm(**_good(device, C=kernels.MAX_C + 1))
+
+
+def test_error_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        add_layer_norm(**_good("cpu"))
+
+
+# ----------------------------------------------------------------------------- compiled only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "shape,dtypes",
+    [
+        pytest.param((4, 3136, 64), (BF16, BF16, BF16, None), id="C64-bf16"),
+        pytest.param((4, 784, 128), (FP16, FP16, FP16, None), id="C128-fp16"),
+        pytest.param((4, 196, 256), (FP32, BF16, FP32, BF16), id="C256-autocast-bf16"),
+        pytest.param((4, 49, 512), (BF16, BF16, FP32, None), id="C512-bf16-params32"),
+        pytest.param((4, 49, 1024), (FP32, FP32, FP32, None), id="C1024-fp32"),
+        pytest.param((4, 49, 1000), (BF16, None, BF16, None), id="C1000-bf16-no-branch"),
+        pytest.param((8, 4096), (BF16, BF16, BF16, None), id="C4096-bf16"),
+    ],
+)
+def test_parity_compiled(shape, dtypes, device):
+    """Compiled kernels at the model's widths, bf16 included (the interpreter gets bf16 wrong)."""
+    _check_parity(shape, dtypes, device, "channel-slice")
+
+
+@pytest.mark.cuda
+def test_torch_compile_inductor(device):
+    """torch.compile(fullgraph=True) with inductor around the op, in the autocast dtypes
+    (fp32 stream, bf16 branch, bf16 normed), forward and backward."""
+    tensors = _inputs((4, 49, 96), seed=7)
+    dts = (FP32, BF16, FP32, FP32)
+
+    def f(fn, out_dtype):
+        def g(x, branch, weight, bias):
+            res, normed = fn(x * 0.5, branch, weight, bias, 1e-6, out_dtype)
+            return F.gelu(normed.to(res.dtype)) + res
+        return g
+
+    def grads(fn, dtypes, dev):
+        leaves = [t.to(device=dev, dtype=dt, copy=True).requires_grad_() for t, dt in zip(tensors[:4], dtypes)]
+        out = fn(*leaves)
+        out.backward(tensors[5].to(device=dev, dtype=out.dtype))
+        return [out] + [t.grad for t in leaves]
+
+    tensors = [t.to(dt).double() for t, dt in zip(tensors, (*dts, FP32, FP32))]
+    compiled = grads(torch.compile(f(add_layer_norm, BF16), fullgraph=True), dts, device)
+    eager = grads(f(reference.add_layer_norm, BF16), dts, device)
+    ref64 = grads(f(reference.add_layer_norm, None), (torch.float64,) * 4, "cpu")
+    for name, a, r, e in zip(("out", *GRAD_NAMES), compiled, ref64, eager):
+        assert_close(name, a, r, e)
