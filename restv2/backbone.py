@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from restv2_kernels.backend import check_backend, default_backend
+from restv2_kernels.backend import check_backend, default_backend, use_kernels
 
 from .checkpoint import load_checkpoint
-from .layers import check_image, drop_path_rates, stage_indices, to_map
+from .layers import add_norm, check_image, drop_path_rates, ops_for, stage_indices, to_map
 
 
 class Backbone(nn.Module):
@@ -67,6 +67,24 @@ class Backbone(nn.Module):
     def _stages(self) -> list[nn.ModuleList]:
         return [self.stage1, self.stage2, self.stage3, self.stage4]
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """Checks the image batch; on the kernel path makes it channels-last, so that every conv
+        writes a channels-last map and tokens and maps are views of one buffer (no layout copies)."""
+        check_image(x, self.in_chans)
+        if use_kernels(self.backend, x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+        """Stage ``i`` on a map: its patch embed, then its blocks. Returns the tokens without the
+        last block's branch, that branch (None for a stage without blocks), and the map size:
+        the caller adds the branch, fused with the LayerNorm that follows where there is one."""
+        x, H, W = self._embeds()[i](x)
+        branch = None
+        for blk in self._stages()[i]:
+            x, branch = blk.run(x, branch, H, W)
+        return x, branch, H, W
+
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | list[int] | tuple[int, ...] | None = None
     ) -> list[torch.Tensor]:
@@ -76,14 +94,12 @@ class Backbone(nn.Module):
         indices. Stops after the last stage asked for. Stage 4's map is taken before the
         final ``norm`` (``forward_features`` applies it).
         """
-        check_image(x, self.in_chans)
+        x = self._input(x)
         take = stage_indices(indices)
         outs = []
-        for i, (embed, stage) in enumerate(zip(self._embeds(), self._stages())):
-            x, H, W = embed(x)
-            for blk in stage:
-                x = blk(x, H, W)
-            x = to_map(x, H, W)
+        for i in range(4):
+            x, branch, H, W = self._stage(i, x)
+            x = to_map(x if branch is None else x + branch, H, W)
             if i in take:
                 outs.append(x)
             if i == take[-1]:
@@ -92,15 +108,13 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final normalised map [B, C_4, H_4, W_4]."""
-        check_image(x, self.in_chans)
-        embeds, stages = self._embeds(), self._stages()
-        for i in range(4):
-            x, H, W = embeds[i](x)
-            for blk in stages[i]:
-                x = blk(x, H, W)
-            if i < 3:
-                x = to_map(x, H, W)
-        return to_map(self.norm(x), H, W)
+        x = self._input(x)
+        for i in range(3):
+            x, branch, H, W = self._stage(i, x)
+            x = to_map(x if branch is None else x + branch, H, W)
+        x, branch, H, W = self._stage(3, x)
+        _, x = add_norm(ops_for(self.backend, x), x, branch, self.norm)
+        return to_map(x, H, W)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool of a [B, C, H, W] map, then the classifier (unless ``pre_logits``)."""

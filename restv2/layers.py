@@ -6,11 +6,73 @@ so any input of at least 32x32 runs (a stride-2, pad-1, 3x3 conv gives ``ceil(H 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
+import restv2_kernels
+from restv2_kernels import reference
+from restv2_kernels.backend import check_backend, use_kernels
+
 MIN_INPUT_SIZE = 32
+
+
+def ops_for(backend: str, x: torch.Tensor) -> ModuleType:
+    """``restv2_kernels`` (the fused ops) when ``backend`` runs the kernels for activations like
+    ``x``, else ``restv2_kernels.reference`` (the same signatures, eager)."""
+    return restv2_kernels if use_kernels(backend, x) else reference
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls and convs in for ``x``'s device, None outside autocast.
+
+    The fused ops are custom ops, which autocast does not cast: the kernel path casts their
+    arguments itself, where autocast would have cast them for the eager op it replaces."""
+    device = x.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """``tensors`` in ``dtype`` (None: unchanged); None entries stay None."""
+    if dtype is None:
+        return list(tensors)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def is_plain_layer_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a LayerNorm the fused ``add_layer_norm`` computes: over the last dim,
+    with weight and bias."""
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None \
+        and norm.bias is not None
+
+
+def add_norm(ops: ModuleType, x: torch.Tensor, branch: torch.Tensor | None, norm: nn.Module,
+             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + branch, norm(x + branch))``, fused on the kernel path when ``norm`` is a plain
+    LayerNorm; ``branch`` None: ``(x, norm(x))``."""
+    if ops is restv2_kernels and is_plain_layer_norm(norm):
+        return ops.add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps, out_dtype)
+    x = x if branch is None else x + branch
+    return x, norm(x)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """``bn(conv(x))``; with ``fold`` and ``bn`` in eval mode (running statistics), one conv with
+    the BatchNorm folded into its weight and bias, computed on the fly (the parameters and
+    checkpoint keys stay those of the two modules; training keeps the true BatchNorm)."""
+    if not fold or bn.training or bn.running_var is None or conv.padding_mode != "zeros":
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def check_image(x: torch.Tensor, in_chans: int) -> None:
@@ -62,27 +124,43 @@ class DropPath(nn.Module):
 
 
 class PA(nn.Module):
-    """Pixel attention, the positional encoding: ``x * sigmoid(depthwise_conv3x3(x))``."""
+    """Pixel attention, the positional encoding: ``x * sigmoid(depthwise_conv3x3(x))``, one
+    fused pass on the kernel path (``restv2_kernels.pixel_attention``)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, backend: str = "auto"):
         super().__init__()
         self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(self.backend, x):
+            weight, bias = cast_all(x.dtype, self.pa_conv.weight, self.pa_conv.bias)
+            return restv2_kernels.pixel_attention(x, weight, bias)
         return x * torch.sigmoid(self.pa_conv(x))
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> (dropout) -> Linear -> (dropout)."""
+    """Linear -> GELU -> (dropout) -> Linear -> (dropout). On the kernel path fc1's GEMM applies
+    the GELU in its epilogue, and the backward the GELU derivative in fc2's input-gradient GEMM
+    (``restv2_kernels.mlp``; ``linear_gelu`` alone when dropout is active)."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(self.backend, x) and type(self.act) is nn.GELU and self.act.approximate == "none":
+            dtype = autocast_dtype(x)
+            if self.training and self.drop.p > 0:  # dropout between the layers: fc1 + GELU fused only
+                x, w1, b1 = cast_all(dtype, x, self.fc1.weight, self.fc1.bias)
+                return self.drop(self.fc2(self.drop(restv2_kernels.linear_gelu(x, w1, b1))))
+            # the whole MLP: its backward also fuses the GELU derivative into fc2's input gradient
+            args = cast_all(dtype, x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            return restv2_kernels.mlp(*args)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -92,7 +170,7 @@ class Mlp(nn.Module):
 class ConvStem(nn.Module):
     """ResTv2 stem, stride 4: two 3x3/s2 conv-BN-ReLU, a 1x1 conv, PA, then LN on tokens."""
 
-    def __init__(self, in_chans: int, dim: int):
+    def __init__(self, in_chans: int, dim: int, backend: str = "auto"):
         super().__init__()
         self.proj = nn.Sequential(
             nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1, bias=False),
@@ -103,11 +181,18 @@ class ConvStem(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(dim, dim, kernel_size=1),
         )
-        self.pos = PA(dim)
+        self.pos = PA(dim, backend)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.pos(self.proj(x))
+        if use_kernels(self.backend, x):  # BatchNorm folded into the convs at inference
+            p = self.proj
+            x = p[2](conv_bn(p[0], p[1], x, fold=True))
+            x = p[6](p[5](conv_bn(p[3], p[4], x, fold=True)))
+        else:
+            x = self.proj(x)
+        x = self.pos(x)
         H, W = x.shape[-2:]
         return self.norm(to_tokens(x)), H, W
 
@@ -115,10 +200,10 @@ class ConvStem(nn.Module):
 class PatchEmbed(nn.Module):
     """ResTv2 downsampling between stages: 3x3/s2 conv, PA, then LN on tokens."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, backend: str = "auto"):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, dim, kernel_size=3, stride=2, padding=1)
-        self.pos = PA(dim)
+        self.pos = PA(dim, backend)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -133,7 +218,7 @@ class PatchEmbed(nn.Module):
 class BasicStem(nn.Module):
     """ResTv1 stem, stride 4: conv-BN-ReLU (s2), conv-BN-ReLU (s1), conv (s2), then PA."""
 
-    def __init__(self, in_chans: int, dim: int):
+    def __init__(self, in_chans: int, dim: int, backend: str = "auto"):
         super().__init__()
         hidden = dim // 2
         self.conv1 = nn.Conv2d(in_chans, hidden, kernel_size=3, stride=2, padding=1, bias=False)
@@ -142,11 +227,13 @@ class BasicStem(nn.Module):
         self.norm2 = nn.BatchNorm2d(hidden)
         self.conv3 = nn.Conv2d(hidden, dim, kernel_size=3, stride=2, padding=1, bias=False)
         self.act = nn.ReLU(inplace=True)
-        self.pos = PA(dim)
+        self.pos = PA(dim, backend)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.act(self.norm1(self.conv1(x)))
-        x = self.act(self.norm2(self.conv2(x)))
+        fold = use_kernels(self.backend, x)  # BatchNorm folded into the convs at inference
+        x = self.act(conv_bn(self.conv1, self.norm1, x, fold))
+        x = self.act(conv_bn(self.conv2, self.norm2, x, fold))
         x = self.pos(self.conv3(x))
         H, W = x.shape[-2:]
         return to_tokens(x), H, W
@@ -155,14 +242,15 @@ class BasicStem(nn.Module):
 class PatchEmbedV1(nn.Module):
     """ResTv1 downsampling between stages: 3x3/s2 conv, BatchNorm, then PA (no LN)."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, backend: str = "auto"):
         super().__init__()
         self.conv = nn.Conv2d(in_dim, dim, kernel_size=3, stride=2, padding=1)
         self.norm = nn.BatchNorm2d(dim)
-        self.pos = PA(dim)
+        self.pos = PA(dim, backend)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.pos(self.norm(self.conv(x)))
+        x = self.pos(conv_bn(self.conv, self.norm, x, fold=use_kernels(self.backend, x)))
         H, W = x.shape[-2:]
         return to_tokens(x), H, W
 

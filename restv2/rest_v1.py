@@ -11,7 +11,7 @@ from restv2_kernels import reference
 from restv2_kernels.backend import check_backend, use_kernels
 
 from .backbone import Backbone, build
-from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, reduce_tokens
+from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, add_norm, autocast_dtype, ops_for, reduce_tokens
 
 
 class EMSA(nn.Module):
@@ -116,11 +116,20 @@ class Block(nn.Module):
         self.attn = EMSA(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, apply_transform, norm_layer, backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, backend)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, branch = self.run(x, None, H, W)
+        return x + branch
+
+    def run(self, x: torch.Tensor, pending: torch.Tensor | None, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``restv2.Block.run``: residual adds fused with the next LayerNorm on the kernel path."""
+        ops = ops_for(self.backend, x)
+        dtype = autocast_dtype(x)
+        x, h = add_norm(ops, x, pending, self.norm1, dtype)
+        x, h = add_norm(ops, x, self.drop_path(self.attn(h, H, W)), self.norm2, dtype)
+        return x, self.drop_path(self.mlp(h))
 
 
 class ResT(Backbone):
@@ -149,10 +158,10 @@ class ResT(Backbone):
         super().__init__()
         backend = self._init_common(in_chans, num_classes, embed_dims, backend)
 
-        self.stem = BasicStem(in_chans, embed_dims[0])
-        self.patch_embed_2 = PatchEmbedV1(embed_dims[0], embed_dims[1])
-        self.patch_embed_3 = PatchEmbedV1(embed_dims[1], embed_dims[2])
-        self.patch_embed_4 = PatchEmbedV1(embed_dims[2], embed_dims[3])
+        self.stem = BasicStem(in_chans, embed_dims[0], backend)
+        self.patch_embed_2 = PatchEmbedV1(embed_dims[0], embed_dims[1], backend)
+        self.patch_embed_3 = PatchEmbedV1(embed_dims[1], embed_dims[2], backend)
+        self.patch_embed_4 = PatchEmbedV1(embed_dims[2], embed_dims[3], backend)
 
         self._add_stages(
             depths,

@@ -13,7 +13,7 @@ from restv2_kernels import reference
 from restv2_kernels.backend import check_backend, use_kernels
 
 from .backbone import Backbone, build
-from .layers import ConvStem, DropPath, Mlp, PatchEmbed, reduce_tokens
+from .layers import ConvStem, DropPath, Mlp, PatchEmbed, add_norm, autocast_dtype, ops_for, reduce_tokens
 
 
 class EMSAv2(nn.Module):
@@ -70,7 +70,12 @@ class EMSAv2(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: EMSAv2 and an MLP (ratio 4), each with drop path."""
+    """Pre-norm transformer block: EMSAv2 and an MLP (ratio 4), each with drop path.
+
+    On the kernel path each residual add is fused with the LayerNorm after it
+    (``restv2_kernels.add_layer_norm``); ``run`` carries the last branch out of the block so
+    that the stage adds it inside the next block's first norm.
+    """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, drop_path: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -78,11 +83,21 @@ class Block(nn.Module):
         self.attn = EMSAv2(dim, num_heads, sr_ratio, backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4 * dim, backend=backend)
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, branch = self.run(x, None, H, W)
+        return x + branch
+
+    def run(self, x: torch.Tensor, pending: torch.Tensor | None, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream ``x + pending`` (``pending``: the previous block's
+        last branch, or None): returns the new stream without its last branch, and that branch."""
+        ops = ops_for(self.backend, x)
+        dtype = autocast_dtype(x)  # the next Linear's dtype: the kernel writes the norm in it
+        x, h = add_norm(ops, x, pending, self.norm1, dtype)
+        x, h = add_norm(ops, x, self.drop_path(self.attn(h, H, W)), self.norm2, dtype)
+        return x, self.drop_path(self.mlp(h))
 
 
 class ResTV2(Backbone):
@@ -106,10 +121,10 @@ class ResTV2(Backbone):
         super().__init__()
         backend = self._init_common(in_chans, num_classes, embed_dims, backend)
 
-        self.stem = ConvStem(in_chans, embed_dims[0])
-        self.patch_2 = PatchEmbed(embed_dims[0], embed_dims[1])
-        self.patch_3 = PatchEmbed(embed_dims[1], embed_dims[2])
-        self.patch_4 = PatchEmbed(embed_dims[2], embed_dims[3])
+        self.stem = ConvStem(in_chans, embed_dims[0], backend)
+        self.patch_2 = PatchEmbed(embed_dims[0], embed_dims[1], backend)
+        self.patch_3 = PatchEmbed(embed_dims[1], embed_dims[2], backend)
+        self.patch_4 = PatchEmbed(embed_dims[2], embed_dims[3], backend)
 
         self._add_stages(
             depths, drop_path_rate, lambda i, dp: Block(embed_dims[i], num_heads[i], sr_ratios[i], dp, backend)

@@ -7,8 +7,10 @@ real GPUs on a machine without one.
 
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
-and backward. The model runs on meta tensors (nothing is allocated) with its calls of the two
-ops intercepted; each distinct call goes through the real launchers under
+and backward. The model runs on meta tensors (nothing is allocated) on the kernel path with its
+calls of the fused ops intercepted (attention, upsample branch, residual add + LayerNorm,
+linear + GELU and the MLP's GELU-gradient GEMM, pixel attention; the add + LayerNorm also as autocast calls it, on an fp32 stream);
+each distinct call goes through the real launchers under
 ``plans.recording()``, once per target (the plans depend on it), so the check compiles exactly
 what a launch on that GPU would run. ``restv2_kernels.targets`` specialises, dedupes, compiles
 and judges; this module prints the table, writes ``--json`` rows, and exits 1 when a checked
@@ -20,7 +22,9 @@ An fp32 plan that spills is reported, not failed (the CI test lists those it acc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -32,7 +36,8 @@ from unittest import mock
 
 import torch
 
-from restv2_kernels import plans, reference
+import restv2_kernels
+from restv2_kernels import plans
 from restv2_kernels.plans import TARGETS, Recorded
 from restv2_kernels.targets import (
     CHECKED_TARGETS,
@@ -52,25 +57,46 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INPUTS = ((224, 224, 1), (224, 224, 256), (384, 384, 1), (384, 384, 256), (800, 1333, 2), (1024, 2048, 1))
 
 
+# The fused ops the models call, by name: the module of their launchers.
+KERNEL_MODULES = {
+    "emsa_attention": "restv2_kernels.attention.triton",
+    "upsample_add": "restv2_kernels.upsample.triton",
+    "add_layer_norm": "restv2_kernels.layernorm.triton",
+    "linear_gelu": "restv2_kernels.ffn.triton",
+    "mlp": "restv2_kernels.ffn.triton",
+    "pixel_attention": "restv2_kernels.pa.triton",
+}
+
+
+def _meta_like(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor of ``a``'s shape, strides and offset in ``dtype``."""
+    size = a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1
+    return torch.empty(size, dtype=dtype, device="meta").as_strided(a.shape, a.stride(), a.storage_offset())
+
+
 @dataclass(frozen=True)
 class OpCall:
-    """One call of ``emsa_attention`` or ``upsample_add`` as the model makes it (meta tensors)."""
+    """One call of a fused op (a key of ``KERNEL_MODULES``) as the model makes it (meta tensors)."""
 
-    op: str  # "attention" or "upsample"
+    op: str
     args: tuple
     use: str  # "restv2_tiny bf16 224x224 b256"
 
     def to(self, dtype: str) -> OpCall:
         """The same call in ``dtype`` (a key of ``DTYPES``): same shapes, strides and offsets."""
+        args = tuple(_meta_like(a, DTYPES[dtype]) if isinstance(a, torch.Tensor) else a for a in self.args)
+        return OpCall(self.op, args, self.use.replace("{dtype}", dtype))
 
-        def convert(a):
-            if not isinstance(a, torch.Tensor):
-                return a
-            size = a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1
-            base = torch.empty(size, dtype=DTYPES[dtype], device="meta")
-            return base.as_strided(a.shape, a.stride(), a.storage_offset())
-
-        return OpCall(self.op, tuple(convert(a) for a in self.args), self.use.replace("{dtype}", dtype))
+    def autocast_variant(self, dtype: str) -> OpCall | None:
+        """The call as autocast makes it in ``dtype`` where that differs from a plain cast: the
+        residual add + LayerNorm on an fp32 stream with a 16-bit branch and a 16-bit output."""
+        if self.op != "add_layer_norm" or dtype == "fp32" or self.args[1] is None:
+            return None
+        x, branch, weight, bias, eps, _ = self.args
+        f32 = torch.float32
+        args = (_meta_like(x, f32), _meta_like(branch, DTYPES[dtype]), _meta_like(weight, f32), _meta_like(bias, f32),
+                eps, DTYPES[dtype])
+        return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
 
     @property
     def key(self) -> tuple:
@@ -80,29 +106,47 @@ class OpCall:
         )
 
 
+def _empty_out(shape, dtype, device, channels_last: bool = False) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
 def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
     """The kernel-path calls of one fp32 forward per (height, width, batch) in ``inputs``, in
     order, traced on meta tensors (``OpCall.to`` gives them in another dtype).
 
-    The model runs with ``backend="reference"``, whose calls take the very views the kernel
-    path passes (q and kv straight out of their Linear layers); each call's output is a meta
-    tensor of the kernel's layout (contiguous), as the kernel path gets.
+    The model runs with ``backend="triton"`` on meta tensors with the fused ops replaced by
+    stand-ins that record their arguments (the very views the kernel path passes) and return
+    meta tensors of the kernels' output layouts.
     """
     calls: list[OpCall] = []
     use = ""
 
-    def attention(q, k, v, scale=None):
-        calls.append(OpCall("attention", (q, k, v, scale), use))
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    def recorder(op: str, output):
+        def fn(*args):
+            calls.append(OpCall(op, args, use))
+            return output(*args)
 
-    def upsample(x, v, weight, bias, norm_weight, norm_bias, sr, eps=1e-6):
-        calls.append(OpCall("upsample", (x, v, weight, bias, norm_weight, norm_bias, sr, eps), use))
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return fn
 
+    def add_layer_norm_out(x, branch, weight, bias, eps=1e-6, out_dtype=None):
+        dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
+        residual = x if branch is None else _empty_out(x.shape, dtype, x.device)
+        return residual, _empty_out(x.shape, out_dtype or dtype, x.device)
+
+    outputs = {
+        "emsa_attention": lambda q, k, v, scale=None: _empty_out(q.shape, q.dtype, q.device),
+        "upsample_add": lambda x, *_: _empty_out(x.shape, x.dtype, x.device),
+        "add_layer_norm": add_layer_norm_out,
+        "linear_gelu": lambda x, w, b=None: _empty_out((*x.shape[:-1], w.shape[0]), x.dtype, x.device),
+        "mlp": lambda x, w1, b1, w2, b2: _empty_out((*x.shape[:-1], w2.shape[0]), x.dtype, x.device),
+        "pixel_attention": lambda x, w, b: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
+    }
     with torch.device("meta"):
-        model = MODELS[model_name](backend="reference")
-    with mock.patch.object(reference, "emsa_attention", attention), \
-            mock.patch.object(reference, "upsample_add", upsample), torch.no_grad():
+        model = MODELS[model_name](backend="triton")
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for op, output in outputs.items():
+            stack.enter_context(mock.patch.object(restv2_kernels, op, recorder(op, output), create=True))
         for height, width, batch in inputs:
             use = f"{model_name} {{dtype}} {height}x{width} b{batch}"
             model(torch.empty(batch, 3, height, width, device="meta"))
@@ -110,42 +154,75 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
 
 
 def zoo_calls(models: Sequence[str], dtypes: Sequence[str], inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
-    """Every distinct kernel-path call of ``models`` x ``dtypes`` x ``inputs``; ``use`` names
-    the first model/input that made it. The views do not depend on the dtype: each model is
-    traced once, in fp32."""
+    """Every distinct kernel-path call of ``models`` x ``dtypes`` x ``inputs`` (and the autocast
+    variants of the 16-bit dtypes); ``use`` names the first model/input that made it. The views
+    do not depend on the dtype: each model is traced once, in fp32."""
     unique: dict[tuple, OpCall] = {}
     for name in models:
         traced = model_calls(name, inputs)
         for dt in dtypes:
             for call in traced:
-                call = call.to(dt)
-                unique.setdefault(call.key, call)
+                for variant in (call.to(dt), call.autocast_variant(dt)):
+                    if variant is not None:
+                        unique.setdefault(variant.key, variant)
     return list(unique.values())
+
+
+def _grad_of(t: torch.Tensor) -> torch.Tensor:
+    """The gradient autograd passes for an output like ``t``: contiguous."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
+    """The forward launches (inference and training variants) and backward launches of one call."""
+    kernels = importlib.import_module(KERNEL_MODULES[call.op])
+    with plans.recording() as fwd:
+        if call.op == "emsa_attention":
+            q, k, v, scale = call.args
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            o, lse = kernels.attention_fwd(q, k, v, scale)
+        elif call.op == "upsample_add":
+            o = kernels._fwd(*call.args)
+        elif call.op == "add_layer_norm":
+            x, branch, weight, bias, eps, out_dtype = call.args
+            kernels._fwd(x, branch, weight, bias, eps, out_dtype, False)
+            residual, normed, mean, rstd = kernels._fwd(x, branch, weight, bias, eps, out_dtype, True)
+        elif call.op == "linear_gelu":
+            kernels._fwd(*call.args, False)
+            kernels._fwd(*call.args, True)
+        elif call.op == "mlp":
+            x, w1, b1, w2, b2 = call.args
+            kernels._fwd(x, w1, b1, False)
+            _, pre = kernels._fwd(x, w1, b1, True)
+        else:  # pixel_attention, on the [B, H, W, C] view as the public function passes it
+            x, weight, bias = call.args
+            o = kernels._fwd(x.permute(0, 2, 3, 1), weight, bias)
+    with plans.recording() as bwd:
+        if call.op == "emsa_attention":
+            kernels.attention_bwd(_grad_of(o), q, k, v, o, lse, scale)
+        elif call.op == "upsample_add":
+            _, v, weight, bias, nw, nb, sr, eps = call.args
+            kernels._bwd(_grad_of(o), v, weight, bias, nw, nb, sr, eps)
+        elif call.op == "add_layer_norm":
+            saved = x if branch is None else residual
+            second = None if branch is None or branch.dtype == x.dtype else branch.dtype
+            kernels._bwd(_grad_of(normed), None if branch is None else _grad_of(residual), saved, mean, rstd,
+                         weight, x.dtype, second)
+        elif call.op == "pixel_attention":
+            kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias)
+        elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre); the rest is cuBLAS
+            kernels._gelu_grad(torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device), w2, pre)
+        # linear_gelu alone: the backward is aten (gelu_backward and cuBLAS GEMMs), no launch
+    return fwd, bwd
 
 
 def record_launches(calls: Sequence[OpCall], target: str) -> list[tuple[Recorded, str]]:
     """The launches the launchers make for ``calls`` on ``target``, forward and backward:
     (recorded launch, "<use> <op> fwd|bwd")."""
-    from restv2_kernels.attention import triton as attention
-    from restv2_kernels.upsample import triton as upsample
-
     out: list[tuple[Recorded, str]] = []
     with plans.using_target(target):
         for call in calls:
-            with plans.recording() as fwd:
-                if call.op == "attention":
-                    q, k, v, scale = call.args
-                    scale = q.shape[-1] ** -0.5 if scale is None else scale
-                    o, lse = attention.attention_fwd(q, k, v, scale)
-                else:
-                    o = upsample._fwd(*call.args)
-            with plans.recording() as bwd:
-                do = torch.empty(o.shape, dtype=o.dtype, device=o.device)  # autograd's gradients are contiguous
-                if call.op == "attention":
-                    attention.attention_bwd(do, q, k, v, o, lse, scale)
-                else:
-                    _, v, weight, bias, nw, nb, sr, eps = call.args
-                    upsample._bwd(do, v, weight, bias, nw, nb, sr, eps)
+            fwd, bwd = _launch_call(call)
             out += [(rec, f"{call.use} {call.op} fwd") for rec in fwd]
             out += [(rec, f"{call.use} {call.op} bwd") for rec in bwd]
     return out
@@ -229,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     # the kernels must be compiled ones: the interpreter's decorator is chosen at import
-    if "restv2_kernels.attention.triton" not in sys.modules:
+    if not any(m in sys.modules for m in KERNEL_MODULES.values()):
         os.environ.pop("TRITON_INTERPRET", None)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 3.9's notice, not a finding
 

@@ -25,8 +25,10 @@ from restv2_kernels.plans import TARGETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKED = ("sm_80", "sm_89", "sm_90")
-KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "upsample_fwd", "upsample_bwd_g", "upsample_bwd_dv")
-DOT_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv")
+KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "upsample_fwd", "upsample_bwd_g", "upsample_bwd_dv",
+           "add_ln_fwd", "add_ln_bwd", "linear_gelu_fwd", "linear_gelu_bwd", "pixel_attention_fwd",
+           "pixel_attention_bwd_g", "pixel_attention_bwd_dx")
+DOT_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "linear_gelu_fwd", "linear_gelu_bwd")
 
 # The documented exception: fp32 attention dots are IEEE, which Triton lowers to FMA with large
 # per-thread operand arrays; on the several-key-block path (inputs of 384 px and more) at
