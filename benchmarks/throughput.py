@@ -42,6 +42,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import pathlib
@@ -298,7 +299,7 @@ def build_model(row: Row, device: torch.device) -> nn.Module:
 def forward_fn(model: nn.Module, row: Row) -> Callable[[torch.Tensor], object]:
     """What one forward is: the classifier, or the four stage maps for --features."""
     if row.mode.startswith("features") and row.family != "peer":
-        return model.forward_intermediates
+        return functools.partial(model.forward_intermediates, intermediates_only=True)
     return model
 
 

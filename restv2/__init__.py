@@ -4,8 +4,12 @@
     model = restv2_base(checkpoint_path="restv2_base_224.pth").eval()
 
 Every model takes ``backend=`` (``"auto"``, ``"triton"`` or ``"reference"``); see
-``restv2_kernels.backend``.
+``restv2_kernels.backend``. When timm is installed, the eight models are also registered with
+timm (``timm.create_model("restv2_tiny")``, see ``restv2.timm_registry``).
 """
+
+import importlib.util as _importlib_util
+import warnings as _warnings
 
 from .checkpoint import load_checkpoint
 from .rest_v1 import ResT, rest_base, rest_large, rest_lite, rest_small
@@ -30,3 +34,21 @@ MODELS = {
     f.__name__: f
     for f in (restv2_tiny, restv2_small, restv2_base, restv2_large, rest_lite, rest_small, rest_base, rest_large)
 }
+
+
+def _register_with_timm() -> None:
+    """Registers the models with timm when it is installed (timm is optional: without it,
+    nothing is imported and ``import restv2`` stays fast)."""
+    if _importlib_util.find_spec("timm") is None:
+        return
+    try:
+        from . import timm_registry  # noqa: F401
+    except Exception as e:  # a broken timm or torchvision must not break restv2 itself
+        _warnings.warn(
+            f"timm is installed but could not be imported ({type(e).__name__}: {e}); the restv2 models are not "
+            "registered with timm. A torchvision built for another torch build is the usual cause.",
+            stacklevel=2,
+        )
+
+
+_register_with_timm()

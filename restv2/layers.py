@@ -267,14 +267,18 @@ def reduce_tokens(x: torch.Tensor, H: int, W: int, sr: nn.Conv2d, norm: nn.Layer
 
 
 def stage_indices(indices: int | list[int] | tuple[int, ...] | None, num_stages: int = 4) -> list[int]:
-    """timm's convention: None -> all stages, int n -> the last n, a sequence -> those (negatives allowed)."""
+    """timm's convention: None -> all stages, int n -> the last n, a sequence -> those (negatives
+    count from the end). Returns them absolute and sorted."""
     if indices is None:
         return list(range(num_stages))
     if isinstance(indices, int):
         if not 1 <= indices <= num_stages:
-            raise ValueError(f"indices must be between 1 and {num_stages}, got {indices}")
+            raise ValueError(f"indices must be between 1 and {num_stages} (the last n stages), got {indices}")
         return list(range(num_stages - indices, num_stages))
-    out = sorted({i % num_stages for i in indices if -num_stages <= i < num_stages})
-    if len(out) != len(set(indices)):
-        raise ValueError(f"stage indices must lie in [-{num_stages}, {num_stages}), got {list(indices)}")
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or not -num_stages <= i < num_stages
+                          for i in indices):
+        raise ValueError(f"stage indices must be ints in [-{num_stages}, {num_stages}), got {list(indices)}")
+    out = sorted({i % num_stages for i in indices})
+    if len(out) != len(indices):
+        raise ValueError(f"stage indices name a stage twice: {list(indices)}")
     return out

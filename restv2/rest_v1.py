@@ -10,7 +10,7 @@ import restv2_kernels
 from restv2_kernels import reference
 from restv2_kernels.backend import check_backend, use_kernels
 
-from .backbone import Backbone, build
+from .backbone import Backbone, build, document_factories
 from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, add_norm, autocast_dtype, ops_for, reduce_tokens
 
 
@@ -79,8 +79,9 @@ class EMSA(nn.Module):
             if self.apply_transform:
                 attn = self.transform_conv(attn).softmax(dim=-1)
                 # InstanceNorm2d refuses a 1x1 map (N = M = 1, a 32x32 input's stage 4);
-                # normalising one element gives exactly 0.
-                attn = self.transform_norm(attn) if attn.shape[-2:].numel() > 1 else attn - attn
+                # normalising one element gives exactly 0. (Not Size.numel(): torch.export
+                # would specialise on its value.)
+                attn = self.transform_norm(attn) if attn.shape[-2] * attn.shape[-1] > 1 else attn - attn
             else:
                 attn = attn.softmax(dim=-1)
             out = (self.attn_drop(attn) @ v).transpose(1, 2)
@@ -153,10 +154,11 @@ class ResT(Backbone):
         sr_ratios: list[int] = [8, 4, 2, 1],
         norm_layer: type[nn.Module] = nn.LayerNorm,
         apply_transform: bool = False,
+        global_pool: str = "avg",
         backend: str | None = None,
     ):
         super().__init__()
-        backend = self._init_common(in_chans, num_classes, embed_dims, backend)
+        backend = self._init_common(in_chans, num_classes, global_pool, embed_dims, backend)
 
         self.stem = BasicStem(in_chans, embed_dims[0], backend)
         self.patch_embed_2 = PatchEmbedV1(embed_dims[0], embed_dims[1], backend)
@@ -195,26 +197,37 @@ def _init_weights(m: nn.Module) -> None:
 # The four released variants: qkv_bias, head transform, MLP ratio 4, sr 8/4/2/1, heads 1/2/4/8.
 _RELEASED = dict(num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=True, sr_ratios=[8, 4, 2, 1], apply_transform=True)
 
+#: The architectures of the four released ResTv1 models (``ResT`` keyword arguments).
+ARCHS = {
+    "rest_lite": dict(**_RELEASED, embed_dims=[64, 128, 256, 512], depths=[2, 2, 2, 2]),
+    "rest_small": dict(**_RELEASED, embed_dims=[64, 128, 256, 512], depths=[2, 2, 6, 2]),
+    "rest_base": dict(**_RELEASED, embed_dims=[96, 192, 384, 768], depths=[2, 2, 6, 2]),
+    "rest_large": dict(**_RELEASED, embed_dims=[96, 192, 384, 768], depths=[2, 2, 18, 2]),
+}
 
-def _create(checkpoint_path: str | None, defaults: dict, **kwargs) -> ResT:
-    return build(ResT, checkpoint_path, **{**_RELEASED, **defaults, **kwargs})
+
+def _create(name: str, checkpoint_path: str | None, **kwargs) -> ResT:
+    return build(ResT, checkpoint_path, **{**ARCHS[name], **kwargs})
 
 
 def rest_lite(checkpoint_path: str | None = None, **kwargs) -> ResT:
     """ResT-Lite: 10.51M params, 1.53 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[64, 128, 256, 512], depths=[2, 2, 2, 2]), **kwargs)
+    return _create("rest_lite", checkpoint_path, **kwargs)
 
 
 def rest_small(checkpoint_path: str | None = None, **kwargs) -> ResT:
     """ResT-S: 13.68M params, 2.09 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[64, 128, 256, 512], depths=[2, 2, 6, 2]), **kwargs)
+    return _create("rest_small", checkpoint_path, **kwargs)
 
 
 def rest_base(checkpoint_path: str | None = None, **kwargs) -> ResT:
     """ResT-B: 30.33M params, 4.63 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], depths=[2, 2, 6, 2]), **kwargs)
+    return _create("rest_base", checkpoint_path, **kwargs)
 
 
 def rest_large(checkpoint_path: str | None = None, **kwargs) -> ResT:
     """ResT-L: 51.68M params, 8.36 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], depths=[2, 2, 18, 2]), **kwargs)
+    return _create("rest_large", checkpoint_path, **kwargs)
+
+
+document_factories(ResT, rest_lite, rest_small, rest_base, rest_large)

@@ -12,7 +12,7 @@ import restv2_kernels
 from restv2_kernels import reference
 from restv2_kernels.backend import check_backend, use_kernels
 
-from .backbone import Backbone, build
+from .backbone import Backbone, build, document_factories
 from .layers import ConvStem, DropPath, Mlp, PatchEmbed, add_norm, autocast_dtype, ops_for, reduce_tokens
 
 
@@ -116,10 +116,11 @@ class ResTV2(Backbone):
         drop_path_rate: float = 0.0,
         depths: list[int] = [2, 2, 2, 2],
         sr_ratios: list[int] = [8, 4, 2, 1],
+        global_pool: str = "avg",
         backend: str | None = None,
     ):
         super().__init__()
-        backend = self._init_common(in_chans, num_classes, embed_dims, backend)
+        backend = self._init_common(in_chans, num_classes, global_pool, embed_dims, backend)
 
         self.stem = ConvStem(in_chans, embed_dims[0], backend)
         self.patch_2 = PatchEmbed(embed_dims[0], embed_dims[1], backend)
@@ -146,25 +147,37 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _create(checkpoint_path: str | None, defaults: dict, **kwargs) -> ResTV2:
-    return build(ResTV2, checkpoint_path, **{**defaults, **kwargs})
+#: The architectures of the four released ResTv2 models (``ResTV2`` keyword arguments).
+ARCHS = {
+    "restv2_tiny": dict(embed_dims=[96, 192, 384, 768], num_heads=[1, 2, 4, 8], depths=[1, 2, 6, 2]),
+    "restv2_small": dict(embed_dims=[96, 192, 384, 768], num_heads=[1, 2, 4, 8], depths=[1, 2, 12, 2]),
+    "restv2_base": dict(embed_dims=[96, 192, 384, 768], num_heads=[1, 2, 4, 8], depths=[1, 3, 16, 3]),
+    "restv2_large": dict(embed_dims=[128, 256, 512, 1024], num_heads=[2, 4, 8, 16], depths=[2, 3, 16, 2]),
+}
+
+
+def _create(name: str, checkpoint_path: str | None, **kwargs) -> ResTV2:
+    return build(ResTV2, checkpoint_path, **{**ARCHS[name], **kwargs})
 
 
 def restv2_tiny(checkpoint_path: str | None = None, **kwargs) -> ResTV2:
     """ResTv2-T: 30.43M params, 4.08 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], num_heads=[1, 2, 4, 8], depths=[1, 2, 6, 2]), **kwargs)
+    return _create("restv2_tiny", checkpoint_path, **kwargs)
 
 
 def restv2_small(checkpoint_path: str | None = None, **kwargs) -> ResTV2:
     """ResTv2-S: 41.21M params, 5.95 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], num_heads=[1, 2, 4, 8], depths=[1, 2, 12, 2]), **kwargs)
+    return _create("restv2_small", checkpoint_path, **kwargs)
 
 
 def restv2_base(checkpoint_path: str | None = None, **kwargs) -> ResTV2:
     """ResTv2-B: 55.97M params, 7.86 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[96, 192, 384, 768], num_heads=[1, 2, 4, 8], depths=[1, 3, 16, 3]), **kwargs)
+    return _create("restv2_base", checkpoint_path, **kwargs)
 
 
 def restv2_large(checkpoint_path: str | None = None, **kwargs) -> ResTV2:
     """ResTv2-L: 86.53M params, 13.80 GMACs at 224."""
-    return _create(checkpoint_path, dict(embed_dims=[128, 256, 512, 1024], num_heads=[2, 4, 8, 16], depths=[2, 3, 16, 2]), **kwargs)
+    return _create("restv2_large", checkpoint_path, **kwargs)
+
+
+document_factories(ResTV2, restv2_tiny, restv2_small, restv2_base, restv2_large)

@@ -1,7 +1,7 @@
 """Which implementation of the EMSAv2 ops runs: ``"auto"``, ``"triton"`` or ``"reference"``.
 
 - ``"auto"``: the Triton kernels when the activations are CUDA tensors and Triton is
-  importable, the eager reference otherwise.
+  importable (and no ONNX export is tracing), the eager reference otherwise.
 - ``"triton"``: always the kernels; a clear error where they cannot run. CPU tensors are
   allowed when ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how the CPU tests run.
 - ``"reference"``: always the eager path.
@@ -50,6 +50,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` (also behind ``torch.onnx.export``) is tracing: the reference
+    then uses export-friendly forms of a few ops (same values, sizes kept symbolic)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(is_exporting and is_exporting())
+
+
 def check_kernel_device(*tensors: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on these tensors' device."""
     if not triton_available():
@@ -68,12 +75,20 @@ def check_kernel_device(*tensors: torch.Tensor) -> None:
 def use_kernels(backend: str, x: torch.Tensor) -> bool:
     """Whether ``backend`` runs the Triton kernels for activations like ``x``.
 
-    ``"triton"`` raises where the kernels cannot run, rather than falling back silently.
+    ``"triton"`` raises where the kernels cannot run, rather than falling back silently. Under
+    ``torch.onnx.export`` ``"auto"`` runs the reference (the kernels are not ONNX ops), and
+    ``"triton"`` raises.
     """
     if backend == "reference":
         return False
+    onnx = torch.onnx.is_in_onnx_export()
     if backend == "auto":
-        return x.is_cuda and triton_available()
+        return x.is_cuda and triton_available() and not onnx
     check_backend(backend)
+    if onnx:
+        raise ValueError(
+            "backend='triton' cannot be exported to ONNX: the Triton kernels are custom ops, not ONNX "
+            "operators; export the model with backend='reference' (or 'auto'), which computes the same function"
+        )
     check_kernel_device(x)
     return True

@@ -1,4 +1,5 @@
-"""One comparison helper for every parity test, and the loader of the benchmark scripts.
+"""One comparison helper for every parity test, the loader of the benchmark scripts, and the
+importer of optional dependencies.
 
 The kernel's error against a float64 reference must be at most twice the error of eager
 PyTorch in the same dtype, plus a small absolute slack scaled by the reference's
@@ -7,11 +8,14 @@ magnitude (flash-attention's rule). The slack is stated once per dtype, here.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 import pathlib
 import sys
 import types
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,3 +71,12 @@ def load_benchmark(name: str) -> types.ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def require(module: str) -> types.ModuleType:
+    """An optional dependency of an integration test (timm, torchvision, onnx, ...): the test
+    skips without it, except where ``RESTV2_REQUIRE_EXTRAS=1`` (CI's integration environment,
+    which installs every extra), where its absence fails."""
+    if os.environ.get("RESTV2_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

@@ -315,7 +315,7 @@ def test_kernel_backbone_creates_no_score_tensor(device):
     for backend, expect in (("reference", True), ("triton", False)):
         model.set_backend(backend)
         with RecordShapes() as rec:
-            feats = model.forward_intermediates(x)
+            feats = model.forward_intermediates(x, intermediates_only=True)
             sum(f.square().mean() for f in feats).backward()
         assert has_scores(rec.shapes) == expect, backend
 
@@ -329,7 +329,7 @@ def test_detection_size_peak_memory_below_reference():
         x = torch.randn(2, 3, 800, 1333, device="cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        sum(f.float().square().mean() for f in model.forward_intermediates(x)).backward()
+        sum(f.float().square().mean() for f in model.forward_intermediates(x, intermediates_only=True)).backward()
         torch.cuda.synchronize()
         peaks[backend] = torch.cuda.max_memory_allocated()
         del model, x

@@ -182,7 +182,7 @@ def test_any_size_forward_backward(config, size):
     # Eval mode so one image suffices (BatchNorm in training needs two); gradients still flow.
     model = cls(**config, backend="reference").eval()
     x = torch.randn(1, 3, *size, requires_grad=True)
-    feats = model.forward_intermediates(x)
+    feats = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(f.shape[-2:]) for f in feats] == _stage_sizes(*size)
     loss = sum(f.float().square().mean() for f in feats) + model.forward_head(model.forward_features(x)).sum()
     loss.backward()
@@ -199,7 +199,7 @@ def test_sizes_divisible_by_32_match_published_reshapes():
     """Where the published code runs, every map is exactly H // stride and nothing is cropped."""
     model, cases = load_golden("restv2_mini", torch.float64)
     x = cases[1]["input"]  # 96x128
-    feats = model.forward_intermediates(x)
+    feats = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(f.shape[-2:]) for f in feats] == [(96 // s, 128 // s) for s in (4, 8, 16, 32)]
 
 
@@ -286,7 +286,7 @@ def test_dense_prediction_api(cls, config):
     model = cls(**config).eval()
     x = torch.randn(2, 3, 96, 160)
     with torch.no_grad():
-        feats = model.forward_intermediates(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
         final = model.forward_features(x)
         logits = model(x)
     assert len(feats) == 4
@@ -300,8 +300,8 @@ def test_dense_prediction_api(cls, config):
     torch.testing.assert_close(logits, model.forward_head(final))
     torch.testing.assert_close(model.forward_head(final, pre_logits=True), final.mean((2, 3)))
     with torch.no_grad():
-        last_two = model.forward_intermediates(x, indices=2)
-        first = model.forward_intermediates(x, indices=[0])
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        first = model.forward_intermediates(x, indices=[0], intermediates_only=True)
     assert [f.shape for f in last_two] == [f.shape for f in feats[2:]]
     torch.testing.assert_close(first[0], feats[0])
 
@@ -314,3 +314,102 @@ def test_headless_backbone():
     model.reset_classifier(4)
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+# ----------------------------------------------------------------------------- timm's model contract
+
+
+@pytest.mark.parametrize("cls, config", [(ResTV2, MINI_V2), (ResT, MINI_V1)], ids=["v2", "v1"])
+def test_forward_intermediates_timm_signature(cls, config):
+    model = cls(**config).eval()
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        # norm=True: stage 4's map through the final norm, i.e. forward_features
+        _, normed = model.forward_intermediates(x, indices=[-1], norm=True)
+        torch.testing.assert_close(normed[0], final, rtol=0, atol=0)
+        nhwc = model.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
+        for a, b in zip(maps, nhwc):
+            assert torch.equal(a.permute(0, 2, 3, 1), b)
+        # stop_early: the last map asked for is also the returned final map
+        last, (stage2,) = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert torch.equal(last, stage2) and torch.equal(stage2, maps[1])
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NLC")
+    with pytest.raises(ValueError, match="indices"):
+        model.forward_intermediates(x, indices=5)
+
+
+@pytest.mark.parametrize("cls, config", [(ResTV2, MINI_V2), (ResT, MINI_V1)], ids=["v2", "v1"])
+def test_prune_intermediate_layers(cls, config):
+    model = cls(**config).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    assert model.prune_intermediate_layers([-3, 0]) == [0, 1]
+    assert model.num_stages == 2 and not hasattr(model, "stage3") and not hasattr(model, model.embed_names[2])
+    assert not any(k.startswith(("stage3", "stage4", "norm.", "head.")) for k in model.state_dict())
+    with torch.no_grad():
+        stage1, stage2 = model.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(stage1, maps[0], rtol=0, atol=0)
+        torch.testing.assert_close(stage2, maps[1], rtol=0, atol=0)
+        torch.testing.assert_close(model(x), maps[1], rtol=0, atol=0)  # no norm, no pooling, no head
+
+
+def test_global_pool_and_classifier_arguments():
+    model = ResTV2(**{**MINI_V2, "num_classes": 0, "global_pool": ""}).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 128, 2, 2)
+    assert model.head_hidden_size == model.num_features == 128
+    with pytest.raises(ValueError, match="needs num_classes=0"):
+        model.reset_classifier(5)
+    model.reset_classifier(5, "avg")
+    assert model.global_pool == "avg" and model.head.out_features == 5
+    with pytest.raises(ValueError, match="global_pool must be"):
+        ResTV2(**MINI_V2, global_pool="max")
+    with pytest.raises(ValueError, match="needs num_classes=0"):
+        ResTV2(**MINI_V2, global_pool="")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_grad_checkpointing_gives_the_same_gradients(backend):
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, drop_path_rate=0.3, backend=backend).train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop-path masks; checkpoint replays the RNG state
+        model(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+def test_factories_document_their_arguments():
+    for factory in MODELS.values():
+        assert "checkpoint_path:" in factory.__doc__ and "backend" in factory.__doc__, factory.__name__
+
+
+def test_import_without_timm_imports_nothing_optional(tmp_path):
+    """Without timm nothing optional is imported; a timm that fails to import (a torchvision
+    built for another torch) gives a warning, and restv2 still works."""
+    import subprocess
+    import sys
+
+    check = "import sys, restv2\nassert not {'timm', 'torchvision', 'triton'} & set(sys.modules), sorted(sys.modules)\n"
+    subprocess.run([sys.executable, "-c", check], check=True)
+    broken = tmp_path / "timm"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import restv2\n"
+        "assert any('torchvision::nms' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "assert restv2.rest_lite(num_classes=2).num_classes == 2\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})

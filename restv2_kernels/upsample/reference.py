@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import exporting
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -40,7 +42,9 @@ def check_upsample_inputs(
     if v.shape[0] != B or v.shape[3] != C:
         raise ValueError(f"upsample_add: v {tuple(v.shape)} must be (B={B}, Hr, Wr, C={C}) to match x {tuple(x.shape)}")
     Hr, Wr = v.shape[1], v.shape[2]
-    if Hr * sr < H or Wr * sr < W:
+    # torch.export cannot prove this for symbolic sizes (floor divisions); the model's shapes
+    # satisfy it by construction, and eager calls are checked
+    if not exporting() and (Hr * sr < H or Wr * sr < W):
         raise ValueError(
             f"upsample_add: the upsampled map {Hr * sr}x{Wr * sr} (v's {Hr}x{Wr} times sr={sr}) "
             f"is smaller than x's {H}x{W}; need Hr*sr >= H and Wr*sr >= W"
@@ -73,6 +77,13 @@ def upsample_add(
     check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr)
     B, H, W, C = x.shape
     up = F.conv2d(v.permute(0, 3, 1, 2), weight, bias, padding=1, groups=C)
-    up = F.pixel_shuffle(up, sr)[:, :, :H, :W]
+    up = F.pixel_shuffle(up, sr)
+    if exporting():
+        # The crop as a gather: its size is H x W whatever Hr*sr is, so an exported graph keeps
+        # sides that do not divide by 32 dynamic (a slice specialises on whether Hr*sr == H).
+        rows, cols = (torch.arange(n, device=up.device) for n in (H, W))
+        up = up.index_select(2, rows).index_select(3, cols)
+    else:
+        up = up[:, :, :H, :W]
     up = F.layer_norm(up.permute(0, 2, 3, 1), (C,), norm_weight, norm_bias, eps)
     return (x + up).contiguous()
