@@ -21,7 +21,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
+
+try:
+    from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
+except ImportError as e:  # torchvision is an optional dependency
+    raise ImportError(
+        f"restv2.detection needs torchvision ({e}); install it with `pip install \"restv2[detection]\"` "
+        "(a torchvision built for your torch: for a CPU build of torch, from PyTorch's CPU index)"
+    ) from e
 
 from . import MODELS
 from .backbone import Backbone

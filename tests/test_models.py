@@ -413,3 +413,12 @@ def test_import_without_timm_imports_nothing_optional(tmp_path):
         "assert restv2.rest_lite(num_classes=2).num_classes == 2\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+
+
+def test_detection_without_torchvision_says_how_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here (tests/integrations/test_detection.py covers it)")
+    with pytest.raises(ImportError, match=r"restv2\[detection\]"):
+        import restv2.detection  # noqa: F401
