@@ -142,12 +142,7 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final normalised map [B, C_4, H_4, W_4]."""
-        x = self._input(x)
-        for i in range(self.num_stages - 1):
-            x, branch, H, W = self._stage(i, x)
-            x = to_map(x if branch is None else x + branch, H, W)
-        x, branch, H, W = self._stage(self.num_stages - 1, x)
-        return to_map(self._final_norm(x, branch)[1], H, W)
+        return self.forward_intermediates(x, indices=1)[0]
 
     def _final_norm(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + branch, norm(x + branch))`` on the last stage's tokens, fused on the kernel path."""

@@ -81,11 +81,10 @@ def use_kernels(backend: str, x: torch.Tensor) -> bool:
     """
     if backend == "reference":
         return False
-    onnx = torch.onnx.is_in_onnx_export()
-    if backend == "auto":
-        return x.is_cuda and triton_available() and not onnx
+    if backend == "auto":  # the ONNX flag only where the kernels would run: it imports torch.onnx
+        return x.is_cuda and triton_available() and not torch.onnx.is_in_onnx_export()
     check_backend(backend)
-    if onnx:
+    if torch.onnx.is_in_onnx_export():
         raise ValueError(
             "backend='triton' cannot be exported to ONNX: the Triton kernels are custom ops, not ONNX "
             "operators; export the model with backend='reference' (or 'auto'), which computes the same function"
