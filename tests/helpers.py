@@ -35,12 +35,14 @@ def assert_close(
     reference: torch.Tensor,
     eager: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    eager_factor: float = 2.0,
 ) -> None:
-    """Fails unless ``|actual - reference|.max() <= 2 * |eager - reference|.max() + atol``.
+    """Fails unless ``|actual - reference|.max() <= eager_factor * |eager - reference|.max() + atol``.
 
     ``reference`` is the float64 result; ``eager`` is plain PyTorch in the tested dtype on
     the same inputs (None: judge by ``atol`` alone). ``dtype`` picks the slack and
-    defaults to ``actual.dtype``. NaN anywhere in ``actual`` fails.
+    defaults to ``actual.dtype``. ``eager_factor`` stays 2 for this package's kernels; only a
+    foreign runtime, with a reason stated at the call, gets more. NaN anywhere in ``actual`` fails.
     """
     dtype = dtype or actual.dtype
     if actual.shape != reference.shape:
@@ -51,7 +53,7 @@ def assert_close(
     scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
     bound = ATOL[dtype] * scale
     if eager is not None:
-        bound += 2 * (eager.detach().double().cpu() - r).abs().max().item()
+        bound += eager_factor * (eager.detach().double().cpu() - r).abs().max().item()
     bad = ~(err <= bound)  # NaN counts as bad
     if bad.any():
         first = tuple(int(i) for i in bad.nonzero()[0])
@@ -80,3 +82,16 @@ def require(module: str) -> types.ModuleType:
     if os.environ.get("RESTV2_REQUIRE_EXTRAS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def nan_buffers_for(monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Makes every buffer ``kernels._empty`` allocates start as NaN, so that an element a kernel
+    leaves unwritten fails the test; returns the list of ``(shape, dtype)`` allocated."""
+    allocated = []
+
+    def empty(shape, dtype, device):
+        allocated.append((tuple(shape), dtype))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", empty)
+    return allocated

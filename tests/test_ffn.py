@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, nan_buffers_for
 
 from restv2_kernels import plans, reference
 from restv2_kernels.ffn import triton as kernels
@@ -23,15 +23,8 @@ GRAD_NAMES = ("dx", "dweight", "dbias")
 
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch):
-    """Every buffer the launcher allocates starts as NaN, so an unwritten element fails."""
-    allocated = []
-
-    def empty(shape, dtype, device):
-        allocated.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", empty)
-    return allocated
+    """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
+    return nan_buffers_for(monkeypatch, kernels)
 
 
 def _tiles(block_m=16, block_n=16, block_k=16, group_m=2):

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, nan_buffers_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,14 +28,7 @@ GRAD_NAMES = ("dx", "dbranch", "dweight", "dbias")
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
-    allocated = []
-
-    def empty(shape, dtype, device):
-        allocated.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", empty)
-    return allocated
+    return nan_buffers_for(monkeypatch, kernels)
 
 
 def _inputs(shape, seed=0):

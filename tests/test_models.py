@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -396,9 +399,6 @@ def test_factories_document_their_arguments():
 def test_import_without_timm_imports_nothing_optional(tmp_path):
     """Without timm nothing optional is imported; a timm that fails to import (a torchvision
     built for another torch) gives a warning, and restv2 still works."""
-    import subprocess
-    import sys
-
     check = "import sys, restv2\nassert not {'timm', 'torchvision', 'triton'} & set(sys.modules), sorted(sys.modules)\n"
     subprocess.run([sys.executable, "-c", check], check=True)
     broken = tmp_path / "timm"
@@ -412,7 +412,7 @@ def test_import_without_timm_imports_nothing_optional(tmp_path):
         "assert any('torchvision::nms' in str(x.message) for x in w), [str(x.message) for x in w]\n"
         "assert restv2.rest_lite(num_classes=2).num_classes == 2\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
 
 
 def test_detection_without_torchvision_says_how_to_install():

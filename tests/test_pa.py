@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, nan_buffers_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,14 +25,7 @@ GRAD_NAMES = ("dx", "dweight", "dbias")
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
-    allocated = []
-
-    def empty(shape, dtype, device):
-        allocated.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", empty)
-    return allocated
+    return nan_buffers_for(monkeypatch, kernels)
 
 
 def _small_tiles(programs=5):

@@ -46,9 +46,7 @@ def _check(name, session, model, model64, shape, eager_factor=2):
     (out,) = session.run(None, {"images": x.numpy()})
     with torch.no_grad():
         reference, eager = model64(x.double()), model(x)
-    # assert_close allows twice eager PyTorch's own fp32 error: eager_factor scales that
-    assert_close(f"{name} {shape}", torch.from_numpy(out), reference, reference + eager_factor / 2 * (eager - reference),
-                 dtype=torch.float32)
+    assert_close(f"{name} {shape}", torch.from_numpy(out), reference, eager, torch.float32, eager_factor)
 
 
 def test_dynamic_export_restv2(tmp_path):
