@@ -17,7 +17,7 @@ from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .pretrained import IMAGENET_MEAN, IMAGENET_STD
+from .pretrained import IMAGENET_MEAN, IMAGENET_STD, PRETRAINED_CFGS
 
 
 def check_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[str]:
@@ -72,16 +72,14 @@ def image_folder(root: str | os.PathLike, transform, classes: Sequence[str] | No
 
 
 def eval_transform(model_name: str, img_size: int, crop_pct: float | None = None):
-    """The authors' evaluation preprocessing: bicubic, ImageNet mean/std; ResTv2 resizes the
-    short side to ``img_size / crop_pct`` (``crop_pct`` 1.0) and centre-crops below 384, and warps
-    to a square at 384 and above; ResTv1 resizes to ``img_size / 0.875`` and centre-crops."""
-    v2 = model_name.startswith("restv2")
-    if crop_pct is None:
-        crop_pct = 1.0 if v2 else 0.875
-    crop_mode = "squash" if v2 and img_size >= 384 else "center"
+    """The authors' evaluation preprocessing, as the released checkpoints' cfgs state it
+    (``restv2.pretrained``): the 384 cfg's at 384 and above where the model has one, else the
+    224 cfg's, at ``img_size``; ``crop_pct`` overrides the cfg's."""
+    tag = f"{model_name}.in1k_384"
+    cfg = PRETRAINED_CFGS[tag if img_size >= 384 and tag in PRETRAINED_CFGS else f"{model_name}.in1k"]
     return create_transform(
-        img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct, crop_mode=crop_mode,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        img_size, is_training=False, interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+        crop_pct=cfg["crop_pct"] if crop_pct is None else crop_pct, crop_mode=cfg["crop_mode"],
     )  # fmt: skip
 
 

@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 from . import MODELS
 from .checkpoint import load_checkpoint, unwrap_state_dict
-from .data import check_image_folder, eval_transform, image_folder, train_transform
-from .validate import AMP_DTYPES, autocast, evaluate, val_loader
+from .data import eval_transform, image_folder, train_transform
+from .validate import AMP_DTYPES, autocast, evaluate, setup, val_loader
 
 #: Stochastic depth per model. restv2_tiny's 0.1 is the published command's; ResTv1's are the
 #: ResTv1 release's commands; restv2_small/base/large follow the paper's growth with size.
@@ -166,14 +166,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
-    """``values`` summed (or ``op``-reduced) over the processes; as is without torch.distributed."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
 # --- random state ----------------------------------------------------------------------------
 
 
@@ -283,14 +275,17 @@ class Run:
         self.is_main = rank() == 0
         self.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
         train_dir, val_dir = (os.path.join(args.data_dir, split) for split in ("train", "val"))
-        classes = check_image_folder(train_dir)
-        check_image_folder(val_dir, classes)
+        self.train_set = image_folder(train_dir, train_transform(args.img_size, args.aa, args.color_jitter, args.reprob))
+        classes = self.train_set.classes
+        self.val_loader = val_loader(
+            val_dir, eval_transform(args.model, args.img_size), args.batch_size, args.workers, classes,
+            pin_memory=device.type == "cuda",
+        )  # fmt: skip
         if args.num_classes is None:
             args.num_classes = len(classes)
         elif args.num_classes < len(classes):
             raise ValueError(f"--num-classes {args.num_classes} is fewer than the {len(classes)} class folders of {train_dir}")
 
-        self.train_set = image_folder(train_dir, train_transform(args.img_size, args.aa, args.color_jitter, args.reprob))
         self.sampler = torch.utils.data.DistributedSampler(
             self.train_set, num_replicas=world_size(), rank=rank(), shuffle=True, seed=args.seed, drop_last=True
         )
@@ -304,10 +299,6 @@ class Run:
                 f"{train_dir}: {len(self.train_set)} images give {len(self.train_loader)} batches of {args.batch_size} "
                 f"per process ({world_size()} processes), fewer than --accum-steps {args.accum_steps}"
             )
-        self.val_loader = val_loader(
-            val_dir, eval_transform(args.model, args.img_size), args.batch_size, args.workers, classes,
-            pin_memory=device.type == "cuda",
-        )  # fmt: skip
 
         seed_all(args.seed)  # the same initial weights in every process
         self.model = build_model(args).to(device)
@@ -458,8 +449,10 @@ class Run:
                     with autocast(device, self.amp):
                         loss = self.criterion(self.forward(images), target)
                     self.scaler.scale(loss / args.accum_steps).backward()
-                (value,) = reduce([loss.item()], device)
-                value /= world_size()
+                value = loss.detach().float()
+                if dist.is_initialized():
+                    dist.all_reduce(value)
+                value = value.item() / world_size()  # the one host sync of a micro-step
                 if not math.isfinite(value):
                     raise FloatingPointError(self.non_finite("loss", value, i))
                 update_loss += value / args.accum_steps
@@ -494,11 +487,13 @@ class Run:
             if steps_log is not None:
                 steps_log.close()
         seconds = time.perf_counter() - start
-        (peak,) = reduce([peak_memory_mb(device)], device, dist.ReduceOp.MAX)
+        peak = torch.tensor(peak_memory_mb(device), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return {
             "train_loss": loss_sum / self.updates_per_epoch,
             "images_per_s": micro_steps * args.batch_size * world_size() / seconds,
-            "peak_memory_mb": peak,
+            "peak_memory_mb": peak.item(),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
@@ -552,20 +547,6 @@ class Run:
         return history
 
 
-def setup(args: argparse.Namespace) -> torch.device:
-    """The device and, under torchrun (WORLD_SIZE > 1), the process group."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return device
-
-
 def resolve_resume(args: argparse.Namespace) -> None:
     """``--resume auto`` becomes the output dir's ``checkpoint-last.pth`` (or nothing); an output
     dir that already holds a run is refused unless it is resumed."""
@@ -585,7 +566,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the command line ``argv``; returns the per-epoch metrics (on every process)."""
     args = parse_args(argv)
     resolve_resume(args)
-    device = setup(args)
+    device = setup(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     try:
         if rank() == 0:
             os.makedirs(args.output_dir, exist_ok=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import MODELS
 from .checkpoint import unwrap_state_dict
-from .data import ShardSampler, check_image_folder, eval_transform, image_folder
+from .data import ShardSampler, eval_transform, image_folder
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -42,8 +42,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
     initialised, each process evaluates its shard and the sums are reduced."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, images
+    count = torch.zeros(4, dtype=torch.float64)  # images, counted on the host
     for images, target in loader:
+        count[3] += target.numel()
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -51,14 +53,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
         logits = logits.float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices == target[:, None]
-        sums += torch.stack(
-            [
-                F.cross_entropy(logits, target, reduction="sum").double(),
-                top[:, :1].any(1).sum().double(),
-                top.any(1).sum().double(),
-                torch.tensor(float(target.numel()), dtype=torch.float64, device=device),
-            ]
-        )
+        sums[0] += F.cross_entropy(logits, target, reduction="sum")
+        sums[1] += top[:, :1].any(1).sum()
+        sums[2] += top.any(1).sum()
+    sums += count.to(device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was_training)
@@ -75,6 +73,21 @@ def val_loader(root: str, transform, batch_size: int, workers: int, classes=None
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), num_workers=workers,
         pin_memory=pin_memory, drop_last=False,
     )  # fmt: skip
+
+
+def setup(device: str | None = None) -> torch.device:
+    """The device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU) and, under
+    torchrun (``WORLD_SIZE`` > 1), the process group: NCCL on CUDA, gloo on the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,19 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = args.num_classes or saved.get("num_classes") or state_dict["head.weight"].shape[0]
     img_size = args.img_size or saved.get("img_size") or 224
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = setup(args.device)
     try:
         model = MODELS[name](num_classes=num_classes, backend=args.backend)
         model.load_state_dict(state_dict)  # strict, as restv2.load_checkpoint
         model.to(device)
         root = os.path.join(args.data_dir, "val") if os.path.isdir(os.path.join(args.data_dir, "val")) else args.data_dir
-        check_image_folder(root)
         loader = val_loader(
             root, eval_transform(name, img_size, args.crop_pct), args.batch_size, args.workers,
             pin_memory=device.type == "cuda",
@@ -129,11 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
         amp = args.amp or ("bf16" if device.type == "cuda" else "off")
         metrics = evaluate(model, loader, device, amp)
         result = {"checkpoint": args.checkpoint, "model": name, "ema": args.ema, "img_size": img_size, **metrics}
-        if not distributed or dist.get_rank() == 0:
+        if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
         return result
     finally:
-        if distributed:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
