@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import restv2_kernels
 from restv2_kernels import reference
+from restv2_kernels.attention_mixed.reference import mixed_scores
 from restv2_kernels.backend import check_backend, use_kernels
 
 from .backbone import Backbone, build, document_factories
@@ -19,7 +20,8 @@ class EMSA(nn.Module):
     optional 1x1 conv mixing heads on the scores (``apply_transform``, only when heads > 1).
 
     The fused ``emsa_attention`` kernel runs wherever it computes the same thing: no head
-    transform and no attention dropout in training. Elsewhere the eager path runs.
+    transform and no attention dropout in training. Elsewhere the eager path runs (the transform
+    through ``restv2_kernels.attention_mixed.reference.mixed_scores``).
     """
 
     def __init__(
@@ -69,22 +71,18 @@ class EMSA(nn.Module):
         kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
         k, v = kv[:, :, 0], kv[:, :, 1]
 
-        plain_softmax = not self.apply_transform and not (self.training and self.attn_drop.p > 0)
-        if plain_softmax:
+        if self.apply_transform or (self.training and self.attn_drop.p > 0):
+            # the eager path: it builds the [B, h, N, M] score maps (the heads' interaction is
+            # not on the kernels yet, see restv2_kernels.attention_mixed)
+            if self.apply_transform:
+                conv = self.transform_conv
+                attn = mixed_scores(q, k, conv.weight, conv.bias, self.scale, self.transform_norm.eps)
+            else:
+                attn = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale).softmax(dim=-1)
+            out = (self.attn_drop(attn) @ v.transpose(1, 2)).transpose(1, 2)
+        else:
             ops = restv2_kernels if use_kernels(self.backend, q) else reference
             out = ops.emsa_attention(q, k, v, self.scale)
-        else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, h, L, d]
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-            if self.apply_transform:
-                attn = self.transform_conv(attn).softmax(dim=-1)
-                # InstanceNorm2d refuses a 1x1 map (N = M = 1, a 32x32 input's stage 4);
-                # normalising one element gives exactly 0. (Not Size.numel(): torch.export
-                # would specialise on its value.)
-                attn = self.transform_norm(attn) if attn.shape[-2] * attn.shape[-1] > 1 else attn - attn
-            else:
-                attn = attn.softmax(dim=-1)
-            out = (self.attn_drop(attn) @ v).transpose(1, 2)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
     def extra_repr(self) -> str:

@@ -1,6 +1,8 @@
 """Fused Triton kernels for EMSAv2's hot path, each beside an eager reference.
 
 - ``emsa_attention(q, k, v, scale=None)``: softmax attention of N queries over M reduced keys.
+- ``emsa_attention_mixed(q, k, v, weight, bias, scale=None, eps=1e-5)``: ResTv1's attention with
+  the heads' interaction (1x1 conv across the heads' scores, softmax, InstanceNorm).
 - ``upsample_add(x, v, weight, bias, norm_weight, norm_bias, sr, eps=1e-6)``: the upsample
   branch (depthwise 3x3 conv + pixel-shuffle + crop + LayerNorm + residual add).
 
@@ -14,10 +16,11 @@ import importlib
 
 from . import backend, reference
 
-__all__ = ["emsa_attention", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp", "reference", "backend"]
+__all__ = ["emsa_attention", "emsa_attention_mixed", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp", "reference", "backend"]
 
 _LAZY = {
     "emsa_attention": "restv2_kernels.attention.triton",
+    "emsa_attention_mixed": "restv2_kernels.attention_mixed.triton",
     "upsample_add": "restv2_kernels.upsample.triton",
     "add_layer_norm": "restv2_kernels.layernorm.triton",
     "linear_gelu": "restv2_kernels.ffn.triton",

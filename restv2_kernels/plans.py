@@ -9,8 +9,8 @@ the same launches and compiles exactly them for GPUs that are not here.
   the per-SM limits of the occupancy estimate). ``TARGETS`` holds the GPUs users run on;
   ``device_target(device)`` gives the live GPU's (its own SM count and shared memory, the
   tables of the nearest known architecture), or ``INTERPRETER`` for CPU tensors.
-- Plan functions: ``attention_fwd_plan``, ``attention_bwd_plan``, ``upsample_fwd_plan``,
-  ``upsample_bwd_plan``. Their block tables are per target (``_ATTN_FWD`` ...): the
+- Plan functions: ``attention_fwd_plan``, ``attention_bwd_plan``, ``attention_mixed_fwd_plan``,
+  ``attention_mixed_bwd_plan``, ``upsample_fwd_plan``, ``upsample_bwd_plan`` (and the rest below). Their block tables are per target (``_ATTN_FWD`` ...): the
   ``"default"`` row serves every target without a row of its own.
 - Grids are one-dimensional. CUDA caps grid dimensions y and z at 65,535 and Triton does not
   check, so everything that grows with the batch (B * heads, splits, key blocks) is folded
@@ -398,6 +398,137 @@ def attention_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtyp
     dkdv = Launch("attn_bwd_dkdv", (n_kblocks * splits * B * H,), meta + (("FUSE_DQ", fuse_dq),),
                   blocks.num_warps, blocks.num_stages)
     return AttentionBwdPlan(dq, dkdv, splits, cdiv(n_qblocks, splits))
+
+
+# ---------------------------------------------------------------------------------------
+# Attention with the heads' interaction, ResTv1 (restv2_kernels/attention_mixed/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixedBlocks:
+    """Queries per block, keys per block, warps, stages, and ``max_tile``: the most elements of
+    a [rows, BLOCK_C] tile over every head's channels (q rows in the forward, the fp32 dq and
+    dk accumulators in the backward). BLOCK_N and BLOCK_M shrink (to 16 at least) to stay
+    under it as H * D grows."""
+
+    block_n: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+    max_tile: int
+
+
+# Rows: precision. BLOCK_C = next_pow2(H) * BLOCK_D is 128 to 1024 channels in the zoo.
+_MIXED_FWD: dict[str, dict[str, MixedBlocks]] = {
+    "default": {"16bit": MixedBlocks(64, 64, 4, 2, 8192), "fp32": MixedBlocks(32, 32, 4, 1, 4096)},
+}
+_MIXED_BWD: dict[str, dict[str, MixedBlocks]] = {
+    "default": {"16bit": MixedBlocks(32, 32, 4, 1, 4096), "fp32": MixedBlocks(16, 32, 4, 1, 2048)},
+}
+_MIXED_FWD["sm_70"] = {prec: _MIXED_FWD["default"]["fp32"] for prec in _MIXED_FWD["default"]}
+_MIXED_BWD["sm_70"] = {prec: _MIXED_BWD["default"]["fp32"] for prec in _MIXED_BWD["default"]}
+MIXED_MAX_CHANNELS = 1024  # next_pow2(H) * next_pow2(D): every head's channels of a row in one tile
+_MIXED_ROW_TILE = 4096  # elements a program of the row kernels (norm, prep): 32 a thread at 4 warps
+_MIXED_ROW_TILE_INTERPRETER = 32768
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def mixed_channels(H: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, HEADS_P2, BLOCK_C) of the padded channel layout: head h at [h * BLOCK_D, h * BLOCK_D + D)."""
+    block_d = max(16, next_power_of_2(D))
+    heads_p2 = next_power_of_2(H)
+    return block_d, heads_p2, heads_p2 * block_d
+
+
+def check_mixed_channels(H: int, D: int) -> None:
+    """Raises ValueError unless every head's channels of a row fit one tile of the mixed kernels."""
+    block_d, heads_p2, block_c = mixed_channels(H, D)
+    if block_c > MIXED_MAX_CHANNELS:
+        raise ValueError(
+            f"emsa_attention_mixed: heads x head_dim padded to powers of two ({heads_p2} x {block_d} = {block_c}) "
+            f"exceeds {MIXED_MAX_CHANNELS}, the most one program holds; use the reference for this shape"
+        )
+
+
+def _mixed_blocks(table: dict, family: str, H: int, D: int, M: int, dtype: torch.dtype, target: Target):
+    block_d, heads_p2, block_c = mixed_channels(H, D)
+    blocks = _apply_forced(family, _table_row(table, target)[_precision(dtype)])
+    rows = max(16, _floor_pow2(blocks.max_tile // block_c))
+    block_n = max(16, min(blocks.block_n, rows))
+    block_m = max(16, min(blocks.block_m, rows, next_power_of_2(M)))
+    meta = (("BLOCK_N", block_n), ("BLOCK_M", block_m), ("BLOCK_D", block_d), ("HEADS_P2", heads_p2))
+    return blocks, meta, block_n, block_m
+
+
+def _mixed_rows_launch(name: str, R: int, B: int, H: int, D: int, target: Target) -> Launch:
+    """A row kernel (``_mixed_norm_kernel``, ``_mixed_bwd_prep_kernel``): [BLOCK_R, BLOCK_C] tiles."""
+    block_d, heads_p2, block_c = mixed_channels(H, D)
+    tile = _MIXED_ROW_TILE_INTERPRETER if target.interpreter else _MIXED_ROW_TILE
+    block_r = max(1, min(_floor_pow2(tile // block_c), next_power_of_2(R)))
+    return Launch(name, (cdiv(R, block_r) * B,), (("BLOCK_R", block_r), ("BLOCK_D", block_d), ("HEADS_P2", heads_p2)),
+                  4, 1)
+
+
+@dataclass(frozen=True)
+class AttentionMixedFwdPlan:
+    """``main`` over (query blocks x heads x batch); ``norm`` rescales o in place over row blocks."""
+
+    main: Launch
+    norm: Launch
+    n_qblocks: int
+
+
+def attention_mixed_fwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype,
+                             target: Target) -> AttentionMixedFwdPlan:
+    check_mixed_channels(H, D)
+    blocks, meta, block_n, block_m = _mixed_blocks(_MIXED_FWD, "mixed_fwd", H, D, M, dtype, target)
+    n_qblocks = cdiv(N, block_n)
+    main = Launch("mixed_fwd", (n_qblocks * H * B,),
+                  meta + (("ONE_BLOCK", M <= block_m), ("DOT_PRECISION", dot_precision(dtype))),
+                  blocks.num_warps, blocks.num_stages)
+    return AttentionMixedFwdPlan(main, _mixed_rows_launch("mixed_norm", N, B, H, D, target), n_qblocks)
+
+
+@dataclass(frozen=True)
+class AttentionMixedBwdPlan:
+    """``stats`` over (query blocks x heads x batch), then ``dq`` (query blocks x batch, every
+    head, with dW partials) and ``dkdv`` over (key blocks x ``splits`` x batch), each split
+    walking ``blocks_per_split`` query blocks as in ``AttentionBwdPlan``."""
+
+    stats: Launch
+    dq: Launch
+    dkdv: Launch
+    splits: int
+    blocks_per_split: int
+    n_qblocks: int
+    n_stats_blocks: int
+
+
+def attention_mixed_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype,
+                             target: Target) -> AttentionMixedBwdPlan:
+    check_mixed_channels(H, D)
+    blocks, meta, block_n, block_m = _mixed_blocks(_MIXED_BWD, "mixed_bwd", H, D, M, dtype, target)
+    meta += (("DOT_PRECISION", dot_precision(dtype)),)
+    n_qblocks, n_kblocks = cdiv(N, block_n), cdiv(M, block_m)
+    min_per_split = _forced_fields("mixed_bwd").get("min_blocks_per_split", MIN_BLOCKS_PER_SPLIT)
+    splits = attention_splits(n_qblocks, n_kblocks, B, M, H * D, target, min_per_split)
+    warps, stages = blocks.num_warps, blocks.num_stages
+    return AttentionMixedBwdPlan(
+        Launch("mixed_bwd_stats", (n_qblocks * H * B,), meta, warps, stages),
+        Launch("mixed_bwd_dq", (n_qblocks * B,), meta, warps, stages),
+        Launch("mixed_bwd_dkdv", (n_kblocks * splits * B,), meta, warps, stages),
+        splits, cdiv(n_qblocks, splits), n_qblocks, n_qblocks,
+    )
+
+
+_FAMILIES.update({
+    "mixed_fwd": _fields(MixedBlocks),
+    "mixed_bwd": _fields(MixedBlocks) | {"min_blocks_per_split"},
+})
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The eager references of every op, with the same signatures as the fused ones."""
 
 from .attention.reference import emsa_attention
+from .attention_mixed.reference import emsa_attention_mixed
 from .ffn.reference import linear_gelu, mlp
 from .layernorm.reference import add_layer_norm
 from .pa.reference import pixel_attention
 from .upsample.reference import upsample_add
 
-__all__ = ["emsa_attention", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp"]
+__all__ = ["emsa_attention", "emsa_attention_mixed", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp"]

@@ -7,32 +7,33 @@ import torch
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raises TypeError/ValueError naming the problem unless q, k, v fit ``emsa_attention``."""
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = "emsa_attention") -> None:
+    """Raises TypeError/ValueError naming the problem unless q, k, v fit ``emsa_attention`` (``op``
+    names the function in the messages)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"emsa_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"emsa_attention: {name} must be 4-D (B, L, heads, head_dim), got shape {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be 4-D (B, L, heads, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"emsa_attention: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"emsa_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"emsa_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"emsa_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:
-        raise ValueError(f"emsa_attention: batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
+        raise ValueError(f"{op}: batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"emsa_attention: head counts differ: q has {q.shape[2]}, k/v have {k.shape[2]}")
+        raise ValueError(f"{op}: head counts differ: q has {q.shape[2]}, k/v have {k.shape[2]}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"emsa_attention: head dims differ: q has {q.shape[3]}, k/v have {k.shape[3]}")
+        raise ValueError(f"{op}: head dims differ: q has {q.shape[3]}, k/v have {k.shape[3]}")
     d = q.shape[3]
     if d % 8 != 0 or not 16 <= d <= 256:
-        raise ValueError(f"emsa_attention: head_dim must be a multiple of 8 from 16 to 256, got {d}")
+        raise ValueError(f"{op}: head_dim must be a multiple of 8 from 16 to 256, got {d}")
     if q.shape[1] < 1 or k.shape[1] < 1:
-        raise ValueError(f"emsa_attention: need at least one query and one key, got N={q.shape[1]}, M={k.shape[1]}")
+        raise ValueError(f"{op}: need at least one query and one key, got N={q.shape[1]}, M={k.shape[1]}")
 
 
 def emsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
