@@ -405,77 +405,49 @@ def attention_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtyp
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MixedBlocks:
-    """Queries per block, keys per block, warps, stages, and ``max_tile``: the most elements of
-    a [rows, BLOCK_C] tile over every head's channels (q rows in the forward, the fp32 dq and
-    dk accumulators in the backward). BLOCK_N and BLOCK_M shrink (to 16 at least) to stay
-    under it as H * D grows."""
-
-    block_n: int
-    block_m: int
-    num_warps: int
-    num_stages: int
-    max_tile: int
-
-
-# Rows: precision. BLOCK_C = next_pow2(H) * BLOCK_D is 128 to 1024 channels in the zoo.
-_MIXED_FWD: dict[str, dict[str, MixedBlocks]] = {
-    "default": {"16bit": MixedBlocks(64, 64, 4, 2, 8192), "fp32": MixedBlocks(32, 32, 4, 1, 4096)},
+# Every program holds per-head [BLOCK_N, BLOCK_D] / [BLOCK_M, BLOCK_D] tiles, as the plain
+# attention's do, whatever the head count: the forward as ``_ATTN_FWD``'s footprint; the
+# backward's dq and dk/dv programs keep about seven fp32 [BLOCK_N, BLOCK_M] score tiles live
+# (t, p, a, dA, dt, their head mix ds, and s_h or a_h), so their blocks are smaller.
+_MIXED_FWD: dict[str, dict[tuple[str, str], AttnBlocks]] = {
+    "default": {
+        ("16bit", "d<=64"): AttnBlocks(64, 64, 4, 2),
+        ("16bit", "d128"): AttnBlocks(64, 64, 8, 2),
+        ("16bit", "d256"): AttnBlocks(64, 32, 8, 2),
+        ("fp32", "d<=64"): AttnBlocks(16, 32, 4, 1),
+        ("fp32", "d128"): AttnBlocks(16, 32, 8, 1),
+        ("fp32", "d256"): AttnBlocks(16, 16, 8, 1),
+    },
 }
-_MIXED_BWD: dict[str, dict[str, MixedBlocks]] = {
-    "default": {"16bit": MixedBlocks(32, 32, 4, 1, 4096), "fp32": MixedBlocks(16, 32, 4, 1, 2048)},
+_MIXED_BWD: dict[str, dict[tuple[str, str], AttnBlocks]] = {
+    "default": {
+        ("16bit", "d<=64"): AttnBlocks(32, 32, 4, 2),
+        ("16bit", "d128"): AttnBlocks(32, 32, 4, 2),
+        ("16bit", "d256"): AttnBlocks(32, 32, 8, 1),
+        ("fp32", "d<=64"): AttnBlocks(16, 32, 4, 1),
+        ("fp32", "d128"): AttnBlocks(16, 16, 8, 1),
+        ("fp32", "d256"): AttnBlocks(16, 16, 8, 1),
+    },
 }
-_MIXED_FWD["sm_70"] = {prec: _MIXED_FWD["default"]["fp32"] for prec in _MIXED_FWD["default"]}
-_MIXED_BWD["sm_70"] = {prec: _MIXED_BWD["default"]["fp32"] for prec in _MIXED_BWD["default"]}
-MIXED_MAX_CHANNELS = 1024  # next_pow2(H) * next_pow2(D): every head's channels of a row in one tile
-_MIXED_ROW_TILE = 4096  # elements a program of the row kernels (norm, prep): 32 a thread at 4 warps
-_MIXED_ROW_TILE_INTERPRETER = 32768
+_MIXED_FWD["sm_70"] = _fma_rows(_MIXED_FWD)
+_MIXED_BWD["sm_70"] = _fma_rows(_MIXED_BWD)
+# The interpreter pays per op and per program, and each program here loops over heads twice
+# over: 64 x 64 blocks for every dtype (tests force small blocks where they want many).
+_MIXED_INTERPRETER = AttnBlocks(64, 64, 4, 1)
+_MIXED_NORM_BLOCK = 1024  # elements a program of the elementwise rescale (8 a thread at 4 warps)
+_MIXED_NORM_BLOCK_INTERPRETER = 1 << 16
 
 
-def _floor_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1).bit_length() - 1)
-
-
-def mixed_channels(H: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, HEADS_P2, BLOCK_C) of the padded channel layout: head h at [h * BLOCK_D, h * BLOCK_D + D)."""
-    block_d = max(16, next_power_of_2(D))
-    heads_p2 = next_power_of_2(H)
-    return block_d, heads_p2, heads_p2 * block_d
-
-
-def check_mixed_channels(H: int, D: int) -> None:
-    """Raises ValueError unless every head's channels of a row fit one tile of the mixed kernels."""
-    block_d, heads_p2, block_c = mixed_channels(H, D)
-    if block_c > MIXED_MAX_CHANNELS:
-        raise ValueError(
-            f"emsa_attention_mixed: heads x head_dim padded to powers of two ({heads_p2} x {block_d} = {block_c}) "
-            f"exceeds {MIXED_MAX_CHANNELS}, the most one program holds; use the reference for this shape"
-        )
-
-
-def _mixed_blocks(table: dict, family: str, H: int, D: int, M: int, dtype: torch.dtype, target: Target):
-    block_d, heads_p2, block_c = mixed_channels(H, D)
-    blocks = _apply_forced(family, _table_row(table, target)[_precision(dtype)])
-    rows = max(16, _floor_pow2(blocks.max_tile // block_c))
-    block_n = max(16, min(blocks.block_n, rows))
-    block_m = max(16, min(blocks.block_m, rows, next_power_of_2(M)))
-    meta = (("BLOCK_N", block_n), ("BLOCK_M", block_m), ("BLOCK_D", block_d), ("HEADS_P2", heads_p2))
-    return blocks, meta, block_n, block_m
-
-
-def _mixed_rows_launch(name: str, R: int, B: int, H: int, D: int, target: Target) -> Launch:
-    """A row kernel (``_mixed_norm_kernel``, ``_mixed_bwd_prep_kernel``): [BLOCK_R, BLOCK_C] tiles."""
-    block_d, heads_p2, block_c = mixed_channels(H, D)
-    tile = _MIXED_ROW_TILE_INTERPRETER if target.interpreter else _MIXED_ROW_TILE
-    block_r = max(1, min(_floor_pow2(tile // block_c), next_power_of_2(R)))
-    return Launch(name, (cdiv(R, block_r) * B,), (("BLOCK_R", block_r), ("BLOCK_D", block_d), ("HEADS_P2", heads_p2)),
-                  4, 1)
+def _mixed_blocks(table: dict, family: str, D: int, M: int, dtype: torch.dtype, target: Target):
+    """``_attn_blocks`` of the mixed tables; in the interpreter ``_MIXED_INTERPRETER``'s blocks."""
+    if target.interpreter:
+        table = {"default": {key: _MIXED_INTERPRETER for key in table["default"]}}
+    return _attn_blocks(table, family, D, M, dtype, target)
 
 
 @dataclass(frozen=True)
 class AttentionMixedFwdPlan:
-    """``main`` over (query blocks x heads x batch); ``norm`` rescales o in place over row blocks."""
+    """``main`` over (query blocks x heads x batch); ``norm`` rescales o in place, elementwise."""
 
     main: Launch
     norm: Launch
@@ -484,20 +456,23 @@ class AttentionMixedFwdPlan:
 
 def attention_mixed_fwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype,
                              target: Target) -> AttentionMixedFwdPlan:
-    check_mixed_channels(H, D)
-    blocks, meta, block_n, block_m = _mixed_blocks(_MIXED_FWD, "mixed_fwd", H, D, M, dtype, target)
-    n_qblocks = cdiv(N, block_n)
+    blocks, block_d = _mixed_blocks(_MIXED_FWD, "mixed_fwd", D, M, dtype, target)
+    n_qblocks = cdiv(N, blocks.block_n)
     main = Launch("mixed_fwd", (n_qblocks * H * B,),
-                  meta + (("ONE_BLOCK", M <= block_m), ("DOT_PRECISION", dot_precision(dtype))),
+                  (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
+                   ("ONE_BLOCK", M <= blocks.block_m), ("DOT_PRECISION", dot_precision(dtype))),
                   blocks.num_warps, blocks.num_stages)
-    return AttentionMixedFwdPlan(main, _mixed_rows_launch("mixed_norm", N, B, H, D, target), n_qblocks)
+    block = _MIXED_NORM_BLOCK_INTERPRETER if target.interpreter else _MIXED_NORM_BLOCK
+    block = min(block, max(128, next_power_of_2(B * N * H * D)))
+    norm = Launch("mixed_norm", (cdiv(B * N * H * D, block),), (("BLOCK", block),), 4, 1)
+    return AttentionMixedFwdPlan(main, norm, n_qblocks)
 
 
 @dataclass(frozen=True)
 class AttentionMixedBwdPlan:
-    """``stats`` over (query blocks x heads x batch), then ``dq`` (query blocks x batch, every
-    head, with dW partials) and ``dkdv`` over (key blocks x ``splits`` x batch), each split
-    walking ``blocks_per_split`` query blocks as in ``AttentionBwdPlan``."""
+    """``stats`` and ``dq`` over (query blocks x heads x batch), then ``dkdv`` over (key blocks
+    x ``splits`` x heads x batch), each split walking ``blocks_per_split`` query blocks as in
+    ``AttentionBwdPlan``."""
 
     stats: Launch
     dq: Launch
@@ -510,24 +485,24 @@ class AttentionMixedBwdPlan:
 
 def attention_mixed_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype,
                              target: Target) -> AttentionMixedBwdPlan:
-    check_mixed_channels(H, D)
-    blocks, meta, block_n, block_m = _mixed_blocks(_MIXED_BWD, "mixed_bwd", H, D, M, dtype, target)
-    meta += (("DOT_PRECISION", dot_precision(dtype)),)
+    blocks, block_d = _mixed_blocks(_MIXED_BWD, "mixed_bwd", D, M, dtype, target)
+    block_n, block_m = blocks.block_n, blocks.block_m
+    meta = (("BLOCK_N", block_n), ("BLOCK_M", block_m), ("BLOCK_D", block_d), ("DOT_PRECISION", dot_precision(dtype)))
     n_qblocks, n_kblocks = cdiv(N, block_n), cdiv(M, block_m)
     min_per_split = _forced_fields("mixed_bwd").get("min_blocks_per_split", MIN_BLOCKS_PER_SPLIT)
-    splits = attention_splits(n_qblocks, n_kblocks, B, M, H * D, target, min_per_split)
+    splits = attention_splits(n_qblocks, n_kblocks, B * H, M, D, target, min_per_split)
     warps, stages = blocks.num_warps, blocks.num_stages
     return AttentionMixedBwdPlan(
         Launch("mixed_bwd_stats", (n_qblocks * H * B,), meta, warps, stages),
-        Launch("mixed_bwd_dq", (n_qblocks * B,), meta, warps, stages),
-        Launch("mixed_bwd_dkdv", (n_kblocks * splits * B,), meta, warps, stages),
+        Launch("mixed_bwd_dq", (n_qblocks * H * B,), meta + (("HEADS_P2", next_power_of_2(H)),), warps, stages),
+        Launch("mixed_bwd_dkdv", (n_kblocks * splits * H * B,), meta, warps, stages),
         splits, cdiv(n_qblocks, splits), n_qblocks, n_qblocks,
     )
 
 
 _FAMILIES.update({
-    "mixed_fwd": _fields(MixedBlocks),
-    "mixed_bwd": _fields(MixedBlocks) | {"min_blocks_per_split"},
+    "mixed_fwd": _fields(AttnBlocks),
+    "mixed_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
 })
 
 

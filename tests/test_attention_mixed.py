@@ -78,15 +78,16 @@ FP32, FP16 = torch.float32, torch.float16
 
 # The zoo's stage shapes at 224 (28^2, 14^2, 7^2 maps over 7^2 reduced maps; heads 2, 4, 8;
 # head dims 64 (lite/small) and 96 (base/large)), odd N and M, one key, one query, several key
-# blocks (M > 64), heads up to 16, odd head counts and head dims (24, 200, 256).
+# blocks (M > 64), heads up to 16 (the zoo's: 2, 4, 8), odd head counts and head dims
+# (24, 200, 256).
 PARITY_SHAPES = [
     pytest.param(1, 784, 49, 2, 64, id="N784-M49-h2-d64"),
     pytest.param(1, 196, 49, 4, 96, id="N196-M49-h4-d96"),
     pytest.param(2, 49, 49, 8, 64, id="N49-M49-h8-d64"),
     pytest.param(2, 97, 13, 3, 16, id="N97-M13-h3-d16"),
     pytest.param(1, 45, 30, 5, 24, id="N45-M30-h5-d24"),
-    pytest.param(1, 33, 20, 16, 16, id="N33-M20-h16-d16"),
-    pytest.param(1, 21, 11, 16, 64, id="N21-M11-h16-d64"),
+    pytest.param(1, 21, 11, 12, 64, id="N21-M11-h12-d64"),
+    pytest.param(1, 9, 5, 16, 16, id="N9-M5-h16-d16"),
     pytest.param(1, 1, 2, 2, 16, id="N1-M2-h2-d16"),
     pytest.param(2, 1, 7, 3, 32, id="N1-M7-h3-d32"),
     pytest.param(1, 70, 130, 2, 32, id="N70-M130-h2-d32"),
@@ -158,6 +159,15 @@ def test_one_key_gives_zeros(device):
     q, k, v, weight, bias, grad = _inputs(2, 9, 1, 2, 16, FP32, device, seed=7)
     for t in _check_parity(q, k, v, weight, bias, grad):
         assert not t.any()
+
+
+def test_bias_is_never_added(device):
+    """The conv's bias shifts whole softmax rows, so the kernels leave it out: any bias gives the
+    same bits (eager adds it, and its rounding at the bias's size shows up after the InstanceNorm)."""
+    q, k, v, weight, bias, _ = _inputs(1, 30, 9, 2, 32, FP32, device, seed=15)
+    out = emsa_attention_mixed(q, k, v, weight, bias)
+    assert torch.equal(out, emsa_attention_mixed(q, k, v, weight, 100 * bias))
+    assert torch.equal(out, emsa_attention_mixed(q, k, v, weight, None))
 
 
 @pytest.mark.parametrize(
@@ -247,12 +257,12 @@ def test_nan_fill_is_exercised(nan_buffers, device):
     assert any(len(s) == 5 and s[1:] == (1, 20, 2, 16) for s in shapes)  # dk/dv partials
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     B=st.integers(1, 2),
     N=st.integers(1, 70),
     M=st.integers(1, 40),
-    h=st.integers(2, 16),
+    h=st.integers(2, 5),  # the interpreter's cost grows as h^3 (head counts to 16: PARITY_SHAPES)
     d=st.sampled_from([16, 24, 32, 48, 64]),
     fp16=st.booleans(),
     small_blocks=st.booleans(),
@@ -300,10 +310,6 @@ BAD_INPUTS = [
     pytest.param(dict(weight_dtype=torch.float64), TypeError, "fp16/bf16/fp32 weight", id="weight-fp64"),
     pytest.param(dict(weight_device="meta"), ValueError, "weight is on meta", id="weight-device"),
     pytest.param(dict(dtype=torch.float64), TypeError, "fp16/bf16/fp32", id="fp64"),
-    pytest.param(
-        dict(shape_q=(1, 8, 16, 128), shape_k=(1, 4, 16, 128), weight_shape=(16, 16), bias_shape=(16,)),
-        ValueError, "exceeds 1024", id="too-many-channels",
-    ),
 ]
 
 

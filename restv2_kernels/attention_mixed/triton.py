@@ -10,16 +10,22 @@ element and head g (q: [B, N, H, D]; k, v: [B, M, H, D]; weight [H, H, 1, 1], bi
     a_g = (p_g - mean_g) * rstd_g              # InstanceNorm over all N * M entries of p_g
     o_g = a_g v_g
 
-without storing anything of size N x M: all heads of a query block meet in one program.
+without storing anything of size N x M.
 
-**The mixed scores as one dot.** ``t_g = scale * sum_h W[g, h] q_h . k_h + b_g`` is a dot over
-all C = H * D channels of a query row with all channels of a key row, once q's channels of head
-h are multiplied by ``W[g, h]``. So each program loads q [BLOCK_N, C] and k [BLOCK_M, C] tiles
-(the Linear outputs' rows, read in place) and ``t_g = dot(q * w_g, k^T) + b_g`` is one
-tensor-core dot of depth C per head g (two in 16-bit: q * w_g split into hi + lo parts, see
-``_scaled_split``). The channels are laid out padded, head h at
-``[h * BLOCK_D, h * BLOCK_D + D)`` of a ``BLOCK_C = next_pow2(H) * BLOCK_D`` tile, so every
-per-head quantity is a masked gather and any strides work.
+**Per-head tiles, scores mixed in fp32.** Every program holds [BLOCK_N, BLOCK_D] and
+[BLOCK_M, BLOCK_D] tiles of one head at a time, as ``restv2_kernels.attention`` does, whatever
+H is: head g's mixed scores of a tile are ``t_g = sum_h W[g, h] * dot(q_h, k_h^T)``, H
+tensor-core dots whose fp32 results are weighted and summed in fp32 (``_mixed_scores``), so the
+mix is as exact as fp32 (eager rounds the scores to the input dtype before its conv). The cost
+is recomputation: a program that needs t_g for one head runs H dots per tile. (Holding every
+head's [BLOCK_N, D] rows and accumulators in one program, the first design, spilled registers
+on sm_80-sm_90 from H * D = 256 up; per-head tiles fit every target, see the target check.)
+
+**The bias is never added.** b_g shifts every score of head g's rows by one amount, which the
+softmax removes exactly, so the kernels leave it out (and its gradient is exactly 0, below).
+Besides the work, this keeps each score's rounding at the score's own size: eager adds b_g (of
+order 1) to score differences that can be 100 times smaller, and the InstanceNorm's
+1/sqrt(var + eps) amplifies that rounding where attention is near uniform.
 
 **Centred around 1/M.** Every softmax row sums to 1, so mean_g = 1/M up to rounding. The kernels
 accumulate ``p - c`` with c = 1/M (fp32) and keep ``eps_g = mean_g - c``, which is of rounding
@@ -27,24 +33,24 @@ size: ``o_g = rstd_g * (sum_m (p - c) v_m - eps_g * sum_m v_m)`` and the varianc
 ``E[(p - c)^2] - eps_g^2`` lose nothing to cancellation, even where attention is near uniform
 (p ~ c everywhere, where rstd approaches 1/sqrt(1e-5) ~ 316 and amplifies every error).
 
-Forward (``_mixed_fwd_kernel``): one program per (query block, head g, b). When all keys fit one
-block (M <= BLOCK_M, the 224-px models) the softmax is exact in one pass; otherwise a first pass
-finds each row's max and sum (online) and a second one forms the exactly normalised p. It writes
-``sum_m (p - c) v`` into o, the row statistics ``rows`` [2, B, H, N] fp32 (max in log2 units
-and sum: what the backward needs to rebuild p exactly),
-per-program partial sums of ``p - c`` and ``(p - c)^2`` (``part`` [B, H, query blocks, 2]), and
+Forward (``_mixed_fwd_kernel``): one program per (query block, head g, b), H dots per tile.
+When all keys fit one block (M <= BLOCK_M, the 224-px models) the softmax is exact in one pass;
+otherwise a first pass finds each row's max and sum (online) and a second one forms the exactly
+normalised p. It writes ``sum_m (p - c) v`` into o, the row statistics ``rows`` [2, B, H, N]
+fp32 (max in log2 units and sum: what the backward needs to rebuild p exactly), per-program
+partial sums of ``p - c`` and ``(p - c)^2`` (``part`` [B, H, query blocks, 2]), and
 ``sum_m v_g`` (``vsum`` [B, H, D], written by the first query block). A deterministic
 ``torch.sum`` of the partials gives ``norm`` [B, H, 2] = (rstd, eps_g); ``_mixed_norm_kernel``
-then rescales o in place.
+then rescales o in place, elementwise.
 
 Backward. With dA = dO v^T (the gradient of the normalised map a), InstanceNorm gives
 ``dp = rstd * (dA - mean(dA) - a * G2_g)`` with ``G2_g = mean(dA * a)`` over the whole map;
 mean(dA) is constant per row and the softmax removes it. The softmax backward is
 ``dt = p * (dp - delta)`` with ``delta_n = sum_m p dp``, so
 ``dt = p * rstd * ((dA - <p, dA>_n) - G2_g * (a - <p, a>_n))`` with the row means
-``<p, x>_n = sum_m p x / sum_m p``. Then, through the conv,
-``dq_h = scale * sum_g W[g, h] dt_g k_h``, ``dk_h = scale * sum_g W[g, h] dt_g^T q_h``,
-``dW[g, h] = sum dt_g * s_h = scale * sum_n q_h . (dt_g k_h)``, ``dv_g = a_g^T dO_g``, and
+``<p, x>_n = sum_m p x / sum_m p``. Through the conv, the gradient of head h's raw scores is
+``ds_h = sum_g W[g, h] dt_g``; then ``dq_h = scale * ds_h k_h``, ``dk_h = scale * ds_h^T q_h``,
+``dW[g, h] = sum dt_g * s_h = scale * sum dt_g * (q_h k_h^T)``, ``dv_g = a_g^T dO_g``, and
 ``db_g = 0`` exactly: the bias shifts whole softmax rows, so neither the output nor the loss
 depends on it (autograd's eager value is rounding noise, ~1e-5 in fp32).
 - ``_mixed_bwd_stats_kernel``: one program per (query block, head g, b): the row means
@@ -53,21 +59,17 @@ depends on it (autograd's eager value is rounding noise, ~1e-5 in fp32).
   rounded output) is consistent with those a to fp32 rounding: where the InstanceNorm gradient
   nearly cancels (a map of two entries, N * M = 2, has a = +-1 whatever p is) the kernels stay
   as exact as float64 allows, where ``dO . o`` in 16-bit would leave fp16-sized garbage.
-- ``_mixed_bwd_dq_kernel``: one program per (query block, b), every head: dq, and per-program
-  partials of dW (summed by ``torch.sum``, no atomics).
-- ``_mixed_bwd_dkdv_kernel``: one program per (key block, query split, b), every head: the key
-  block stays on chip while the split's query blocks stream past; fp32 partials over the splits
-  as in ``restv2_kernels.attention`` (dk, dv directly when there is one split).
+- ``_mixed_bwd_dq_kernel``: one program per (query block, head h, b): per key block it rebuilds
+  every head's dt_g (H + 1 dots each), mixes them into ds_h, and adds ``ds_h k_h`` to dq_h; it
+  also writes the block's partials of dW[:, h] (summed by ``torch.sum``, no atomics).
+- ``_mixed_bwd_dkdv_kernel``: one program per (key block, query split, head h, b) on transposed
+  tiles: dk_h from ds_h^T, dv_h from head h's own map; fp32 partials over the splits as in
+  ``restv2_kernels.attention`` (dk, dv directly when there is one split).
+The backward thus runs about H * (H + 1) dots per (query block, key block, head) where the
+plain attention runs 4: the price of needing every head's scores for each head's gradient
+without holding them all (dq/dk/dv of every head in one program is the spilling design).
 With one key (M = 1) every softmax row is exactly 1, the normalised map exactly 0, and so are
 the output and every gradient: the backward returns zeros without launching.
-
-**Status: not used by the model yet.** The interpreter proves the maths (tests/test_attention_mixed.py),
-but the GPU target check shows these whole-row tiles do not fit a GPU at the zoo's widths: from
-H * D = 256 up, the [BLOCK_N, BLOCK_C] q / k tiles and fp32 dq / dk accumulators spill (tens of
-bytes to kilobytes a thread on sm_80-sm_90, with 4, 8 or 16 warps) and, at BLOCK_C = 1024, exceed
-sm_89's shared memory. The next step keeps per-head [BLOCK_N, BLOCK_D] tiles and mixes the
-heads' [BLOCK_N, BLOCK_M] score tiles instead (a batched per-head dot, then the H x H mix on
-score tiles). Until then ResTv1 keeps the eager path for its transform stages.
 
 For torch.compile the launchers are the custom ops ``restv2::emsa_attention_mixed_fwd`` /
 ``restv2::emsa_attention_mixed_bwd`` with fake implementations.
@@ -96,57 +98,25 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _channel_offsets(HEADS_P2: tl.constexpr, BLOCK_D: tl.constexpr, H, D):
-    """The padded channel layout: head h's D channels at [h * BLOCK_D, h * BLOCK_D + D)."""
-    offs_c = tl.arange(0, HEADS_P2 * BLOCK_D)
-    head_c = offs_c // BLOCK_D
-    dd_c = offs_c % BLOCK_D
-    return head_c, dd_c, (head_c < H) & (dd_c < D)
+def _mixed_scores(A, B, W_g, a_off, b_off, mask_a, mask_b, stride_ah, stride_bh, stride_wh, H, qk_scale,
+                  ROWS: tl.constexpr, COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Head g's mixed scores of a [ROWS, COLS] tile in log2 units, without the conv's bias:
+    ``sum_h W[g, h] * dot(a_h, b_h^T) * scale * log2(e)``.
 
-
-@triton.jit
-def _scaled_split(q, scale_c):
-    """q times a per-channel fp32 scale, as hi + lo in q's dtype. In 16-bit the pair holds the
-    product to about 2^-22 (fp16) / 2^-16 (bf16) where one rounding would cost 2^-11 / 2^-8, so
-    the mixed scores are as exact as the inputs allow (their softmax differences and the
-    InstanceNorm variance amplify any error in them). In fp32 ``lo`` is unused."""
-    x = q.to(tl.float32) * scale_c[None, :]
-    hi = x.to(q.dtype)
-    return hi, (x - hi.to(tl.float32)).to(q.dtype)
-
-
-@triton.jit
-def _scores(qw_hi, qw_lo, k, bias2, DOT_PRECISION: tl.constexpr):
-    """t (log2 units) of a [BLOCK_N, BLOCK_M] tile: dot(q * w_g, k^T) + b_g, hi and lo parts in 16-bit."""
-    t = tl.dot(qw_hi, tl.trans(k), input_precision=DOT_PRECISION)
-    if qw_hi.dtype != tl.float32:
-        t += tl.dot(qw_lo, tl.trans(k), input_precision=DOT_PRECISION)
-    return t + bias2
-
-
-@triton.jit
-def _scores_t(k, qw_hi, qw_lo, bias2, DOT_PRECISION: tl.constexpr):
-    """``_scores`` transposed: [BLOCK_M, BLOCK_N], keys on rows."""
-    t = tl.dot(k, tl.trans(qw_hi), input_precision=DOT_PRECISION)
-    if qw_hi.dtype != tl.float32:
-        t += tl.dot(k, tl.trans(qw_lo), input_precision=DOT_PRECISION)
-    return t + bias2
-
-
-@triton.jit
-def _p_a_dpv(qw_hi, qw_lo, k, v, do, bias2, m2, l_i, mask, center, shift, rstd, DOT_PRECISION: tl.constexpr):
-    """One [BLOCK_N, BLOCK_M] tile of head g in the backward: P rebuilt from the saved row max
-    (log2 units) and sum, the normalised map a = (p - mean) * rstd, and dA = dO v^T. Padded
-    keys and queries get p = a = 0 (exp2 of a padded score can overflow)."""
-    t = _scores(qw_hi, qw_lo, k, bias2, DOT_PRECISION)
-    p = tl.exp2(tl.where(mask, t - m2[:, None], float("-inf"))) / l_i[:, None]
-    a = tl.where(mask, ((p - center) - shift) * rstd, 0.0)
-    return p, a, tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    A, B: head 0 of the tiles' rows (q and k for t, k and q for t transposed); a_off / b_off:
+    [ROWS / COLS, BLOCK_D] offsets; each head's score tile is an fp32 dot, weighted in fp32.
+    """
+    t = tl.zeros([ROWS, COLS], tl.float32)
+    for h in range(H):
+        a = tl.load(A + h * stride_ah + a_off, mask=mask_a, other=0.0)
+        b = tl.load(B + h * stride_bh + b_off, mask=mask_b, other=0.0)
+        t += tl.load(W_g + h * stride_wh) * tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    return t * qk_scale
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "PLANE"])
 def _mixed_fwd_kernel(
-    Q, K, V, W, BIAS, O, ROWS, PART, VSUM,
+    Q, K, V, W, O, ROWS, PART, VSUM,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
     stride_vb, stride_vm, stride_vh,
@@ -154,7 +124,7 @@ def _mixed_fwd_kernel(
     stride_wg, stride_wh,
     N, M, H, D, PLANE,  # PLANE = B * H * N: one statistic of ROWS
     qk_scale, center,  # scale * log2(e); c = 1/M
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """o[b, n, g] = sum_m (p - c) v_g; rows[:, b, g, n]; part[b, g, query block]; vsum[b, g].
@@ -172,17 +142,15 @@ def _mixed_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    head_c, dd_c, mask_c = _channel_offsets(HEADS_P2, BLOCK_D, H, D)
-    mask_n = start_n + offs_n < N
+    n_idx = start_n + offs_n
+    mask_n = n_idx < N
     mask_d = offs_d < D
-
-    # q's channels of head h scaled by W[g, h] (and scale * log2 e): t_g is one dot over C
-    w_g = tl.load(W + g * stride_wg + head_c * stride_wh, mask=head_c < H, other=0.0).to(tl.float32)
-    bias2 = tl.load(BIAS + g).to(tl.float32) * 1.4426950408889634
-    q = tl.load(Q + b * stride_qb + (start_n + offs_n)[:, None].to(tl.int64) * stride_qn
-                + (head_c * stride_qh + dd_c)[None, :], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-    qw_hi, qw_lo = _scaled_split(q, w_g * qk_scale)
-    k_ptrs = K + b * stride_kb + offs_m[:, None] * stride_km + (head_c * stride_kh + dd_c)[None, :]
+    mask_q = mask_n[:, None] & mask_d[None, :]
+    q_off = n_idx[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+    k_off = offs_m[:, None] * stride_km + offs_d[None, :]
+    Q_b = Q + b * stride_qb
+    K_b = K + b * stride_kb
+    W_g = W + g * stride_wg
     v_ptrs = V + b * stride_vb + g * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
 
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -192,9 +160,10 @@ def _mixed_fwd_kernel(
     if ONE_BLOCK:
         # every key in one block: the exact softmax of eager (max, exp, divide by the sum)
         mask_m = offs_m < M
-        k = tl.load(k_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        t = _scores(qw_hi, qw_lo, k, bias2, DOT_PRECISION)
+        mask_k = mask_m[:, None] & mask_d[None, :]
+        v = tl.load(v_ptrs, mask=mask_k, other=0.0)
+        t = _mixed_scores(Q_b, K_b, W_g, q_off, k_off, mask_q, mask_k, stride_qh, stride_kh, stride_wh, H,
+                          qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
         t = tl.where(mask_m[None, :], t, float("-inf"))
         m_i = tl.max(t, 1)
         e = tl.exp2(t - m_i[:, None])
@@ -210,8 +179,9 @@ def _mixed_fwd_kernel(
         l_i = tl.zeros([BLOCK_N], tl.float32)
         for start_m in range(0, M, BLOCK_M):
             mask_m = start_m + offs_m < M
-            k = tl.load(k_ptrs + start_m * stride_km, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            t = _scores(qw_hi, qw_lo, k, bias2, DOT_PRECISION)
+            t = _mixed_scores(Q_b, K_b + start_m * stride_km, W_g, q_off, k_off, mask_q,
+                              mask_m[:, None] & mask_d[None, :], stride_qh, stride_kh, stride_wh, H,
+                              qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
             t = tl.where(mask_m[None, :], t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
@@ -219,9 +189,10 @@ def _mixed_fwd_kernel(
         # pass 2: the exactly normalised p, centred
         for start_m in range(0, M, BLOCK_M):
             mask_m = start_m + offs_m < M
-            k = tl.load(k_ptrs + start_m * stride_km, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            t = _scores(qw_hi, qw_lo, k, bias2, DOT_PRECISION)
+            mask_k = mask_m[:, None] & mask_d[None, :]
+            v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_k, other=0.0)
+            t = _mixed_scores(Q_b, K_b + start_m * stride_km, W_g, q_off, k_off, mask_q, mask_k,
+                              stride_qh, stride_kh, stride_wh, H, qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
             p = tl.exp2(t - m_i[:, None]) / l_i[:, None]
             pc = tl.where(mask_n[:, None] & mask_m[None, :], p - center, 0.0)
             acc += tl.dot(pc.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -229,9 +200,8 @@ def _mixed_fwd_kernel(
             row_sq += tl.sum(pc * pc, 1)
             vsum += tl.sum(v.to(tl.float32), 0)
 
-    n_idx = start_n + offs_n
     tl.store(O + b * stride_ob + g * stride_oh + n_idx[:, None].to(tl.int64) * stride_on + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+             acc.to(O.dtype.element_ty), mask=mask_q)
     rows = ROWS + bg * N + n_idx
     tl.store(rows, m_i, mask=mask_n)
     tl.store(rows + PLANE, l_i, mask=mask_n)
@@ -242,37 +212,37 @@ def _mixed_fwd_kernel(
         tl.store(VSUM + bg * D + offs_d, vsum, mask=mask_d)
 
 
-@triton.jit(do_not_specialize=["R", "H"])
-def _mixed_norm_kernel(
-    O, NORM, VSUM,
-    stride_ob, stride_on, stride_oh,
-    R, H, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_P2: tl.constexpr,
-):
-    """In place: o[b, n, g] = rstd_g * (o[b, n, g] - eps_g * vsum_g), over all heads of a row block.
+@triton.jit(do_not_specialize=["TOTAL", "IMAGE", "H"])
+def _mixed_norm_kernel(O, NORM, VSUM, TOTAL, IMAGE, H, D, BLOCK: tl.constexpr):
+    """In place over the contiguous o [B, N, H, D] (TOTAL elements, IMAGE = N * H * D of them a
+    batch element): o = rstd_g * (o - eps_g * vsum_g).
 
     NORM: [B, H, 2] fp32 (rstd, eps_g = mean_g - 1/M); VSUM: [B, H, D] fp32.
-    Grid: (cdiv(R, BLOCK_R) * B,).
+    Grid: (cdiv(TOTAL, BLOCK),).
     """
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(R, BLOCK_R)
-    start = (pid % n_blocks) * BLOCK_R
-    b = (pid // n_blocks).to(tl.int64)
-    offs_r = start + tl.arange(0, BLOCK_R)
-    head_c, dd_c, mask_c = _channel_offsets(HEADS_P2, BLOCK_D, H, D)
-    rstd = tl.load(NORM + (b * H + head_c) * 2, mask=mask_c, other=0.0)
-    shift = tl.load(NORM + (b * H + head_c) * 2 + 1, mask=mask_c, other=0.0)
-    vsum = tl.load(VSUM + (b * H + head_c) * D + dd_c, mask=mask_c, other=0.0)
-    ptrs = O + b * stride_ob + offs_r[:, None].to(tl.int64) * stride_on + (head_c * stride_oh + dd_c)[None, :]
-    mask = (offs_r < R)[:, None] & mask_c[None, :]
-    o = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    o = rstd[None, :] * (o - (shift * vsum)[None, :])
-    tl.store(ptrs, o.to(O.dtype.element_ty), mask=mask)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    ch = offs % (H * D)  # head * D + d
+    bh = (offs // IMAGE) * H + ch // D
+    rstd = tl.load(NORM + bh * 2, mask=mask, other=0.0)
+    shift = tl.load(NORM + bh * 2 + 1, mask=mask, other=0.0)
+    vsum = tl.load(VSUM + bh * D + ch % D, mask=mask, other=0.0)
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(O + offs, (rstd * (o - shift * vsum)).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _p_and_a(t, m2, l_i, mask, center, shift, rstd):
+    """P of a tile rebuilt from the saved row max (log2 units) and sum, and the normalised map
+    a = (p - mean) * rstd; m2 and l_i broadcast against t. Padded keys and queries get p = a = 0
+    (exp2 of a padded score can overflow)."""
+    p = tl.exp2(tl.where(mask, t - m2, float("-inf"))) / l_i
+    return p, tl.where(mask, ((p - center) - shift) * rstd, 0.0)
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "PLANE"])
 def _mixed_bwd_stats_kernel(
-    Q, K, V, W, BIAS, DO, ROWS, NORM, GROWS, G2_PART,
+    Q, K, V, W, DO, ROWS, NORM, GROWS, G2_PART,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
     stride_vb, stride_vm, stride_vh,
@@ -280,8 +250,7 @@ def _mixed_bwd_stats_kernel(
     stride_wg, stride_wh,
     N, M, H, D, PLANE,
     qk_scale, center,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_P2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The backward's statistics of a query block and head g, from the very p, a and dA the
     other two kernels rebuild: GROWS[0 / 1, b, g, n] = sum_m p dA / sum_m p and
@@ -300,25 +269,22 @@ def _mixed_bwd_stats_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    head_c, dd_c, mask_c = _channel_offsets(HEADS_P2, BLOCK_D, H, D)
     n_idx = start_n + offs_n
     mask_n = n_idx < N
     mask_d = offs_d < D
+    mask_q = mask_n[:, None] & mask_d[None, :]
     rows64 = n_idx[:, None].to(tl.int64)
-
-    w_g = tl.load(W + g * stride_wg + head_c * stride_wh, mask=head_c < H, other=0.0).to(tl.float32)
-    bias2 = tl.load(BIAS + g).to(tl.float32) * 1.4426950408889634
-    q = tl.load(Q + b * stride_qb + rows64 * stride_qn + (head_c * stride_qh + dd_c)[None, :],
-                mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-    qw_hi, qw_lo = _scaled_split(q, w_g * qk_scale)
-    do = tl.load(DO + b * stride_dob + g * stride_doh + rows64 * stride_don + offs_d[None, :],
-                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    q_off = rows64 * stride_qn + offs_d[None, :]
+    k_off = offs_m[:, None] * stride_km + offs_d[None, :]
+    Q_b = Q + b * stride_qb
+    K_b = K + b * stride_kb
+    W_g = W + g * stride_wg
+    v_ptrs = V + b * stride_vb + g * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
+    do = tl.load(DO + b * stride_dob + g * stride_doh + rows64 * stride_don + offs_d[None, :], mask=mask_q, other=0.0)
     rstd = tl.load(NORM + bg * 2)
     shift = tl.load(NORM + bg * 2 + 1)
     m2 = tl.load(ROWS + bg * N + n_idx, mask=mask_n, other=0.0)
     l_i = tl.load(ROWS + PLANE + bg * N + n_idx, mask=mask_n, other=1.0)
-    k_ptrs = K + b * stride_kb + offs_m[:, None] * stride_km + (head_c * stride_kh + dd_c)[None, :]
-    v_ptrs = V + b * stride_vb + g * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
 
     p_dpv = tl.zeros([BLOCK_N], tl.float32)
     p_a = tl.zeros([BLOCK_N], tl.float32)
@@ -326,10 +292,12 @@ def _mixed_bwd_stats_kernel(
     g2 = tl.zeros([BLOCK_N], tl.float32)
     for start_m in range(0, M, BLOCK_M):
         mask_m = start_m + offs_m < M
-        k = tl.load(k_ptrs + start_m * stride_km, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        p, a, dpv = _p_a_dpv(qw_hi, qw_lo, k, v, do, bias2, m2, l_i, mask_n[:, None] & mask_m[None, :], center,
-                             shift, rstd, DOT_PRECISION)
+        mask_k = mask_m[:, None] & mask_d[None, :]
+        v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_k, other=0.0)
+        t = _mixed_scores(Q_b, K_b + start_m * stride_km, W_g, q_off, k_off, mask_q, mask_k, stride_qh, stride_kh,
+                          stride_wh, H, qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+        p, a = _p_and_a(t, m2[:, None], l_i[:, None], mask_n[:, None] & mask_m[None, :], center, shift, rstd)
+        dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p_dpv += tl.sum(p * dpv, 1)
         p_a += tl.sum(p * a, 1)
         p_sum += tl.sum(p, 1)
@@ -343,7 +311,7 @@ def _mixed_bwd_stats_kernel(
 
 @triton.jit(do_not_specialize=["N", "M", "H", "PLANE"])
 def _mixed_bwd_dq_kernel(
-    Q, K, V, W, BIAS, DO, ROWS, NORM, GROWS, G2, DQ, DW_PART,
+    Q, K, V, W, DO, ROWS, NORM, GROWS, G2, DQ, DW_PART,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
     stride_vb, stride_vm, stride_vh,
@@ -355,68 +323,75 @@ def _mixed_bwd_dq_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_P2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dq of a query block over every head and key, and this block's partial dW (without the
-    scale): DW_PART [B, query blocks, H, H].
+    """dq of head h over a query block, and the block's partial dW[:, h] (without the scale):
+    DW_PART [B, query blocks, H, H]. Per key block, every head g's dt_g is rebuilt and mixed
+    into ds_h = sum_g W[g, h] dt_g; then dq_h += ds_h k_h.
 
-    Grid: (cdiv(N, BLOCK_N) * B,).
+    Grid: (cdiv(N, BLOCK_N) * H * B,), query block fastest, then head h.
     """
     pid = tl.program_id(0)
     n_qblocks = tl.cdiv(N, BLOCK_N)
     qblock = pid % n_qblocks
     start_n = qblock * BLOCK_N
-    b = (pid // n_qblocks).to(tl.int64)
+    bh = (pid // n_qblocks).to(tl.int64)
+    b = bh // H
+    h = bh % H
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    head_c, dd_c, mask_c = _channel_offsets(HEADS_P2, BLOCK_D, H, D)
+    heads = tl.arange(0, HEADS_P2)
     n_idx = start_n + offs_n
     mask_n = n_idx < N
     mask_d = offs_d < D
+    mask_q = mask_n[:, None] & mask_d[None, :]
     rows64 = n_idx[:, None].to(tl.int64)
+    q_off = rows64 * stride_qn + offs_d[None, :]
+    k_off = offs_m[:, None] * stride_km + offs_d[None, :]
+    v_off = offs_m[:, None] * stride_vm + offs_d[None, :]
+    do_off = rows64 * stride_don + offs_d[None, :]
+    Q_b = Q + b * stride_qb
+    K_b = K + b * stride_kb
+    V_b = V + b * stride_vb
+    DO_b = DO + b * stride_dob
+    q_h = tl.load(Q_b + h * stride_qh + q_off, mask=mask_q, other=0.0)
 
-    q = tl.load(Q + b * stride_qb + rows64 * stride_qn + (head_c * stride_qh + dd_c)[None, :],
-                mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-    k_ptrs = K + b * stride_kb + offs_m[:, None] * stride_km + (head_c * stride_kh + dd_c)[None, :]
-    dq = tl.zeros([BLOCK_N, HEADS_P2 * BLOCK_D], tl.float32)
-    heads = tl.arange(0, HEADS_P2)
-    for g in range(H):
-        bg = b * H + g
-        w_g = tl.load(W + g * stride_wg + head_c * stride_wh, mask=head_c < H, other=0.0).to(tl.float32)
-        qw_hi, qw_lo = _scaled_split(q, w_g * qk_scale)
-        bias2 = tl.load(BIAS + g).to(tl.float32) * 1.4426950408889634
-        rstd = tl.load(NORM + bg * 2)
-        shift = tl.load(NORM + bg * 2 + 1)
-        g2 = tl.load(G2 + bg)
-        m2 = tl.load(ROWS + bg * N + n_idx, mask=mask_n, other=0.0)
-        l_i = tl.load(ROWS + PLANE + bg * N + n_idx, mask=mask_n, other=1.0)
-        p_dpv = tl.load(GROWS + bg * N + n_idx, mask=mask_n, other=0.0)
-        p_a = tl.load(GROWS + PLANE + bg * N + n_idx, mask=mask_n, other=0.0)
-        do = tl.load(DO + b * stride_dob + g * stride_doh + rows64 * stride_don + offs_d[None, :],
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v_ptrs = V + b * stride_vb + g * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
-        qx = tl.zeros([HEADS_P2 * BLOCK_D], tl.float32)
-        for start_m in range(0, M, BLOCK_M):
-            mask_m = start_m + offs_m < M
-            k = tl.load(k_ptrs + start_m * stride_km, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            p, a, dpv = _p_a_dpv(qw_hi, qw_lo, k, v, do, bias2, m2, l_i, mask_n[:, None] & mask_m[None, :], center,
-                                 shift, rstd, DOT_PRECISION)
-            dt = p * rstd * ((dpv - p_dpv[:, None]) - g2 * (a - p_a[:, None]))
-            x = tl.dot(dt.to(k.dtype), k, input_precision=DOT_PRECISION)  # sum_m dt_g k_h, every h
-            dq += x * w_g[None, :]
-            qx += tl.sum(q.to(tl.float32) * x, 0)
-        dw = tl.sum(tl.reshape(qx, [HEADS_P2, BLOCK_D]), 1)  # per head h: sum_n q_h . x_h
-        tl.store(DW_PART + ((b * n_qblocks + qblock) * H + g) * H + heads, dw, mask=heads < H)
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dw = tl.zeros([HEADS_P2], tl.float32)  # sum dt_g * (q_h . k_h), for every g
+    for start_m in range(0, M, BLOCK_M):
+        mask_m = start_m + offs_m < M
+        mask_k = mask_m[:, None] & mask_d[None, :]
+        mask = mask_n[:, None] & mask_m[None, :]
+        K_m = K_b + start_m * stride_km
+        k_h = tl.load(K_m + h * stride_kh + k_off, mask=mask_k, other=0.0)
+        s_h = tl.dot(q_h, tl.trans(k_h), input_precision=DOT_PRECISION)
+        ds = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for g in range(H):
+            bg = b * H + g
+            t = _mixed_scores(Q_b, K_m, W + g * stride_wg, q_off, k_off, mask_q, mask_k, stride_qh, stride_kh,
+                              stride_wh, H, qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+            rstd = tl.load(NORM + bg * 2)
+            m2 = tl.load(ROWS + bg * N + n_idx, mask=mask_n, other=0.0)
+            l_i = tl.load(ROWS + PLANE + bg * N + n_idx, mask=mask_n, other=1.0)
+            p, a = _p_and_a(t, m2[:, None], l_i[:, None], mask, center, tl.load(NORM + bg * 2 + 1), rstd)
+            do = tl.load(DO_b + g * stride_doh + do_off, mask=mask_q, other=0.0)
+            v = tl.load(V_b + g * stride_vh + start_m * stride_vm + v_off, mask=mask_k, other=0.0)
+            dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p_dpv = tl.load(GROWS + bg * N + n_idx, mask=mask_n, other=0.0)
+            p_a = tl.load(GROWS + PLANE + bg * N + n_idx, mask=mask_n, other=0.0)
+            dt = p * rstd * ((dpv - p_dpv[:, None]) - tl.load(G2 + bg) * (a - p_a[:, None]))
+            ds += tl.load(W + g * stride_wg + h * stride_wh) * dt
+            dw += tl.where(heads == g, tl.sum(tl.sum(dt * s_h, 1), 0), 0.0)
+        dq += tl.dot(ds.to(k_h.dtype), k_h, input_precision=DOT_PRECISION)
 
-    dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + rows64 * stride_dqn + (head_c * stride_dqh + dd_c)[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_q)
+    tl.store(DW_PART + ((b * n_qblocks + qblock) * H + heads) * H + h, dw, mask=heads < H)
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "PLANE", "NUM_SPLITS", "BLOCKS_PER_SPLIT"])
 def _mixed_bwd_dkdv_kernel(
-    Q, K, V, W, BIAS, DO, ROWS, NORM, GROWS, G2, DK_PART, DV_PART,
+    Q, K, V, W, DO, ROWS, NORM, GROWS, G2, DK_PART, DV_PART,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
     stride_vb, stride_vm, stride_vh,
@@ -426,74 +401,79 @@ def _mixed_bwd_dkdv_kernel(
     N, M, H, D, PLANE,
     sm_scale, qk_scale, center,
     NUM_SPLITS, BLOCKS_PER_SPLIT,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_P2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Partial dk, dv of one key block, every head, over one split's share of the queries.
+    """Partial dk, dv of head h over one key block and one split's share of the queries, on
+    transposed [BLOCK_M, BLOCK_N] tiles (keys on rows): ds_h^T = sum_g W[g, h] dt_g^T,
+    dk_h += ds_h^T q_h, dv_h += a_h^T dO_h.
 
     DK_PART, DV_PART: [S, B, M, H, D], fp32 partials summed over S afterwards (or, when S = 1,
-    the final dk, dv in the input dtype). Grid: (cdiv(M, BLOCK_M) * S * B,), key block
-    fastest, then split; split s covers query blocks [s * BLOCKS_PER_SPLIT, (s + 1) * BLOCKS_PER_SPLIT).
+    the final dk, dv in the input dtype). Grid: (cdiv(M, BLOCK_M) * S * H * B,), key block
+    fastest, then split, then head h; split s covers query blocks
+    [s * BLOCKS_PER_SPLIT, (s + 1) * BLOCKS_PER_SPLIT).
     """
     pid = tl.program_id(0)
     n_kblocks = tl.cdiv(M, BLOCK_M)
     start_m = (pid % n_kblocks) * BLOCK_M
     rest = pid // n_kblocks
     split = rest % NUM_SPLITS
-    b = (rest // NUM_SPLITS).to(tl.int64)
+    bh = (rest // NUM_SPLITS).to(tl.int64)
+    b = bh // H
+    h = bh % H
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    head_c, dd_c, mask_c = _channel_offsets(HEADS_P2, BLOCK_D, H, D)
     m_idx = start_m + offs_m
     mask_m = m_idx < M
     mask_d = offs_d < D
+    mask_k = mask_m[:, None] & mask_d[None, :]
     keys64 = m_idx[:, None].to(tl.int64)
+    k_off = keys64 * stride_km + offs_d[None, :]
+    v_off = keys64 * stride_vm + offs_d[None, :]
+    Q_b = Q + b * stride_qb
+    K_b = K + b * stride_kb
+    V_b = V + b * stride_vb
+    DO_b = DO + b * stride_dob
 
-    k = tl.load(K + b * stride_kb + keys64 * stride_km + (head_c * stride_kh + dd_c)[None, :],
-                mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-    dk = tl.zeros([BLOCK_M, HEADS_P2 * BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     first = split * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, tl.cdiv(N, BLOCK_N))
-    part = split.to(tl.int64) * stride_ps + b * stride_pb + keys64 * stride_pm
-    for g in range(H):
-        bg = b * H + g
-        w_g = tl.load(W + g * stride_wg + head_c * stride_wh, mask=head_c < H, other=0.0).to(tl.float32)
-        bias2 = tl.load(BIAS + g).to(tl.float32) * 1.4426950408889634
-        rstd = tl.load(NORM + bg * 2)
-        shift = tl.load(NORM + bg * 2 + 1)
-        g2 = tl.load(G2 + bg)
-        v = tl.load(V + b * stride_vb + g * stride_vh + keys64 * stride_vm + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for block in range(first, last):
-            n_idx = block * BLOCK_N + offs_n
-            mask_n = n_idx < N
-            rows64 = n_idx[:, None].to(tl.int64)
-            q = tl.load(Q + b * stride_qb + rows64 * stride_qn + (head_c * stride_qh + dd_c)[None, :],
-                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-            qw_hi, qw_lo = _scaled_split(q, w_g * qk_scale)
-            do = tl.load(DO + b * stride_dob + g * stride_doh + rows64 * stride_don + offs_d[None, :],
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    for block in range(first, last):
+        n_idx = block * BLOCK_N + offs_n
+        mask_n = n_idx < N
+        mask_q = mask_n[:, None] & mask_d[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        rows64 = n_idx[:, None].to(tl.int64)
+        q_off = rows64 * stride_qn + offs_d[None, :]
+        do_off = rows64 * stride_don + offs_d[None, :]
+        ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        a_h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for g in range(H):
+            bg = b * H + g
+            t = _mixed_scores(K_b, Q_b, W + g * stride_wg, k_off, q_off, mask_k, mask_q, stride_kh, stride_qh,
+                              stride_wh, H, qk_scale, BLOCK_M, BLOCK_N, DOT_PRECISION)
+            rstd = tl.load(NORM + bg * 2)
             m2 = tl.load(ROWS + bg * N + n_idx, mask=mask_n, other=0.0)
             l_i = tl.load(ROWS + PLANE + bg * N + n_idx, mask=mask_n, other=1.0)
+            p, a = _p_and_a(t, m2[None, :], l_i[None, :], mask, center, tl.load(NORM + bg * 2 + 1), rstd)
+            do = tl.load(DO_b + g * stride_doh + do_off, mask=mask_q, other=0.0)
+            v = tl.load(V_b + g * stride_vh + v_off, mask=mask_k, other=0.0)
+            dpv = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             p_dpv = tl.load(GROWS + bg * N + n_idx, mask=mask_n, other=0.0)
             p_a = tl.load(GROWS + PLANE + bg * N + n_idx, mask=mask_n, other=0.0)
-            # transposed [BLOCK_M, BLOCK_N]: keys on rows, so dk and dv accumulate without transposes
-            t_t = _scores_t(k, qw_hi, qw_lo, bias2, DOT_PRECISION)
-            mask_mn = mask_m[:, None] & mask_n[None, :]
-            p_t = tl.exp2(tl.where(mask_mn, t_t - m2[None, :], float("-inf"))) / l_i[None, :]
-            a_t = tl.where(mask_mn, ((p_t - center) - shift) * rstd, 0.0)
-            dv += tl.dot(a_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpv_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dt_t = p_t * rstd * ((dpv_t - p_dpv[None, :]) - g2 * (a_t - p_a[None, :]))
-            dk += tl.dot(dt_t.to(q.dtype), q, input_precision=DOT_PRECISION) * w_g[None, :]
-        tl.store(DV_PART + part + g * stride_ph + offs_d[None, :], dv.to(DV_PART.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_d[None, :])
-    dk = dk * sm_scale
-    tl.store(DK_PART + part + (head_c * stride_ph + dd_c)[None, :], dk.to(DK_PART.dtype.element_ty),
-             mask=mask_m[:, None] & mask_c[None, :])
+            dt = p * rstd * ((dpv - p_dpv[None, :]) - tl.load(G2 + bg) * (a - p_a[None, :]))
+            ds += tl.load(W + g * stride_wg + h * stride_wh) * dt
+            a_h = tl.where(g == h, a, a_h)  # head h's own map, for dv
+        q_h = tl.load(Q_b + h * stride_qh + q_off, mask=mask_q, other=0.0)
+        do_h = tl.load(DO_b + h * stride_doh + do_off, mask=mask_q, other=0.0)
+        dk += tl.dot(ds.to(q_h.dtype), q_h, input_precision=DOT_PRECISION)
+        dv += tl.dot(a_h.to(do_h.dtype), do_h, input_precision=DOT_PRECISION)
+
+    part = split.to(tl.int64) * stride_ps + b * stride_pb + keys64 * stride_pm + h * stride_ph + offs_d[None, :]
+    tl.store(DK_PART + part, (dk * sm_scale).to(DK_PART.dtype.element_ty), mask=mask_k)
+    tl.store(DV_PART + part, dv.to(DV_PART.dtype.element_ty), mask=mask_k)
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,11 +486,11 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _params(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conv's weight as [H, H] and its bias, both fp32 (H * H + H values): one kernel
-    variant whatever their dtype (fp32 under autocast, 16-bit in a half model)."""
+def _mix_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The conv's weight as [H, H] fp32 (H * H values): one kernel variant whatever its dtype
+    (fp32 under autocast, 16-bit in a half model). The bias is never needed (module docstring)."""
     H = weight.shape[0]
-    return weight.reshape(H, H).float(), bias.float()
+    return weight.reshape(H, H).float()
 
 
 def _norm_stats(part: torch.Tensor, L: int, eps: float) -> torch.Tensor:
@@ -530,19 +510,18 @@ def attention_mixed_fwd(
     B, N, H, D = q.shape
     M = k.shape[1]
     device = q.device
-    w, bias = _params(weight, bias)
+    w = _mix_weight(weight)
     o = _empty((B, N, H, D), q.dtype, device)
     rows = _empty((2, B, H, N), torch.float32, device)
     vsum = _empty((B, H, D), torch.float32, device)
     if o.numel() == 0:
         return o, rows, _empty((B, H, 2), torch.float32, device)
-    target = plans.device_target(device)
-    plan = plans.attention_mixed_fwd_plan(B, N, M, H, D, q.dtype, target)
+    plan = plans.attention_mixed_fwd_plan(B, N, M, H, D, q.dtype, plans.device_target(device))
     part = _empty((B, H, plan.n_qblocks, 2), torch.float32, device)
     with _device_guard(q):
         plans.launch(
             _mixed_fwd_kernel, plan.main,
-            q, k, v, w, bias, o, rows, part, vsum,
+            q, k, v, w, o, rows, part, vsum,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -551,10 +530,7 @@ def attention_mixed_fwd(
             N, M, H, D, B * H * N, scale * _LOG2E, 1.0 / M,
         )
         norm = _norm_stats(part, N * M, eps)
-        plans.launch(
-            _mixed_norm_kernel, plan.norm,
-            o, norm, vsum, o.stride(0), o.stride(1), o.stride(2), N, H, D,
-        )
+        plans.launch(_mixed_norm_kernel, plan.norm, o, norm, vsum, o.numel(), N * H * D, H, D)
     return o, rows, norm
 
 
@@ -573,7 +549,7 @@ def attention_mixed_bwd(
     if dq.numel() == 0 or M == 1:
         # M = 1: softmax rows are exactly 1, the normalised map and every gradient exactly 0
         return dq.zero_(), k.new_zeros(k.shape), v.new_zeros(v.shape), torch.zeros_like(weight), dbias
-    w, bias = _params(weight, bias)
+    w = _mix_weight(weight)
     plan = plans.attention_mixed_bwd_plan(B, N, M, H, D, dtype, plans.device_target(device))
     grows = _empty((2, B, H, N), torch.float32, device)
     g2_part = _empty((B, H, plan.n_stats_blocks), torch.float32, device)
@@ -581,27 +557,24 @@ def attention_mixed_bwd(
     part_dtype = dtype if plan.splits == 1 else torch.float32
     dk_part = _empty((plan.splits, B, M, H, D), part_dtype, device)
     dv_part = _empty((plan.splits, B, M, H, D), part_dtype, device)
-    strides = {name: (t.stride(0), t.stride(1), t.stride(2)) for name, t in
-               (("q", q), ("k", k), ("v", v), ("do", do), ("dq", dq))}
-    qkvdo = (*strides["q"], *strides["k"], *strides["v"], *strides["do"])
+    qkvdo = tuple(s for t in (q, k, v, do) for s in t.stride()[:3])
     shape = (N, M, H, D, B * H * N)
     with _device_guard(q):
         plans.launch(
             _mixed_bwd_stats_kernel, plan.stats,
-            q, k, v, w, bias, do, rows, norm, grows, g2_part, *qkvdo, w.stride(0), w.stride(1),
+            q, k, v, w, do, rows, norm, grows, g2_part, *qkvdo, w.stride(0), w.stride(1),
             *shape, scale * _LOG2E, 1.0 / M,
         )
         g2 = g2_part.sum(-1) / (N * M)  # G2_g = mean(dA * a): a deterministic sum over the query blocks
         plans.launch(
             _mixed_bwd_dq_kernel, plan.dq,
-            q, k, v, w, bias, do, rows, norm, grows, g2, dq, dw_part, *qkvdo, *strides["dq"],
+            q, k, v, w, do, rows, norm, grows, g2, dq, dw_part, *qkvdo, *dq.stride()[:3],
             w.stride(0), w.stride(1), *shape, scale, scale * _LOG2E, 1.0 / M,
         )
         plans.launch(
             _mixed_bwd_dkdv_kernel, plan.dkdv,
-            q, k, v, w, bias, do, rows, norm, grows, g2, dk_part, dv_part, *qkvdo, w.stride(0), w.stride(1),
-            dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), dk_part.stride(3),
-            *shape, scale, scale * _LOG2E, 1.0 / M, plan.splits, plan.blocks_per_split,
+            q, k, v, w, do, rows, norm, grows, g2, dk_part, dv_part, *qkvdo, w.stride(0), w.stride(1),
+            *dk_part.stride()[:4], *shape, scale, scale * _LOG2E, 1.0 / M, plan.splits, plan.blocks_per_split,
         )
     dweight = (dw_part.sum((0, 1)) * scale).to(weight.dtype).reshape(weight.shape)
     if plan.splits == 1:
@@ -680,7 +653,7 @@ def emsa_attention_mixed(
     weight: [H, H, 1, 1] or [H, H], bias: [H] or None (any float dtype: under autocast they stay
     fp32). Returns [B, N, H, D], contiguous, in q's dtype (fp16, bf16 or fp32; fp32
     accumulation). ``scale`` defaults to ``D ** -0.5``; ``eps`` is the InstanceNorm's.
-    D: a multiple of 8 from 16 to 256; H * D at most ``plans.MIXED_MAX_CHANNELS``.
+    D: a multiple of 8 from 16 to 256; any number of heads.
     """
     check_mixed_inputs(q, k, v, weight, bias, eps)
     if q.dtype not in _KERNEL_DTYPES:
@@ -688,7 +661,6 @@ def emsa_attention_mixed(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"emsa_attention_mixed: the Triton kernels take a fp16/bf16/fp32 {name}, got {t.dtype}")
-    plans.check_mixed_channels(q.shape[2], q.shape[3])
     check_kernel_device(q, k, v, weight)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
