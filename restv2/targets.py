@@ -8,7 +8,7 @@ real GPUs on a machine without one.
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
 and backward. The model runs on meta tensors (nothing is allocated) on the kernel path with its
-calls of the fused ops intercepted (attention, upsample branch, residual add + LayerNorm,
+calls of the fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample branch, residual add + LayerNorm,
 linear + GELU and the MLP's GELU-gradient GEMM, pixel attention; the add + LayerNorm also as autocast calls it, on an fp32 stream);
 each distinct call goes through the real launchers under
 ``plans.recording()``, once per target (the plans depend on it), so the check compiles exactly
@@ -60,6 +60,7 @@ INPUTS = ((224, 224, 1), (224, 224, 256), (384, 384, 1), (384, 384, 256), (800, 
 # The fused ops the models call, by name: the module of their launchers.
 KERNEL_MODULES = {
     "emsa_attention": "restv2_kernels.attention.triton",
+    "emsa_attention_mixed": "restv2_kernels.attention_mixed.triton",
     "upsample_add": "restv2_kernels.upsample.triton",
     "add_layer_norm": "restv2_kernels.layernorm.triton",
     "linear_gelu": "restv2_kernels.ffn.triton",
@@ -89,8 +90,17 @@ class OpCall:
 
     def autocast_variant(self, dtype: str) -> OpCall | None:
         """The call as autocast makes it in ``dtype`` where that differs from a plain cast: the
-        residual add + LayerNorm on an fp32 stream with a 16-bit branch and a 16-bit output."""
-        if self.op != "add_layer_norm" or dtype == "fp32" or self.args[1] is None:
+        residual add + LayerNorm on an fp32 stream with a 16-bit branch and a 16-bit output;
+        ResTv1's mixed attention on 16-bit q, k, v with the conv's fp32 weight and bias."""
+        if dtype == "fp32":
+            return None
+        if self.op == "emsa_attention_mixed":
+            q, k, v, weight, bias, scale, eps = self.args
+            f32 = torch.float32
+            args = (*(_meta_like(t, DTYPES[dtype]) for t in (q, k, v)), _meta_like(weight, f32), _meta_like(bias, f32),
+                    scale, eps)
+            return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
+        if self.op != "add_layer_norm" or self.args[1] is None:
             return None
         x, branch, weight, bias, eps, _ = self.args
         f32 = torch.float32
@@ -136,6 +146,7 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
 
     outputs = {
         "emsa_attention": lambda q, k, v, scale=None: _empty_out(q.shape, q.dtype, q.device),
+        "emsa_attention_mixed": lambda q, *_: _empty_out(q.shape, q.dtype, q.device),
         "upsample_add": lambda x, *_: _empty_out(x.shape, x.dtype, x.device),
         "add_layer_norm": add_layer_norm_out,
         "linear_gelu": lambda x, w, b=None: _empty_out((*x.shape[:-1], w.shape[0]), x.dtype, x.device),
@@ -181,6 +192,9 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             q, k, v, scale = call.args
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             o, lse = kernels.attention_fwd(q, k, v, scale)
+        elif call.op == "emsa_attention_mixed":
+            q, k, v, weight, bias, scale, eps = call.args
+            o, rows, norm = kernels.attention_mixed_fwd(q, k, v, weight, bias, scale, eps)
         elif call.op == "upsample_add":
             o = kernels._fwd(*call.args)
         elif call.op == "add_layer_norm":
@@ -200,6 +214,8 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
     with plans.recording() as bwd:
         if call.op == "emsa_attention":
             kernels.attention_bwd(_grad_of(o), q, k, v, o, lse, scale)
+        elif call.op == "emsa_attention_mixed":
+            kernels.attention_mixed_bwd(_grad_of(o), q, k, v, weight, bias, rows, norm, scale)
         elif call.op == "upsample_add":
             _, v, weight, bias, nw, nb, sr, eps = call.args
             kernels._bwd(_grad_of(o), v, weight, bias, nw, nb, sr, eps)

@@ -25,15 +25,17 @@ from restv2_kernels.plans import TARGETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKED = ("sm_80", "sm_89", "sm_90")
-KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "upsample_fwd", "upsample_bwd_g", "upsample_bwd_dv",
-           "add_ln_fwd", "add_ln_bwd", "linear_gelu_fwd", "linear_gelu_bwd", "pixel_attention_fwd",
-           "pixel_attention_bwd_g", "pixel_attention_bwd_dx")
-DOT_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "linear_gelu_fwd", "linear_gelu_bwd")
+KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "mixed_fwd", "mixed_norm", "mixed_bwd_stats", "mixed_bwd_dq",
+           "mixed_bwd_dkdv", "upsample_fwd", "upsample_bwd_g", "upsample_bwd_dv", "add_ln_fwd", "add_ln_bwd",
+           "linear_gelu_fwd", "linear_gelu_bwd", "pixel_attention_fwd", "pixel_attention_bwd_g",
+           "pixel_attention_bwd_dx")
+DOT_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "mixed_fwd", "mixed_bwd_stats", "mixed_bwd_dq",
+               "mixed_bwd_dkdv", "linear_gelu_fwd", "linear_gelu_bwd")
 
 # The documented exception: fp32 attention dots are IEEE, which Triton lowers to FMA with large
 # per-thread operand arrays; on the several-key-block path (inputs of 384 px and more) at
 # head dim 96/128 the least-spilling tiles found still spill this much (bytes a thread, the most
-# seen with Triton 3.6 and 3.9).
+# seen with Triton 3.6 and 3.9; the mixed kernels' with 3.9).
 FP32_LOCAL_BYTES = {
     ("attn_fwd", "sm_80"): 24,
     ("attn_fwd", "sm_89"): 448,
@@ -41,6 +43,12 @@ FP32_LOCAL_BYTES = {
     ("attn_bwd_dq", "sm_80"): 296,
     ("attn_bwd_dq", "sm_89"): 288,
     ("attn_bwd_dq", "sm_90"): 312,
+    # ResTv1's mixed attention at head dim 96 (rest_base, rest_large): the fp32 FMA dots of the
+    # per-head [16, 128] tiles beside the seven [16, 16 or 32] score tiles of the backward
+    ("mixed_fwd", "sm_89"): 24,
+    ("mixed_bwd_stats", "sm_89"): 8,
+    ("mixed_bwd_dq", "sm_80"): 24,
+    ("mixed_bwd_dkdv", "sm_80"): 8,
 }
 
 
