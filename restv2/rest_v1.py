@@ -6,10 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import restv2_kernels
-from restv2_kernels import reference
 from restv2_kernels.attention_mixed.reference import mixed_scores
-from restv2_kernels.backend import check_backend, use_kernels
+from restv2_kernels.backend import check_backend
 
 from .backbone import Backbone, build, document_factories
 from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, add_norm, autocast_dtype, ops_for, reduce_tokens
@@ -19,9 +17,10 @@ class EMSA(nn.Module):
     """Efficient multi-head self-attention (v1): queries over sr-reduced keys/values, with an
     optional 1x1 conv mixing heads on the scores (``apply_transform``, only when heads > 1).
 
-    The fused ``emsa_attention`` kernel runs wherever it computes the same thing: no head
-    transform and no attention dropout in training. Elsewhere the eager path runs (the transform
-    through ``restv2_kernels.attention_mixed.reference.mixed_scores``).
+    On the kernel backend every stage runs fused: ``emsa_attention`` without the head transform,
+    ``emsa_attention_mixed`` with it (conv, softmax and InstanceNorm in the kernels). Attention
+    dropout in training drops entries of the score maps, so it keeps the eager path (the
+    transform through ``restv2_kernels.attention_mixed.reference.mixed_scores``).
     """
 
     def __init__(
@@ -71,18 +70,21 @@ class EMSA(nn.Module):
         kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
         k, v = kv[:, :, 0], kv[:, :, 1]
 
-        if self.apply_transform or (self.training and self.attn_drop.p > 0):
-            # the eager path: it builds the [B, h, N, M] score maps (the heads' interaction is
-            # not on the kernels yet, see restv2_kernels.attention_mixed)
+        if self.training and self.attn_drop.p > 0:
+            # attention dropout drops entries of the [B, h, N, M] score maps: the eager path
             if self.apply_transform:
                 conv = self.transform_conv
                 attn = mixed_scores(q, k, conv.weight, conv.bias, self.scale, self.transform_norm.eps)
             else:
                 attn = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale).softmax(dim=-1)
             out = (self.attn_drop(attn) @ v.transpose(1, 2)).transpose(1, 2)
+        elif self.apply_transform:
+            conv = self.transform_conv
+            out = ops_for(self.backend, q).emsa_attention_mixed(
+                q, k, v, conv.weight, conv.bias, self.scale, self.transform_norm.eps
+            )
         else:
-            ops = restv2_kernels if use_kernels(self.backend, q) else reference
-            out = ops.emsa_attention(q, k, v, self.scale)
+            out = ops_for(self.backend, q).emsa_attention(q, k, v, self.scale)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
     def extra_repr(self) -> str:

@@ -46,7 +46,7 @@ def spies(monkeypatch):
     """Counts calls of the fused ops and of the references, as the models reach them."""
     out = {}
     for module, prefix in ((restv2_kernels, "kernel"), (reference, "reference")):
-        for op in ("emsa_attention", "upsample_add"):
+        for op in ("emsa_attention", "emsa_attention_mixed", "upsample_add"):
             spy = CountCalls(getattr(module, op))
             monkeypatch.setattr(module, op, spy)
             out[f"{prefix}.{op}"] = spy
@@ -125,8 +125,9 @@ def test_golden_minis_through_kernels(name, spies, device):
         err = ((logits - case["logits"]).norm() / case["logits"].norm()).item()
         assert err < 1e-4, f"{name}: relative logits error {err:.2e} through the kernels"
     assert spies["kernel.emsa_attention"].calls > 0
-    if name != "rest_v1_mini":  # v1 minis use the head transform in stages 2-4, eager by design
-        assert spies["reference.emsa_attention"].calls == 0
+    assert spies["reference.emsa_attention"].calls == spies["reference.emsa_attention_mixed"].calls == 0
+    if name == "rest_v1_mini":  # the head transform in stages 2-4: on the mixed kernel
+        assert spies["kernel.emsa_attention_mixed"].calls == 4 * len(cases)  # depths 1, 2, 1, 1
 
 
 def _logits_and_grads(model: torch.nn.Module, x: torch.Tensor):
@@ -159,6 +160,56 @@ def test_full_width_kernels_match_reference(factory, size, device):
     assert_close(f"{factory} logits", kern_logits, ref_logits, eager_logits)
     for name in ref_grads:
         assert_close(f"{factory} grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
+
+
+@pytest.mark.parametrize("factory", ["rest_small", "rest_large"])
+@pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
+def test_full_width_rest_v1_logits_match_reference(factory, size, device):
+    """ResTv1 through the kernels (emsa_attention in stage 1, emsa_attention_mixed in stages 2-4)
+    against a float64 reference, judged by the fp32 reference's own error: the logits.
+
+    Its parameter gradients are not held to that rule at full width yet: at this random init
+    some are so ill-conditioned (the InstanceNorm of near-uniform attention in every block of
+    stages 2-4) that eager fp32's own error on them moves up to 4x with the convs' memory
+    layout alone, and one or two of ~400 tensors land past 2x eager either way (issue 14's
+    note). The mixed op's gradients are held to it in tests/test_attention_mixed.py, and a
+    ResTv1 of the minis' width below."""
+    torch.manual_seed(0)
+    model64 = restv2.MODELS[factory](backend="reference").double().eval()
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    model32 = restv2.MODELS[factory](backend="reference").eval()
+    model32.load_state_dict(model64.state_dict())
+    model32.to(device)
+    with torch.no_grad():
+        ref = model64(x)
+        eager = model32(x.float().to(device))
+        kern = model32.set_backend("triton")(x.float().to(device))
+    assert_close(f"{factory} logits", kern, ref, eager)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
+def test_rest_v1_mini_kernels_match_reference(size, device):
+    """A ResTv1 of the minis' width with the heads' transform in stages 2-4: logits and every
+    parameter gradient through the kernels, against float64, judged by the fp32 reference."""
+    config = dict(MINI_V2, apply_transform=True, qkv_bias=True)
+    torch.manual_seed(0)
+    model64 = ResT(**config, backend="reference").double().eval()
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    ref_logits, ref_grads = _logits_and_grads(model64, x)
+    model32 = ResT(**config, backend="reference").eval()
+    model32.load_state_dict(model64.state_dict())
+    model32.to(device)
+    eager_logits, eager_grads = _logits_and_grads(model32, x.float().to(device))
+    kern_logits, kern_grads = _logits_and_grads(model32.set_backend("triton"), x.float().to(device))
+    assert_close("logits", kern_logits, ref_logits, eager_logits)
+    for name in ref_grads:
+        assert_close(f"grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
 
 
 def test_training_run_kernels_match_reference(device):
@@ -237,11 +288,15 @@ def test_reference_path_compiles_fullgraph():
         torch.testing.assert_close(compiled(x), model(x))
 
 
-def test_kernel_path_traces_fullgraph(device):
+@pytest.mark.parametrize(
+    "cls, extra",
+    [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],
+)
+def test_kernel_path_traces_fullgraph(cls, extra, device):
     """The kernel ops are custom ops with fake implementations: dynamo and AOTAutograd trace
     the whole model, forward and backward, with no graph break (Inductor runs on a GPU below)."""
     torch.manual_seed(0)
-    model = ResTV2(**MINI_V2, backend="triton").to(device).eval()
+    model = cls(**MINI_V2, **extra, backend="triton").to(device).eval()
     x = torch.randn(2, 3, 64, 96, device=device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
@@ -298,10 +353,15 @@ class RecordShapes(TorchDispatchMode):
         return out
 
 
-def test_kernel_backbone_creates_no_score_tensor(device):
+@pytest.mark.parametrize(
+    "cls, extra",
+    [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],
+)
+def test_kernel_backbone_creates_no_score_tensor(cls, extra, device):
     """forward_intermediates + backward on the kernels: no [B, h, N, M] scores in any stage
-    (the reference does create them, which shows the check can fail)."""
-    model = ResTV2(**{**MINI_V2, "num_classes": 0}).to(device)
+    (the reference does create them, which shows the check can fail). ResT with the heads'
+    transform, as every released ResTv1 runs it."""
+    model = cls(**{**MINI_V2, "num_classes": 0, **extra}).to(device)
     x = torch.randn(1, 3, 160, 224, device=device, requires_grad=True)
     stage_nm = []
     H, W = 40, 56
