@@ -382,13 +382,16 @@ def kernel_bench_main(
     count_bytes: Callable[..., int],
     count_flops: Callable[..., int],
     counts: dict,
+    no_gpu: Callable[[torch.dtype, dict], list[str]] | None = None,
+    no_gpu_shapes: str | None = None,
 ) -> int:
     """The main of a kernel microbenchmark: parse ``argv``, time every impl at every shape, print, write JSON.
 
     ``make_fns(impls)`` -> {impl: fn}, called once per shape (a fresh ``torch.compile`` each time);
     ``time_impl(bench, fn, shape, dtype)`` -> ``time_fwd_bwd``'s dict (on ``cuda``); ``count_bytes(*shape, elt, mode)``
     and ``count_flops(*shape, mode)`` give the minimal bytes and the FLOPs; ``counts`` describes
-    them in the JSON. Without a CUDA GPU: prints that one is needed and returns 0.
+    them in the JSON. Without a CUDA GPU: prints that one is needed, or ``no_gpu(dtype, shapes)``'s
+    lines (for the ``--shapes`` asked, else those starting with ``no_gpu_shapes``), and returns 0.
     """
     parser = argparse.ArgumentParser(prog=f"bench_{kind}.py", description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -401,7 +404,12 @@ def kernel_bench_main(
     shapes = select_shapes(shapes, args.shapes)
 
     if not torch.cuda.is_available():
-        print(f"bench_{kind}: a CUDA GPU is needed to run this benchmark; nothing to do.")
+        if no_gpu is None:
+            print(f"bench_{kind}: a CUDA GPU is needed to run this benchmark; nothing to do.")
+        else:
+            print(f"bench_{kind}: no CUDA GPU, so no timings; what can be computed without one:")
+            wanted = args.shapes or ([no_gpu_shapes] if no_gpu_shapes else None)
+            print("\n".join(no_gpu(KERNEL_DTYPES[args.dtype], select_shapes(shapes, wanted))))
         return 0
 
     from triton.testing import do_bench  # synchronises, flushes L2 between reps

@@ -90,6 +90,16 @@ def _attention_bwd_flops(do, q, k, *_, **__) -> int:
     return 10 * B * N * k.shape[1] * H * D  # S recomputed, dP, dV, dK, dQ
 
 
+def _mixed_flops(q, k, *_, **__) -> int:
+    B, N, H, D = q.shape
+    return 2 * B * N * k.shape[1] * H * (2 * D + H)  # q k^T, P v and the heads' mix
+
+
+def _mixed_bwd_flops(do, q, k, *_, **__) -> int:
+    B, N, H, D = q.shape
+    return 2 * B * N * k.shape[1] * H * (5 * D + 3 * H)  # S, dA, dV, dK, dQ; the mix, its transpose, dW
+
+
 def _linear_flops(x, weight, *_, **__) -> int:
     return 2 * x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
 
@@ -98,6 +108,8 @@ def _linear_flops(x, weight, *_, **__) -> int:
 CUSTOM_FLOPS: dict[str, Callable[..., int]] = {
     "restv2::emsa_attention_fwd": _attention_flops,
     "restv2::emsa_attention_bwd": _attention_bwd_flops,
+    "restv2::emsa_attention_mixed_fwd": _mixed_flops,
+    "restv2::emsa_attention_mixed_bwd": _mixed_bwd_flops,
     "restv2::linear_gelu_fwd": _linear_flops,
     "restv2::mlp_gelu_grad": lambda dy, weight2, *_, **__: _linear_flops(dy, weight2.t()),
 }

@@ -1,4 +1,5 @@
-"""CPU checks of the kernel microbenchmarks (benchmarks/bench_attention.py, bench_upsample.py).
+"""CPU checks of the kernel microbenchmarks (benchmarks/bench_attention.py, bench_upsample.py,
+bench_attention_mixed.py).
 
 No GPU needed: the command line, the no-GPU exit, the byte/FLOP counts and the roofline floor
 on hand-computed shapes, and the timing/table/JSON loop run on the CPU with a stand-in for
@@ -25,9 +26,14 @@ def upsample():
     return load_benchmark("bench_upsample")
 
 
-@pytest.fixture(params=["bench_attention", "bench_upsample"])
-def script(request, attention, upsample):
-    return {"bench_attention": attention, "bench_upsample": upsample}[request.param]
+@pytest.fixture(scope="module")
+def mixed():
+    return load_benchmark("bench_attention_mixed")
+
+
+@pytest.fixture(params=["bench_attention", "bench_upsample", "bench_attention_mixed"])
+def script(request, attention, upsample, mixed):
+    return {"bench_attention": attention, "bench_upsample": upsample, "bench_attention_mixed": mixed}[request.param]
 
 
 def test_help(script, capsys):
@@ -41,7 +47,36 @@ def test_help(script, capsys):
 def test_main_without_gpu_exits_zero(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.main([]) == 0
-    assert "a CUDA GPU is needed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    if script.__name__.endswith("mixed"):  # the memory report instead of timings
+        assert "no CUDA GPU, so no timings" in out and "det-large-s2-800x1333" in out and "small-s2" not in out
+    else:
+        assert "a CUDA GPU is needed" in out
+
+
+def test_mixed_counts(mixed):
+    B, N, M, h, d, elt = 2, 16, 4, 3, 8, 2
+    assert mixed.minimal_bytes(B, N, M, h, d, elt, "fwd") == 3840  # as emsa_attention's
+    U, X = 2 * B * h * N * M * d, 2 * B * h * h * N * M  # 6144, 2304
+    assert (U, X) == (6144, 2304)
+    assert mixed.flops(B, N, M, h, d, "fwd") == 2 * U + X == 14592
+    assert mixed.flops(B, N, M, h, d, "bwd") == 5 * U + 3 * X == 37632
+    assert mixed.flops(B, N, M, h, d, "fwd+bwd") == 14592 + 37632
+    assert mixed.SHAPES["det-large-s3-800x1333"] == (2, 4200, 1050, 4, 96)
+
+
+def test_mixed_memory_rows(mixed):
+    """The maps by hand; the kernels' scratch from the sm_90 plans, O(B h N): far below a map."""
+    from restv2_kernels import plans
+
+    shape = (2, 4200, 1050, 4, 96)
+    (row,) = mixed.memory_rows({"s3": shape}, torch.bfloat16)
+    S = 2 * 4 * 4200 * 1050 * 2
+    assert (row["map_bytes"], row["eager_fwd"], row["eager_saved"], row["eager_train"]) == (S, 2 * S, 3 * S, 5 * S)
+    assert row["kernel_saved"] == 4 * (2 * 2 * 4 * 4200 + 2 * 2 * 4)  # row max and sum, (rstd, shift)
+    fwd = plans.attention_mixed_fwd_plan(*shape, torch.bfloat16, plans.TARGETS["sm_90"])
+    assert row["kernel_fwd"] == row["kernel_saved"] + 4 * (2 * 4 * fwd.n_qblocks * 2 + 2 * 4 * 96)
+    assert row["kernel_saved"] < row["kernel_fwd"] < row["kernel_train"] < row["map_bytes"] / 4
 
 
 def test_unknown_shape_is_an_error(script):
@@ -175,6 +210,15 @@ def test_format_speedups(attention):
     (line,) = common.format_speedups(rows, "s")
     assert line.split() == ["fwd", "triton", "speed-up", "vs", "eager", "2.50x"]
     assert common.format_speedups(rows, "t") == []
+
+
+def test_mixed_loop_on_cpu(mixed, monkeypatch, tmp_path):
+    """The timing loop over the kernel (Triton's interpreter here) and eager, every mode."""
+    shapes = {"tiny": (1, 20, 6, 2, 16)}
+    data = _fake_gpu_run(mixed, monkeypatch, tmp_path, shapes, ["--dtype", "fp32", "--impls", "triton", "eager"])
+    rows = data["rows"]
+    assert [(r["impl"], r["mode"]) for r in rows] == [(i, m) for i in ("triton", "eager") for m in ("fwd", "bwd", "fwd+bwd")]
+    assert all("error" not in r and r["ms"] > 0 and r["flops"] == mixed.flops(*r["dims"], r["mode"]) for r in rows)
 
 
 def test_upsample_loop_on_cpu(upsample, monkeypatch, tmp_path):
