@@ -95,3 +95,18 @@ def nan_buffers_for(monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType) 
 
     monkeypatch.setattr(kernels, "_empty", empty)
     return allocated
+
+
+def copies_made_by(monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType) -> list[bool]:
+    """Spies on ``kernels._unit_last`` (the one place a launcher may copy an input): returns the
+    list it fills, one bool per call, True where the call made a copy instead of a view."""
+    copies = []
+    unit_last = kernels._unit_last
+
+    def spy(t):
+        out = unit_last(t)
+        copies.append(out is not t)
+        return out
+
+    monkeypatch.setattr(kernels, "_unit_last", spy)
+    return copies

@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import assert_close, nan_buffers_for
+from helpers import assert_close, copies_made_by, nan_buffers_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -147,15 +147,7 @@ def test_linear_views(B, N, M, h, d, dtype, device, monkeypatch):
     The gradients must land in the Linears' weights (k in the first C rows of the kv
     weight, v in the last C) exactly as with the reference.
     """
-    copies = []
-    unit_last = kernels._unit_last
-
-    def spy(t):
-        out = unit_last(t)
-        copies.append(out is not t)
-        return out
-
-    monkeypatch.setattr(kernels, "_unit_last", spy)
+    copies = copies_made_by(monkeypatch, kernels)
     C = h * d
     g = torch.Generator().manual_seed(3)
     x = torch.randn(B, N, C, generator=g)
