@@ -193,8 +193,8 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             o, lse = kernels.attention_fwd(q, k, v, scale)
         elif call.op == "emsa_attention_mixed":
-            q, k, v, weight, bias, scale, eps = call.args
-            o, rows, norm = kernels.attention_mixed_fwd(q, k, v, weight, bias, scale, eps)
+            q, k, v, weight, _, scale, eps = call.args  # the bias never reaches the kernels
+            o, rows, norm = kernels.attention_mixed_fwd(q, k, v, weight, scale, eps)
         elif call.op == "upsample_add":
             o = kernels._fwd(*call.args)
         elif call.op == "add_layer_norm":
@@ -215,7 +215,7 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
         if call.op == "emsa_attention":
             kernels.attention_bwd(_grad_of(o), q, k, v, o, lse, scale)
         elif call.op == "emsa_attention_mixed":
-            kernels.attention_mixed_bwd(_grad_of(o), q, k, v, weight, bias, rows, norm, scale)
+            kernels.attention_mixed_bwd(_grad_of(o), q, k, v, weight, rows, norm, scale)
         elif call.op == "upsample_add":
             _, v, weight, bias, nw, nb, sr, eps = call.args
             kernels._bwd(_grad_of(o), v, weight, bias, nw, nb, sr, eps)

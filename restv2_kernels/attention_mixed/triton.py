@@ -501,11 +501,11 @@ def _norm_stats(part: torch.Tensor, L: int, eps: float) -> torch.Tensor:
 
 
 def attention_mixed_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
-    eps: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, scale: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the forward. Returns (o [B, N, H, D], rows [2, B, H, N], norm [B, H, 2]); rows
-    and norm are fp32, saved for the backward."""
+    """Launches the forward (the conv's bias is not an argument: it never changes the result).
+    Returns (o [B, N, H, D], rows [2, B, H, N], norm [B, H, 2]); rows and norm are fp32, saved
+    for the backward."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, N, H, D = q.shape
     M = k.shape[1]
@@ -535,20 +535,19 @@ def attention_mixed_fwd(
 
 
 def attention_mixed_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    rows: torch.Tensor, norm: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the backward. Returns contiguous (dq, dk, dv) in q's dtype, dweight in weight's
-    shape and dtype, dbias (zeros) in bias's."""
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+    norm: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the backward. Returns contiguous (dq, dk, dv) in q's dtype and dweight in
+    weight's shape and dtype (the bias's gradient is exactly 0, see ``_EmsaAttentionMixed``)."""
     do, q, k, v = (_unit_last(t) for t in (do, q, k, v))
     B, N, H, D = q.shape
     M = k.shape[1]
     dtype, device = q.dtype, q.device
     dq = _empty((B, N, H, D), dtype, device)
-    dbias = torch.zeros_like(bias)  # exactly: the bias shifts whole softmax rows (module docstring)
     if dq.numel() == 0 or M == 1:
         # M = 1: softmax rows are exactly 1, the normalised map and every gradient exactly 0
-        return dq.zero_(), k.new_zeros(k.shape), v.new_zeros(v.shape), torch.zeros_like(weight), dbias
+        return dq.zero_(), k.new_zeros(k.shape), v.new_zeros(v.shape), torch.zeros_like(weight)
     w = _mix_weight(weight)
     plan = plans.attention_mixed_bwd_plan(B, N, M, H, D, dtype, plans.device_target(device))
     grows = _empty((2, B, H, N), torch.float32, device)
@@ -578,20 +577,19 @@ def attention_mixed_bwd(
         )
     dweight = (dw_part.sum((0, 1)) * scale).to(weight.dtype).reshape(weight.shape)
     if plan.splits == 1:
-        return dq, dk_part[0], dv_part[0], dweight, dbias
-    return dq, dk_part.sum(0).to(dtype), dv_part.sum(0).to(dtype), dweight, dbias
+        return dq, dk_part[0], dv_part[0], dweight
+    return dq, dk_part.sum(0).to(dtype), dv_part.sum(0).to(dtype), dweight
 
 
 @torch.library.custom_op("restv2::emsa_attention_mixed_fwd", mutates_args=())
 def _emsa_attention_mixed_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
-    eps: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, scale: float, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_mixed_fwd(q, k, v, weight, bias, scale, eps)
+    return attention_mixed_fwd(q, k, v, weight, scale, eps)
 
 
 @_emsa_attention_mixed_fwd_op.register_fake
-def _(q, k, v, weight, bias, scale, eps):
+def _(q, k, v, weight, scale, eps):
     B, N, H, D = q.shape
     return q.new_empty((B, N, H, D)), q.new_empty((2, B, H, N), dtype=torch.float32), q.new_empty(
         (B, H, 2), dtype=torch.float32)
@@ -599,16 +597,15 @@ def _(q, k, v, weight, bias, scale, eps):
 
 @torch.library.custom_op("restv2::emsa_attention_mixed_bwd", mutates_args=())
 def _emsa_attention_mixed_bwd_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    rows: torch.Tensor, norm: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_mixed_bwd(do, q, k, v, weight, bias, rows, norm, scale)
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+    norm: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_mixed_bwd(do, q, k, v, weight, rows, norm, scale)
 
 
 @_emsa_attention_mixed_bwd_op.register_fake
-def _(do, q, k, v, weight, bias, rows, norm, scale):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(weight),
-            torch.empty_like(bias))
+def _(do, q, k, v, weight, rows, norm, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(weight)
 
 
 # ---------------------------------------------------------------------------------------
@@ -617,18 +614,22 @@ def _(do, q, k, v, weight, bias, rows, norm, scale):
 
 
 class _EmsaAttentionMixed(torch.autograd.Function):
+    """The bias (or None) is an input only for its gradient: exactly zeros (module docstring),
+    returned as a tensor so that its parameter gets a gradient like any other (DDP waits for one)."""
+
     @staticmethod
     def forward(ctx, q, k, v, weight, bias, scale, eps):
-        o, rows, norm = torch.ops.restv2.emsa_attention_mixed_fwd(q, k, v, weight, bias, scale, eps)
-        ctx.save_for_backward(q, k, v, weight, bias, rows, norm)
+        o, rows, norm = torch.ops.restv2.emsa_attention_mixed_fwd(q, k, v, weight, scale, eps)
+        ctx.save_for_backward(q, k, v, weight, rows, norm)
         ctx.scale = scale
+        ctx.bias = None if bias is None else (bias.shape, bias.dtype, bias.device)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, weight, bias, rows, norm = ctx.saved_tensors
-        dq, dk, dv, dw, db = torch.ops.restv2.emsa_attention_mixed_bwd(do, q, k, v, weight, bias, rows, norm,
-                                                                       ctx.scale)
+        q, k, v, weight, rows, norm = ctx.saved_tensors
+        dq, dk, dv, dw = torch.ops.restv2.emsa_attention_mixed_bwd(do, q, k, v, weight, rows, norm, ctx.scale)
+        db = None if ctx.bias is None else torch.zeros(ctx.bias[0], dtype=ctx.bias[1], device=ctx.bias[2])
         return dq, dk, dv, dw, db, None, None
 
 
@@ -665,6 +666,4 @@ def emsa_attention_mixed(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"emsa_attention_mixed: scale must be finite, got {scale}")
-    if bias is None:
-        return _EmsaAttentionMixed.apply(q, k, v, weight, weight.new_zeros(q.shape[2]), scale, float(eps))
     return _EmsaAttentionMixed.apply(q, k, v, weight, bias, scale, float(eps))
