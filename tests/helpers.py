@@ -3,7 +3,9 @@ importer of optional dependencies.
 
 The kernel's error against a float64 reference must be at most twice the error of eager
 PyTorch in the same dtype, plus a small absolute slack scaled by the reference's
-magnitude (flash-attention's rule). The slack is stated once per dtype, here.
+magnitude (flash-attention's rule). The slack is stated once per dtype, here. Where eager's
+own error is unstable (full-width ResTv1's gradients), the test passes the farthest of several
+eager runs as ``eager`` (tests/test_model_kernels.py).
 """
 
 from __future__ import annotations

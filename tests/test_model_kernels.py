@@ -3,6 +3,7 @@ torch.compile. On a CPU the kernels run in Triton's interpreter (tests/conftest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -162,32 +163,64 @@ def test_full_width_kernels_match_reference(factory, size, device):
         assert_close(f"{factory} grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
 
 
+@contextlib.contextmanager
+def _conv_libraries(enabled: bool):
+    """oneDNN (CPU) and cuDNN (CUDA) on or off: PyTorch's native convs when off."""
+    saved = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
+
+
+def _eager_runs(model: torch.nn.Module, x: torch.Tensor) -> list:
+    """``_logits_and_grads`` of an eager model in the four ways PyTorch runs it in one dtype:
+    a contiguous or a channels-last input (the kernel path's layout), the conv library on or off."""
+    runs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for libraries in (True, False):
+            with _conv_libraries(libraries):
+                runs.append(_logits_and_grads(model, x.contiguous(memory_format=layout)))
+    return runs
+
+
+def _farthest(reference: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    """The candidate with the largest max-abs error against ``reference``."""
+    return max(candidates, key=lambda t: (t.detach().double().cpu() - reference).abs().max().item())
+
+
 @pytest.mark.parametrize("factory", ["rest_small", "rest_large"])
 @pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
-def test_full_width_rest_v1_logits_match_reference(factory, size, device):
+def test_full_width_rest_v1_kernels_match_reference(factory, size, device):
     """ResTv1 through the kernels (emsa_attention in stage 1, emsa_attention_mixed in stages 2-4)
-    against a float64 reference, judged by the fp32 reference's own error: the logits.
+    in fp32 against a float64 reference: logits and every parameter gradient.
 
-    Its parameter gradients are not held to that rule at full width yet: at this random init
-    some are so ill-conditioned (the InstanceNorm of near-uniform attention in every block of
-    stages 2-4) that eager fp32's own error on them moves up to 4x with the convs' memory
-    layout alone, and one or two of ~400 tensors land past 2x eager either way (issue 14's
-    note). The mixed op's gradients are held to it in tests/test_attention_mixed.py, and a
-    ResTv1 of the minis' width below."""
+    The yardstick is eager fp32's error envelope, not one eager run: per tensor, the largest
+    error of the four eager runs of ``_eager_runs`` (helpers.assert_close's 2x rule against it).
+    At this init eager's own gradient error is unstable: the input's memory format or the conv
+    library moves one tensor's error by up to 5x (computing every LayerNorm in float64 even
+    raised the whole-model gradient error 1.7x), so one run put the kernels past 2x on 1-2
+    tensors of ~400 by chance (issue 14's notes). Where eager's error is stable the four runs
+    agree and the bound is the one-run bound. ResTv2 (above) is held to a single run."""
     torch.manual_seed(0)
     model64 = restv2.MODELS[factory](backend="reference").double().eval()
-    with torch.no_grad():
+    with torch.no_grad():  # non-trivial biases and norms, so every gradient path carries signal
         for p in model64.parameters():
             p.add_(0.02 * torch.randn_like(p))
     x = torch.randn(1, 3, *size, dtype=torch.float64)
+    ref_logits, ref_grads = _logits_and_grads(model64, x)
+
     model32 = restv2.MODELS[factory](backend="reference").eval()
     model32.load_state_dict(model64.state_dict())
     model32.to(device)
-    with torch.no_grad():
-        ref = model64(x)
-        eager = model32(x.float().to(device))
-        kern = model32.set_backend("triton")(x.float().to(device))
-    assert_close(f"{factory} logits", kern, ref, eager)
+    eager = _eager_runs(model32, x.float().to(device))
+    kern_logits, kern_grads = _logits_and_grads(model32.set_backend("triton"), x.float().to(device))
+
+    assert_close(f"{factory} logits", kern_logits, ref_logits, _farthest(ref_logits, [logits for logits, _ in eager]))
+    for name in ref_grads:
+        envelope = _farthest(ref_grads[name], [grads[name] for _, grads in eager])
+        assert_close(f"{factory} grad {name}", kern_grads[name], ref_grads[name], envelope)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
