@@ -139,21 +139,27 @@ def _logits_and_grads(model: torch.nn.Module, x: torch.Tensor):
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+def _perturbed_models(build, size: tuple[int, int], device, batch: int = 1):
+    """(float64 model, its fp32 copy on ``device``, a float64 input batch) from seed 0: every
+    parameter perturbed by 0.02 (non-trivial biases and norms, so every gradient path carries
+    signal). ``build(backend)`` makes the model."""
+    torch.manual_seed(0)
+    model64 = build("reference").double().eval()
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(batch, 3, *size, dtype=torch.float64)
+    model32 = build("reference").eval()
+    model32.load_state_dict(model64.state_dict())
+    return model64, model32.to(device), x
+
+
 @pytest.mark.parametrize("factory", ["restv2_tiny", "restv2_large"])
 @pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
 def test_full_width_kernels_match_reference(factory, size, device):
     """Kernels in fp32 against a float64 reference, judged by the fp32 reference's own error."""
-    torch.manual_seed(0)
-    model64 = restv2.MODELS[factory](backend="reference").double().eval()
-    with torch.no_grad():  # non-trivial biases and norms, so every gradient path carries signal
-        for p in model64.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    model64, model32, x = _perturbed_models(lambda backend: restv2.MODELS[factory](backend=backend), size, device)
     ref_logits, ref_grads = _logits_and_grads(model64, x)
-
-    model32 = restv2.MODELS[factory](backend="reference").eval()
-    model32.load_state_dict(model64.state_dict())
-    model32.to(device)
     eager_logits, eager_grads = _logits_and_grads(model32, x.float().to(device))
     model32.set_backend("triton")
     kern_logits, kern_grads = _logits_and_grads(model32, x.float().to(device))
@@ -203,17 +209,8 @@ def test_full_width_rest_v1_kernels_match_reference(factory, size, device):
     raised the whole-model gradient error 1.7x), so one run put the kernels past 2x on 1-2
     tensors of ~400 by chance (issue 14's notes). Where eager's error is stable the four runs
     agree and the bound is the one-run bound. ResTv2 (above) is held to a single run."""
-    torch.manual_seed(0)
-    model64 = restv2.MODELS[factory](backend="reference").double().eval()
-    with torch.no_grad():  # non-trivial biases and norms, so every gradient path carries signal
-        for p in model64.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    model64, model32, x = _perturbed_models(lambda backend: restv2.MODELS[factory](backend=backend), size, device)
     ref_logits, ref_grads = _logits_and_grads(model64, x)
-
-    model32 = restv2.MODELS[factory](backend="reference").eval()
-    model32.load_state_dict(model64.state_dict())
-    model32.to(device)
     eager = _eager_runs(model32, x.float().to(device))
     kern_logits, kern_grads = _logits_and_grads(model32.set_backend("triton"), x.float().to(device))
 
@@ -228,16 +225,8 @@ def test_rest_v1_mini_kernels_match_reference(size, device):
     """A ResTv1 of the minis' width with the heads' transform in stages 2-4: logits and every
     parameter gradient through the kernels, against float64, judged by the fp32 reference."""
     config = dict(MINI_V2, apply_transform=True, qkv_bias=True)
-    torch.manual_seed(0)
-    model64 = ResT(**config, backend="reference").double().eval()
-    with torch.no_grad():
-        for p in model64.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    model64, model32, x = _perturbed_models(lambda backend: ResT(**config, backend=backend), size, device, batch=2)
     ref_logits, ref_grads = _logits_and_grads(model64, x)
-    model32 = ResT(**config, backend="reference").eval()
-    model32.load_state_dict(model64.state_dict())
-    model32.to(device)
     eager_logits, eager_grads = _logits_and_grads(model32, x.float().to(device))
     kern_logits, kern_grads = _logits_and_grads(model32.set_backend("triton"), x.float().to(device))
     assert_close("logits", kern_logits, ref_logits, eager_logits)
