@@ -16,9 +16,10 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` into ``--out``:
   tests    ``pytest -m cuda``, then ``pytest -m "not cuda"`` (on a GPU conftest sets no
            TRITON_INTERPRET, so every kernel runs compiled); counts per run and each failure's node
            id and message, from the JUnit XML.
-  kernels  ``bench_attention.py`` and ``bench_upsample.py`` for bf16, fp16, fp32 (in that order), the
-           224 px stage shapes and the 800x1333 stage, forward and backward, against eager, SDPA and
-           torch.compile, merged into one JSON.
+  kernels  ``bench_attention.py``, ``bench_upsample.py`` (restv2_tiny) and ``bench_attention_mixed.py``
+           (rest_small, rest_large) for bf16, fp16, fp32 (in that order), the 224 px stage shapes
+           at batch 128 and the 800x1333 stages at batch 2, forward and backward, against eager,
+           SDPA and torch.compile, merged into one JSON.
   e2e      ``throughput.py`` rows: ``--part core`` (restv2_tiny with the four backends, the ConvNeXt
            and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
@@ -788,10 +789,16 @@ def _tests_summary(rec: dict) -> list[str]:
 # Phase kernels
 # ---------------------------------------------------------------------------------------
 
-KERNEL_BENCHES = ("attention", "upsample")
-SHAPE_GROUPS = ("tiny", "det")  # the 224 px stages at batch 128, the 800x1333 stage 1 at batch 2
-KERNEL_ESTIMATE_S = {("attention", "tiny"): 60.0, ("attention", "det"): 35.0,
-                     ("upsample", "tiny"): 90.0, ("upsample", "det"): 35.0}  # fp32 runs take ~1.3x
+KERNEL_BENCHES = ("attention", "upsample", "attention_mixed")
+SHAPE_GROUPS = ("224", "det")  # the 224 px stages at batch 128; the 800x1333 stages at batch 2
+KERNEL_SHAPES = {  # (bench, group): the --shapes (names or prefixes) its script takes for the group
+    ("attention", "224"): ["tiny"], ("attention", "det"): ["det"],  # restv2_tiny
+    ("upsample", "224"): ["tiny"], ("upsample", "det"): ["det"],
+    ("attention_mixed", "224"): ["small", "large"], ("attention_mixed", "det"): ["det"],  # rest_small, rest_large
+}
+KERNEL_ESTIMATE_S = {("attention", "224"): 60.0, ("attention", "det"): 35.0,
+                     ("upsample", "224"): 90.0, ("upsample", "det"): 35.0,
+                     ("attention_mixed", "224"): 90.0, ("attention_mixed", "det"): 45.0}  # fp32 runs take ~1.3x
 
 
 def kernel_items(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict]:
@@ -800,8 +807,8 @@ def kernel_items(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict]:
         for group in SHAPE_GROUPS:
             for bench in args.benches:
                 out = tmp / f"{bench}_{dtype}_{group}.json"
-                cmd = [sys.executable, str(_HERE / f"bench_{bench}.py"), "--dtype", dtype, "--shapes", group,
-                       "--out", str(out)]
+                cmd = [sys.executable, str(_HERE / f"bench_{bench}.py"), "--dtype", dtype,
+                       "--shapes", *KERNEL_SHAPES[bench, group], "--out", str(out)]
                 est = KERNEL_ESTIMATE_S[bench, group] * (1.3 if dtype == "fp32" else 1.0)
                 items.append(work_item(f"{bench}/{dtype}/{group}", est, bench=bench, dtype=dtype, group=group,
                                        cmd=cmd, json=out))
@@ -845,7 +852,7 @@ def _kernel_line(entry: dict) -> str:
         vs = f" {m['speedup']:.2f}x vs {m['best_other']}" if m["speedup"] else ""
         floor = f" {m['x_floor']:.1f}xfloor" if m["x_floor"] else ""
         parts.append(f"{mode} {m['triton_ms']:.3f}ms{vs}{floor}")
-    return f"{entry['bench']:<9} {entry['dtype']:<4} {entry['shape']:<16} " + " | ".join(parts)
+    return f"{entry['bench']:<15} {entry['dtype']:<4} {entry['shape']:<21} " + " | ".join(parts)
 
 
 def plot_kernels(summary: list[dict], path: pathlib.Path, title: str, note: str = "") -> pathlib.Path | None:
@@ -857,7 +864,7 @@ def plot_kernels(summary: list[dict], path: pathlib.Path, title: str, note: str 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(len(KERNEL_BENCHES), len(common.MODES), figsize=(16, 8), squeeze=False)
+    fig, axes = plt.subplots(len(KERNEL_BENCHES), len(common.MODES), figsize=(16, 4 * len(KERNEL_BENCHES)), squeeze=False)
     for i, bench in enumerate(KERNEL_BENCHES):
         for j, mode in enumerate(common.MODES):
             ax = axes[i][j]
@@ -925,7 +932,7 @@ def phase_kernels(run: Run) -> list[str]:
     if not args.no_plot:
         plot_kernels(rec["summary"], run.path("png"), common.describe(run.record["environment"]),
                      " (dry run)" if run.dry_run else "")
-    lines = [f"{it['id']:<22} {it['plan'] if run.dry_run else it['status']:<13} est {it['estimate_s']:>4.0f}s "
+    lines = [f"{it['id']:<25} {it['plan'] if run.dry_run else it['status']:<13} est {it['estimate_s']:>4.0f}s "
              f"took {it['wall_s'] or 0:>4.0f}s  {it['reason'] or ''}"[:200] for it in run.items]
     lines.append("triton ms per mode, its speed-up over the fastest other impl, and its multiple of the roofline floor:")
     return lines + [_kernel_line(e) for e in rec["summary"]]

@@ -99,8 +99,9 @@ def test_dry_run_phase_contents(dry_runs):
     assert "TRITON_INTERPRET removed" in results["tests"][1]
 
     kernels = load("kernels")
-    assert [r["id"] for r in kernels["runs"]][:2] == ["attention/bf16/tiny", "upsample/bf16/tiny"]
-    assert len(kernels["runs"]) == 2 * 3 * 2 and kernels["rows"] == []
+    assert [r["id"] for r in kernels["runs"]][:4] == [
+        "attention/bf16/224", "upsample/bf16/224", "attention_mixed/bf16/224", "attention/bf16/det"]
+    assert len(kernels["runs"]) == 3 * 3 * 2 and kernels["rows"] == []
     assert {r["dtype"] for r in kernels["runs"]} == {"bf16", "fp16", "fp32"}
 
     e2e = load("e2e")
@@ -117,6 +118,27 @@ def test_dry_run_phase_contents(dry_runs):
     assert {c["cid"] for c in sweep["candidates"] if c["family"] == "attn_fwd"} >= {"current", "n128.m64.w8.s3"}
     assert sweep["dry_run_counts"]["upsample_fwd/tiny-s4-224-b256"]["pruned"] > 0
     assert "family          | shape" in results["sweep"][1]
+
+
+def test_kernel_items_select_their_scripts_shapes(suite):
+    """Each kernels item's ``--shapes`` picks, in its own script, the shapes of its group: a wrong
+    name would surface only on a GPU, as an item that ends without results."""
+    import common
+
+    args = suite.build_parser().parse_args(["--phase", "kernels", "--out", "unused", "--dry-run"])
+    args.dtypes = suite.PHASE_DTYPES["kernels"]
+    items = suite.kernel_items(args, suite.pathlib.Path("unused"))
+    assert {(it["bench"], it["group"]) for it in items} == set(suite.KERNEL_SHAPES)
+    for item in items:
+        script = load_benchmark(f"bench_{item['bench']}")
+        wanted = item["cmd"][item["cmd"].index("--shapes") + 1 : item["cmd"].index("--out")]
+        chosen = common.select_shapes(script.SHAPES, wanted)
+        if item["group"] == "det":
+            assert all(name.startswith("det") and dims[0] == 2 for name, dims in chosen.items()), item["id"]
+        else:
+            assert all(name.endswith("-224") and dims[0] == 128 for name, dims in chosen.items()), item["id"]
+    mixed = common.select_shapes(load_benchmark("bench_attention_mixed").SHAPES, suite.KERNEL_SHAPES["attention_mixed", "224"])
+    assert len(mixed) == 6  # rest_small's and rest_large's three mixed stages
 
 
 def test_refuses_without_cuda(suite, monkeypatch, tmp_path, capsys):
