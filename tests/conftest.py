@@ -2,6 +2,11 @@
 
 ``TRITON_INTERPRET`` is read when a kernel is decorated, so it is set here, before any
 test module imports the kernel files. With a GPU present the same tests run compiled.
+
+fp32 means IEEE fp32 in every test: on a GPU, cuDNN runs fp32 convolutions in TF32 by default
+(cuBLAS matmuls already default to IEEE), which would make the eager fp32 run that the parity
+tests measure the kernels against (``helpers.assert_close``) a TF32-level yardstick. Tests of
+the TF32 paths turn it on themselves and restore it.
 """
 
 import os
@@ -13,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+torch.backends.cudnn.allow_tf32 = False  # the legacy flag: torch 2.11 and 2.13 both take it, and it sets conv and RNN
 
 
 def pytest_collection_modifyitems(config, items):

@@ -154,6 +154,13 @@ def _perturbed_models(build, size: tuple[int, int], device, batch: int = 1):
     return model64, model32.to(device), x
 
 
+def test_fp32_yardsticks_are_ieee():
+    """The parity tests' yardstick is an eager fp32 run: on a GPU, cuDNN's default TF32 convs
+    would make it a TF32 one (tests/conftest.py turns them off; cuBLAS defaults to IEEE)."""
+    assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+
+
 @pytest.mark.parametrize("factory", ["restv2_tiny", "restv2_large"])
 @pytest.mark.parametrize("size", [(64, 64), (97, 131)], ids=["64x64", "97x131"])
 def test_full_width_kernels_match_reference(factory, size, device):
