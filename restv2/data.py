@@ -7,6 +7,7 @@ this module.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 
@@ -91,6 +92,26 @@ def train_transform(img_size: int, auto_augment: str | None, color_jitter: float
         img_size, is_training=True, auto_augment=auto_augment, color_jitter=color_jitter, interpolation="bicubic",
         re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
+
+
+def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
+    """How DataLoader workers start: from a forkserver (where the platform has one), never by
+    forking the training process itself; None (the default) without workers.
+
+    A loader starts its workers again every epoch (they are not persistent, so that a resumed
+    run gets the same augmentation streams as an uninterrupted one), and by then the training
+    process runs threads of its own (gloo's or NCCL's, the progress bar's). A fork that lands
+    while one of them holds the interpreter's thread-list lock leaves the worker hung before
+    it runs a line (CPython up to 3.11.7 takes that lock in the child before re-initialising
+    it: python/cpython#112275), and rank 0 then waits for its batch forever; 2-process gloo
+    runs on Python 3.11.7 hung so at an epoch's validation about once in eight. The forkserver
+    is a single-threaded process started by fork + exec; it imports this module (torch,
+    torchvision, timm) once, so each worker forked from it starts quickly."""
+    if workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # takes effect when the server starts (the first loader's)
+    return context
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from . import MODELS
 from .checkpoint import load_checkpoint, unwrap_state_dict
-from .data import eval_transform, image_folder, train_transform
+from .data import eval_transform, image_folder, train_transform, worker_context
 from .validate import AMP_DTYPES, autocast, evaluate, setup, val_loader
 
 #: Stochastic depth per model. restv2_tiny's 0.1 is the published command's; ResTv1's are the
@@ -291,7 +291,7 @@ class Run:
         )
         self.train_loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.workers,
-            pin_memory=device.type == "cuda", drop_last=True,
+            multiprocessing_context=worker_context(args.workers), pin_memory=device.type == "cuda", drop_last=True,
         )  # fmt: skip
         self.updates_per_epoch = len(self.train_loader) // args.accum_steps
         if self.updates_per_epoch == 0:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import MODELS
 from .checkpoint import unwrap_state_dict
-from .data import ShardSampler, eval_transform, image_folder
+from .data import ShardSampler, eval_transform, image_folder, worker_context
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -71,7 +71,7 @@ def val_loader(root: str, transform, batch_size: int, workers: int, classes=None
     dataset = image_folder(root, transform, classes)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), num_workers=workers,
-        pin_memory=pin_memory, drop_last=False,
+        multiprocessing_context=worker_context(workers), pin_memory=pin_memory, drop_last=False,
     )  # fmt: skip
 
 
