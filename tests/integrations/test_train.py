@@ -164,13 +164,13 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_losses(full_run, data_dir
 def test_loader_workers_start_from_a_forkserver(data_dir, tmp_path, workers):
     """Workers are never forked from the training process, whose gloo/NCCL threads can hold an
     interpreter lock at the fork (restv2.data.worker_context): on Python 3.11.7 such a fork
-    hung the resumed run of the test above about once in eight."""
+    hung a 2-process run of the test above about once in eight."""
     args = train.parse_args([*EASY, "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"),
                              "--workers", str(workers)])  # fmt: skip
     run = train.Run(args, torch.device("cpu"))
     for loader in (run.train_loader, run.val_loader):
         context = loader.multiprocessing_context
-        assert (context.get_start_method() if workers else context) == ("forkserver" if workers else None)
+        assert context is None if workers == 0 else context.get_start_method() == "forkserver"
         images, target = next(iter(loader))  # the dataset and its transforms reach the workers
         assert images.shape == (8, 3, 32, 32) and target.shape == (8,)
 
