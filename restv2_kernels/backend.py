@@ -12,8 +12,10 @@ Nothing here touches the GPU or imports Triton at import time.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -50,6 +52,37 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _version_tuple(package: str) -> tuple[int, ...] | None:
+    """``(major, minor)`` of an installed package (``"3.6.0+git1a2b"`` -> (3, 6)), without importing it."""
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = re.match(r"(\d+)\.(\d+)", text)
+    return (int(parts[1]), int(parts[2])) if parts else None
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+
+    Triton before 3.7 reads a loop bound computed from ``tl.program_id`` as ``int()`` of a
+    one-element array, which NumPy 2.4 made a TypeError (triton-lang/triton#9171, fixed in 3.7):
+    every kernel with such a loop fails inside the interpreter. torch 2.11 pins Triton 3.6.
+    Compiled kernels (a GPU) are not affected.
+    """
+    triton_version, numpy_version = _version_tuple("triton"), _version_tuple("numpy")
+    if triton_version and numpy_version and triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (
+            f"Triton {importlib.metadata.version('triton')}'s CPU interpreter cannot run with NumPy "
+            f"{importlib.metadata.version('numpy')} (triton-lang/triton#9171, fixed in Triton 3.7): "
+            "install numpy<2.4, or triton>=3.7"
+        )
+    return None
+
+
+_INTERPRETER_PROBLEM = interpreter_problem()  # looked up once (a constant, as above, for torch.compile)
+
+
 def exporting() -> bool:
     """Whether ``torch.export`` (also behind ``torch.onnx.export``) is tracing: the reference
     then uses export-friendly forms of a few ops (same values, sizes kept symbolic)."""
@@ -70,6 +103,8 @@ def check_kernel_device(*tensors: torch.Tensor) -> None:
                 "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU "
                 "in Triton's interpreter, or use backend='reference')"
             )
+        if t.device.type == "cpu" and _INTERPRETER_PROBLEM:
+            raise RuntimeError(_INTERPRETER_PROBLEM)
 
 
 def use_kernels(backend: str, x: torch.Tensor) -> bool:

@@ -7,6 +7,10 @@ fp32 means IEEE fp32 in every test: on a GPU, cuDNN runs fp32 convolutions in TF
 (cuBLAS matmuls already default to IEEE), which would make the eager fp32 run that the parity
 tests measure the kernels against (``helpers.assert_close``) a TF32-level yardstick. Tests of
 the TF32 paths turn it on themselves and restore it.
+
+Where the interpreter cannot run the kernels with the installed packages (Triton before 3.7
+with NumPy 2.4 or later: ``restv2_kernels.backend.interpreter_problem``), the run stops at the
+start with that message instead of failing every kernel test inside Triton.
 """
 
 import os
@@ -19,6 +23,16 @@ if not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cudnn.allow_tf32 = False  # the legacy flag: torch 2.11 and 2.13 both take it, and it sets conv and RNN
+
+
+def pytest_configure(config):
+    if torch.cuda.is_available():
+        return
+    from restv2_kernels.backend import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem:  # every kernel test would fail inside Triton: say why once, before any runs
+        raise pytest.UsageError(f"the kernel tests run in Triton's CPU interpreter here, and {problem}")
 
 
 def pytest_collection_modifyitems(config, items):

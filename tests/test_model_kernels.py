@@ -4,6 +4,7 @@ torch.compile. On a CPU the kernels run in Triton's interpreter (tests/conftest.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import restv2
 import restv2_kernels
 from restv2 import ResT, ResTV2, load_checkpoint
+from restv2_kernels import backend as backend_choice
 from restv2_kernels import reference
 
 DATA = Path(__file__).parent / "data"
@@ -99,6 +101,33 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = ResTV2(**MINI_V2, backend="triton")
     with pytest.raises(ValueError, match="need CUDA tensors"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize(("triton", "numpy", "refused"), [
+    ("3.6.0", "2.4.6", True), ("3.5.1+git9a1b2c3", "2.5.2", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.2", False), (None, "2.4.6", False), ("3.6.0", None, False)])
+def test_interpreter_problem_names_the_broken_pair(monkeypatch, triton, numpy, refused):
+    """Triton < 3.7's interpreter fails inside every kernel under NumPy >= 2.4 (triton-lang/triton#9171)."""
+    versions = {"triton": triton, "numpy": numpy}
+
+    def version(name):
+        if versions.get(name) is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    problem = backend_choice.interpreter_problem()
+    assert (problem is not None) == refused
+    if refused:
+        assert f"Triton {triton}'s CPU interpreter cannot run with NumPy {numpy}" in problem and "numpy<2.4" in problem
+
+
+def test_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend_choice, "_INTERPRETER_PROBLEM", "Triton 3.6.0's CPU interpreter cannot run with NumPy 2.4.6")
+    model = ResTV2(**MINI_V2, backend="triton")
+    with pytest.raises(RuntimeError, match="cannot run with NumPy 2.4.6"):
         model(torch.randn(1, 3, 64, 64))
 
 
