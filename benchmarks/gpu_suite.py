@@ -25,6 +25,9 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` into ``--out``:
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
            candidate's time, and the best plan per shape next to the current plan's.
 
+The kernels and e2e phases end with the speed targets they measure (``report.py``'s scorecard:
+met, missed by how much, or not measured and why), printed and kept in their JSON.
+
 Budget (``--budget-s``, default 480): a phase is a list of work items in order of importance, each
 with an estimate. An item starts only if its estimate fits what is left of the budget, and a child
 still running when the budget ends is stopped. What does not run is recorded as skipped, with why.
@@ -108,7 +111,9 @@ limits of 8 files per command and 2 folders):
 A 30-minute session holds env and three 480 s phases (the machine's start counts too); the rest
 goes to the next session. Add --dry-run to any command to see, on any machine, what it would run.
 Afterwards copy each folder's files under benchmarks/results/<gpu-slug>/ (e.g. nvidia-h100-80gb-hbm3,
-the slug common.device_slug() gives), where env.json names the GPU the others ran on.
+the slug common.device_slug() gives), where env.json names the GPU the others ran on, and run
+  python benchmarks/report.py benchmarks/results/<gpu-slug>/
+for the scorecard of the speed targets and the README's Performance tables (any machine).
 """
 
 
@@ -786,6 +791,22 @@ def _tests_summary(rec: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
+# The scorecard of the kernels and e2e phases (benchmarks/report.py)
+# ---------------------------------------------------------------------------------------
+
+
+def scorecard_lines(run: Run, dtype: str = "bf16") -> list[str]:
+    """The project's speed targets this phase measures, judged on its own record (``report.TARGETS``);
+    kept in the JSON as ``"scorecard"``. ``report.py`` judges them over several phase files."""
+    report = load_script("report")
+    res = report.collect([{**run.record, "_file": str(run.path("json"))}])
+    checks = report.scorecard(res, dtype, phases=[run.phase])
+    run.record["scorecard"] = [c.to_dict() for c in checks]
+    head = f"scorecard ({dtype}; a dry run measures nothing)" if run.dry_run else f"scorecard ({dtype}):"
+    return [head, *report.check_lines(checks)]
+
+
+# ---------------------------------------------------------------------------------------
 # Phase kernels
 # ---------------------------------------------------------------------------------------
 
@@ -935,7 +956,8 @@ def phase_kernels(run: Run) -> list[str]:
     lines = [f"{it['id']:<25} {it['plan'] if run.dry_run else it['status']:<13} est {it['estimate_s']:>4.0f}s "
              f"took {it['wall_s'] or 0:>4.0f}s  {it['reason'] or ''}"[:200] for it in run.items]
     lines.append("triton ms per mode, its speed-up over the fastest other impl, and its multiple of the roofline floor:")
-    return lines + [_kernel_line(e) for e in rec["summary"]]
+    dtype = "bf16" if "bf16" in args.dtypes else args.dtypes[0]
+    return lines + [_kernel_line(e) for e in rec["summary"]] + scorecard_lines(run, dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -972,12 +994,13 @@ def e2e_items(part: str, tp: Any) -> list[dict]:
     tiny = "restv2_tiny"
     peers = [p for p in tp.PEERS[tiny] if p.startswith(("convnext", "swin"))]
     det = {"batch": 2, "resolution": (800, 1333)}
-    return [
+    return [  # the rows the scorecard's targets need first (report.TARGETS; a test holds this order)
         *(row(tiny, b) for b in ("reference", "kernels", "reference+compile", "kernels+compile")),
         *(row(p, "timm", anchor=tiny) for p in peers),
         *(row(tiny, b, "train", batch=128) for b in ("reference", "kernels")),
-        *(row(tiny, b, mode, **det) for mode in ("features-fwd", "features-fwd+bwd") for b in ("reference", "kernels")),
+        *(row(tiny, b, "features-fwd+bwd", **det) for b in ("reference", "kernels")),
         *(row(p, "timm+compile", anchor=tiny) for p in peers),
+        *(row(tiny, b, "features-fwd", **det) for b in ("reference", "kernels")),
         *(row(tiny, b, "train", batch=128) for b in ("reference+compile", "kernels+compile")),
     ]
 
@@ -1023,7 +1046,7 @@ def phase_e2e(run: Run) -> list[str]:
     rec["rows"] = [r.to_dict() for r in rows]
     if not args.no_plot and rows:
         tp.plot(rows, run.path("png"), common.describe(run.record["environment"]))
-    return tp.format_table(rows).splitlines()
+    return tp.format_table(rows).splitlines() + scorecard_lines(run)
 
 
 def _e2e_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
