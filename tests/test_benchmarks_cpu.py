@@ -170,10 +170,11 @@ def _fake_gpu_run(module, monkeypatch, tmp_path, shapes, argv):
     """Runs ``module.main`` through the whole table/JSON loop on the CPU, pretending a GPU is present."""
     triton_testing = pytest.importorskip("triton.testing")
     common = module.common
+    # read before CUDA is faked: with a CUDA build of torch, cuDNN's version check would ask for devices
+    env = {**common.environment("cpu"), "device": "cuda"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(triton_testing, "do_bench", lambda fn, return_mode="mean": common.time_ms(fn, "cpu", reps=2, warmup=0))
-    env = {**common.environment("cpu"), "device": "cuda"}
     monkeypatch.setattr(common, "environment", lambda device=None: env)
     monkeypatch.setattr(common, "roofline_rates", lambda device, dtype: {"copy_gbps": 100.0, "matmul_tflops": 1.0})
     monkeypatch.setattr(module, "SHAPES", shapes)
