@@ -35,7 +35,7 @@ DOT_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "mixed_fwd", "mixed_b
 # The documented exception: fp32 attention dots are IEEE, which Triton lowers to FMA with large
 # per-thread operand arrays; on the several-key-block path (inputs of 384 px and more) at
 # head dim 96/128 the least-spilling tiles found still spill this much (bytes a thread, the most
-# seen with Triton 3.6 and 3.9; the mixed kernels' with 3.9).
+# seen with Triton 3.6, the GPU image's, and 3.9, CI's).
 FP32_LOCAL_BYTES = {
     ("attn_fwd", "sm_80"): 24,
     ("attn_fwd", "sm_89"): 448,
@@ -45,10 +45,14 @@ FP32_LOCAL_BYTES = {
     ("attn_bwd_dq", "sm_90"): 312,
     # ResTv1's mixed attention at head dim 96 (rest_base, rest_large): the fp32 FMA dots of the
     # per-head [16, 128] tiles beside the seven [16, 16 or 32] score tiles of the backward
+    ("mixed_fwd", "sm_80"): 8,
     ("mixed_fwd", "sm_89"): 24,
+    ("mixed_fwd", "sm_90"): 8,
     ("mixed_bwd_stats", "sm_89"): 8,
     ("mixed_bwd_dq", "sm_80"): 24,
-    ("mixed_bwd_dkdv", "sm_80"): 8,
+    ("mixed_bwd_dkdv", "sm_80"): 16,
+    # the pixel attention's [2, 1024] fp32 tile at 8 warps, with Triton 3.6 only
+    ("pixel_attention_fwd", "sm_90"): 8,
 }
 
 
