@@ -111,7 +111,7 @@ class Check:
     def shortfall(self) -> float | None:
         """How far a missed target is from its threshold, as a fraction of the threshold."""
         t = self.target
-        if self.status != "missed" or self.value is None:
+        if self.status != "missed":
             return None
         return (t.threshold - self.value) / t.threshold if t.op == ">=" else (self.value - t.threshold) / t.threshold
 
@@ -134,32 +134,24 @@ class Results:
 
     records: list[dict] = dataclasses.field(default_factory=list)
     kernel_rows: dict[tuple, dict] = dataclasses.field(default_factory=dict)  # (bench, dtype, shape, mode, impl)
-    e2e_rows: dict[tuple, dict] = dataclasses.field(default_factory=dict)  # (model, label, mode, batch, resolution)
+    e2e_rows: dict[tuple, dict] = dataclasses.field(default_factory=dict)  # _e2e_key: model, label, mode, batch, ...
 
 
-def phase_files(paths: Iterable[pathlib.Path]) -> list[pathlib.Path]:
-    """The ``*.json`` files among ``paths`` (folders searched recursively) that gpu_suite wrote."""
-    found = []
+def load(paths: Iterable[pathlib.Path]) -> Results:
+    """The ``*.json`` files among ``paths`` (folders searched recursively) that gpu_suite wrote,
+    taken in the order their runs started (``collect``)."""
+    records = []
     for path in map(pathlib.Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"no such file or folder: {path}")
         for file in sorted(path.rglob("*.json")) if path.is_dir() else [path]:
-            data = _read(file)
+            try:
+                data = json.loads(file.read_text())
+            except (OSError, ValueError):  # not JSON, or cut short
+                continue
             if isinstance(data, dict) and data.get("suite") == SUITE and data.get("phase"):
-                found.append(file)
-    return found
-
-
-def _read(path: pathlib.Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def load(paths: Iterable[pathlib.Path]) -> Results:
-    """The phase files under ``paths``, read in the order their runs started."""
-    return collect([{**_read(file), "_file": str(file)} for file in phase_files(paths)])
+                records.append({**data, "_file": str(file)})
+    return collect(records)
 
 
 def collect(records: list[dict]) -> Results:
@@ -362,10 +354,7 @@ def e2e_table(res: Results) -> list[str]:
             lines.append(f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | "
                          f"{row['batch_requested']} | {res_text} | {_why_not(row, 'row')} | | | |")
             continue
-        base = res.e2e_rows.get((row["model"], "timm" if row["backend"] == "timm" else "reference", row["mode"],
-                                 row["batch_requested"], tuple(row["resolution"]), row.get("precision")))
-        speed = (f"{row['images_per_s_median'] / base['images_per_s_median']:.2f}x"
-                 if _e2e_ok(base) and base["_source"] == row["_source"] else "-")
+        speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"  # throughput.add_speedups, in its run
         mem = f"{row['peak_mem_mib']:.0f}" if row.get("peak_mem_mib") is not None else "-"
         floor = f"{row['x_floor']:.2f}" if row.get("x_floor") else "-"
         lines.append(f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | {row['batch']} | "
@@ -373,9 +362,9 @@ def e2e_table(res: Results) -> list[str]:
     return lines
 
 
-def markdown(res: Results, dtype: str = "bf16") -> str:
+def markdown(res: Results, checks: list[Check], dtype: str = "bf16") -> str:
     measured = [r for r in res.records if not r.get("dry_run")]
-    out = [f"### Scorecard (kernel targets at {dtype})", "", *scorecard_markdown(scorecard(res, dtype)), ""]
+    out = [f"### Scorecard (kernel targets at {dtype})", "", *scorecard_markdown(checks), ""]
     for phase, title, table in (("kernels", "Kernels", kernel_table), ("e2e", "End to end", e2e_table)):
         records = [r for r in measured if r["phase"] == phase]
         if not records:
@@ -404,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if not res.records:
         parser.error(f"no gpu_suite phase file under {' '.join(map(str, args.paths))}")
     checks = scorecard(res, args.dtype)
-    print(markdown(res, args.dtype), end="")
+    print(markdown(res, checks, args.dtype), end="")
     if args.json:
         args.json.write_text(json.dumps({"dtype": args.dtype, "files": [r["_file"] for r in res.records],
                                          "scorecard": [c.to_dict() for c in checks]}, indent=1) + "\n")

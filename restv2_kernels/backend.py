@@ -52,14 +52,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _version_tuple(package: str) -> tuple[int, ...] | None:
-    """``(major, minor)`` of an installed package (``"3.6.0+git1a2b"`` -> (3, 6)), without importing it."""
+def _major_minor(package: str) -> tuple[str, tuple[int, int]] | None:
+    """An installed package's version and its (major, minor) (``"3.6.0+git1a2b"`` -> (3, 6)),
+    without importing it; None when it is not installed."""
     try:
         text = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
     parts = re.match(r"(\d+)\.(\d+)", text)
-    return (int(parts[1]), int(parts[2])) if parts else None
+    return (text, (int(parts[1]), int(parts[2]))) if parts else None
 
 
 def interpreter_problem() -> str | None:
@@ -70,12 +71,11 @@ def interpreter_problem() -> str | None:
     every kernel with such a loop fails inside the interpreter. torch 2.11 pins Triton 3.6.
     Compiled kernels (a GPU) are not affected.
     """
-    triton_version, numpy_version = _version_tuple("triton"), _version_tuple("numpy")
-    if triton_version and numpy_version and triton_version < (3, 7) and numpy_version >= (2, 4):
+    triton, numpy = _major_minor("triton"), _major_minor("numpy")
+    if triton and numpy and triton[1] < (3, 7) and numpy[1] >= (2, 4):
         return (
-            f"Triton {importlib.metadata.version('triton')}'s CPU interpreter cannot run with NumPy "
-            f"{importlib.metadata.version('numpy')} (triton-lang/triton#9171, fixed in Triton 3.7): "
-            "install numpy<2.4, or triton>=3.7"
+            f"Triton {triton[0]}'s CPU interpreter cannot run with NumPy {numpy[0]} "
+            "(triton-lang/triton#9171, fixed in Triton 3.7): install numpy<2.4, or triton>=3.7"
         )
     return None
 

@@ -434,8 +434,8 @@ _MIXED_BWD["sm_70"] = _fma_rows(_MIXED_BWD)
 # sm_89/sm_90: at d <= 64 the 16-bit 32 x 32 tiles of dq and dk/dv spill 8-24 B under Triton 3.6
 # (the GPU image's; ptxas holds them to 168 registers), 32 x 16 fit under 3.6 and 3.9; on sm_80
 # it is the other way round (32 x 16 spill 8 B under both).
-for _name in ("sm_89", "sm_90"):
-    _MIXED_BWD[_name] = {**_MIXED_BWD["default"], ("16bit", "d<=64"): AttnBlocks(32, 16, 4, 2)}
+_MIXED_BWD.update({name: {**_MIXED_BWD["default"], ("16bit", "d<=64"): AttnBlocks(32, 16, 4, 2)}
+                   for name in ("sm_89", "sm_90")})
 # The interpreter pays per op and per program, and each program here loops over heads twice
 # over: 64 x 64 blocks for every dtype (tests force small blocks where they want many).
 _MIXED_INTERPRETER = AttnBlocks(64, 64, 4, 1)

@@ -60,7 +60,8 @@ def kernel_rows(benches, bench: str, shape: str, dtype: str, speeds: dict) -> li
 
 
 def e2e_rows(suite, ips: dict, mem: dict | None = None, status: dict | None = None) -> list[dict]:
-    """The core part's rows; ``ips[id]`` images/s (absent: skipped for budget), ``mem[id]`` peak MiB."""
+    """The core part's rows as phase_e2e records them (speed-ups added); ``ips[id]`` images/s
+    (absent: skipped for budget), ``mem[id]`` peak MiB."""
     tp = suite.load_script("throughput")
     rows = []
     for item in suite.e2e_items("core", tp):
@@ -73,8 +74,9 @@ def e2e_rows(suite, ips: dict, mem: dict | None = None, status: dict | None = No
                 row.reason = "RuntimeError: CUDA out of memory\nmore"
         else:
             row.status, row.reason = "skipped", "budget: 60 s left"
-        rows.append(row.to_dict())
-    return rows
+        rows.append(row)
+    tp.add_speedups(rows)
+    return [row.to_dict() for row in rows]
 
 
 # attention: triton at 80% of copy fwd (sdpa-flash errors, sdpa-efficient takes 0.9x its time); bwd at
