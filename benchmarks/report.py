@@ -13,6 +13,8 @@ searched recursively) and prints markdown:
    measured in that run, multiple of the roofline floor, speed-up over eager and over the fastest
    other implementation), and the end-to-end rows (images/s, speed-up, peak memory, multiple of
    the traffic floor), each headed by the GPU, versions, date and commit they were measured at.
+3. The profiles (``--phase profile``), where a profile phase file is among them: per profiled row,
+   the backends' ms per step by kernel category side by side, and their largest kernels.
 
 The kernel targets are read at ``--dtype`` (default bf16, the precision of every end-to-end
 target). Where one measurement was made more than once (a phase re-run, or two folders), the
@@ -362,6 +364,82 @@ def e2e_table(res: Results) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------
+# Profiles (gpu_suite.py --phase profile, kernel_profile.py)
+# ---------------------------------------------------------------------------------------
+
+PROFILE_TOP = 8  # kernels listed per backend
+
+
+def profile_lines(title: str, results: dict[str, dict], top: int = PROFILE_TOP) -> list[str]:
+    """Markdown: one profiled step per backend (``kernel_profile.summarize``'s summaries, the first
+    the baseline): its host wall and GPU busy time, kernels and categories in ms per step side by
+    side, each other backend's difference from the first, and each backend's largest kernels."""
+    labels = list(results)
+    if not labels:
+        return [f"**{title}**: nothing profiled"]
+    base = labels[0]
+    deltas = labels[1:]
+    head = ["| ms per step | " + " | ".join(labels) + "".join(f" | {lab} - {base}" for lab in deltas) + " |",
+            "|---|" + "---:|" * (len(labels) + len(deltas))]
+
+    def row(text: str, values: list[float | None], digits: int = 2) -> str:
+        cells = [f"{v:.{digits}f}" if v is not None else "-" for v in values]
+        diffs = [f"{v - values[0]:+.{digits}f}" if v is not None and values[0] is not None else "-"
+                 for v in values[1:]]
+        return f"| {text} | " + " | ".join(cells + diffs) + " |"
+
+    lines = [f"**{title}** (under torch.profiler; {results[base]['steps']} steps)", "", *head]
+    lines.append(row("host wall", [results[lab]["wall_ms"] for lab in labels]))
+    lines.append(row("device busy", [results[lab]["busy_ms"] for lab in labels]))
+    lines.append(row("kernels (count)", [results[lab]["launches"] for lab in labels], digits=0))
+    categories = list(dict.fromkeys(c for lab in labels for c in results[lab]["categories"]))
+    categories.sort(key=lambda c: -max(results[lab]["categories"].get(c, 0.0) for lab in labels))
+    lines += [row(c, [results[lab]["categories"].get(c, 0.0) for lab in labels]) for c in categories]
+    lines += ["", "| backend | kernel | category | calls | ms | share |", "|---|---|---|---:|---:|---:|"]
+    for lab in labels:
+        for k in results[lab]["kernels"][:top]:
+            name = k["name"] if len(k["name"]) <= 80 else k["name"][:77] + "..."
+            name = name.replace("|", "/")
+            lines.append(f"| {lab} | `{name}` | {k['category']} | {k['calls']:.0f} | {k['ms']:.3f} | "
+                         f"{100 * k['share']:.1f}% |")
+    return lines
+
+
+def profile_groups(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """The profile phase's rows (id, status, spec, result) grouped by what was profiled:
+    {title: {backend label: its summary}}, in row order; a row not measured adds no label."""
+    groups: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        spec = row["spec"]
+        if "op" in spec:
+            title, label = f"{spec['op']} {spec['shape']} {spec['dtype']} fwd+bwd", "triton"
+        else:
+            res = "x".join(map(str, spec["resolution"]))
+            compiled = " compiled" if spec["compile"] else ""
+            title = f"{spec['model']} {spec['mode']}{compiled} {spec['precision']} batch {spec['batch_requested']} {res}"
+            label = spec["backend"] + ("+compile" if spec["compile"] else "")
+        group = groups.setdefault(title, {})
+        if row["status"] == "ok" and row.get("result"):
+            group[label] = row["result"]
+    return groups
+
+
+def profile_markdown(res: Results) -> list[str]:
+    """The profile phase's tables, the latest run's of each profiled group."""
+    groups: dict[str, dict[str, dict]] = {}
+    for record in res.records:
+        if record.get("dry_run") or record.get("phase") != "profile":
+            continue
+        for title, results in profile_groups((record.get("profile") or {}).get("rows", [])).items():
+            if results:
+                groups[title] = results
+    out = []
+    for title, results in groups.items():
+        out += [*profile_lines(title, results), ""]
+    return out
+
+
 def markdown(res: Results, checks: list[Check], dtype: str = "bf16") -> str:
     measured = [r for r in res.records if not r.get("dry_run")]
     out = [f"### Scorecard (kernel targets at {dtype})", "", *scorecard_markdown(checks), ""]
@@ -372,6 +450,11 @@ def markdown(res: Results, checks: list[Check], dtype: str = "bf16") -> str:
         out += [f"### {title}", ""]
         out += [f"Measured on {run_header(r)} ({pathlib.Path(r['_file']).name})." for r in records]
         out += ["", *table(res), ""]
+    profiles = profile_markdown(res)
+    if profiles:
+        records = [r for r in measured if r["phase"] == "profile"]
+        out += ["### Profiles", "", *(f"Measured on {run_header(r)} ({pathlib.Path(r['_file']).name})." for r in records),
+                "", *profiles]
     if not measured:
         out.append("No measured phase file (only dry runs, or none) among the paths given.")
     return "\n".join(out).rstrip() + "\n"

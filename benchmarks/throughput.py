@@ -353,7 +353,7 @@ def autocast(row: Row, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def measure_inference(model: nn.Module, row: Row, x: torch.Tensor, device: torch.device, progress) -> None:
+def inference_step(model: nn.Module, row: Row, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """Classification or dense forward: no_grad (paper) or inference_mode (modern)."""
     model.eval()
     fn = forward_fn(model, row)
@@ -364,10 +364,10 @@ def measure_inference(model: nn.Module, row: Row, x: torch.Tensor, device: torch
         with grad_off(), autocast(row, device):
             fn(x)
 
-    time_steps(step, row, device, progress)
+    return step
 
 
-def measure_train(model: nn.Module, row: Row, x: torch.Tensor, device: torch.device, progress) -> None:
+def train_step(model: nn.Module, row: Row, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """Forward, cross-entropy on random labels, backward, optimizer step (GradScaler under fp16)."""
     model.train()
     fn = compiled(model, row) if row.compile else model
@@ -386,10 +386,10 @@ def measure_train(model: nn.Module, row: Row, x: torch.Tensor, device: torch.dev
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    time_steps(step, row, device, progress)
+    return step
 
 
-def measure_features_backward(model: nn.Module, row: Row, x: torch.Tensor, device: torch.device, progress) -> None:
+def features_backward_step(model: nn.Module, row: Row, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
     """Dense backbone forward + backward (a mean over each stage map as the loss), no step."""
     model.train()
     fn = forward_fn(model, row)
@@ -402,14 +402,14 @@ def measure_features_backward(model: nn.Module, row: Row, x: torch.Tensor, devic
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    time_steps(step, row, device, progress)
+    return step
 
 
-MEASURE = {
-    "infer": measure_inference,
-    "features-fwd": measure_inference,
-    "features-fwd+bwd": measure_features_backward,
-    "train": measure_train,
+STEPS = {  # mode -> the builder of one step (model, row, input, device) -> step(); the first call compiles
+    "infer": inference_step,
+    "features-fwd": inference_step,
+    "features-fwd+bwd": features_backward_step,
+    "train": train_step,
 }
 
 
@@ -441,7 +441,7 @@ def attempt(row: Row, batch: int, device: torch.device, progress) -> None:
     progress(f"building (batch {batch})")
     model = build_model(row, device)
     x = torch.randn(batch, 3, *row.resolution, device=device)
-    MEASURE[row.mode](model, row, x, device, progress)
+    time_steps(STEPS[row.mode](model, row, x, device), row, device, progress)
     row.batch = batch
     if device.type == "cuda":
         row.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
