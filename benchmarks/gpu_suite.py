@@ -8,7 +8,7 @@ so the tree runs in place, one phase a command, each into its own folder of ``$O
     PYTHONPATH=. python benchmarks/gpu_suite.py --phase env --out $OUT/env
 
 Phases (``--phase``); each writes ``<phase>.json`` (everything), ``<phase>.log`` (what it printed)
-and, where a chart helps (kernels, e2e), ``<phase>.png`` into ``--out``:
+and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip``, the traces) into ``--out``:
 
   env      GPU, driver, torch, triton, CUDA, SM count, L2, memory, compute capability, the plans'
            target (``plans.device_target``), copy bandwidth and matmul rates measured now, the first
@@ -24,6 +24,10 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` into ``--out``:
            and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
            candidate's time, and the best plan per shape next to the current plan's.
+  profile  where the time goes, for a missed target: the e2e target rows (restv2_tiny inference,
+           training, 800x1333 features; reference and kernels side by side) and the attention and
+           upsample ops at the stage-1 shape under ``torch.profiler`` (``kernel_profile.py``): each
+           kernel's ms per step, by category, and the chrome traces in ``<phase>.zip``.
 
 The kernels and e2e phases end with the speed targets they measure (``report.py``'s scorecard:
 met, missed by how much, or not measured and why), printed and kept in their JSON.
@@ -83,9 +87,10 @@ import common  # noqa: E402
 
 from restv2_kernels import plans  # noqa: E402 - pure functions: no Triton, no GPU at import
 
-PHASES = ("env", "tests", "kernels", "e2e", "sweep")
+PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
 DEFAULT_BUDGET_S = 480.0  # of the 600 s a command may take: imports, start-up and the last writes fit in the rest
-MAX_FILES = 3  # per phase: <phase>.json, <phase>.log, <phase>.png
+MAX_FILES = 3  # per phase: <phase>.json, <phase>.log, and <phase>.png (kernels, e2e) or <phase>.zip (profile)
+FILE_EXTS = ("json", "log", "png", "zip")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what the remote tool brings back
 STOP_GRACE_S = 20.0  # a child told to stop (SIGINT) gets this long to write its report before SIGKILL
 WORKER_CUDA_LOST = 3  # a worker's exit code when its CUDA context is gone (the parent starts another)
@@ -107,6 +112,7 @@ limits of 8 files per command and 2 folders):
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e --part zoo --tag e2e-zoo --out $OUT/e2e-zoo
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --dtypes fp32 --tag kernels-fp32 \\
       --out $OUT/kernels-fp32
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase profile --out $OUT/profile   # <= 480 s (a missed target)
 
 A 30-minute session holds env and three 480 s phases (the machine's start counts too); the rest
 goes to the next session. Add --dry-run to any command to see, on any machine, what it would run.
@@ -168,8 +174,7 @@ class Run:
             self.record["status"] = status
         self.record["wall_s"] = round(self.elapsed(), 2)
         self.record["work"] = [_work_view(item) for item in self.items]
-        self.record["files"] = [p.name for p in (self.path("json"), self.path("log"), self.path("png"))
-                                if p.name == self.path("json").name or p.exists()]
+        self.record["files"] = [self.path(ext).name for ext in FILE_EXTS if ext == "json" or self.path(ext).exists()]
         common.write_json(self.path("json"), self.record)
 
 
@@ -1018,14 +1023,20 @@ def _row_from_item(tp: Any, item: dict) -> Any:
     return row
 
 
+def select_rows(items: list[dict], patterns: list[str] | None) -> list[dict]:
+    """The items whose id matches one of ``--rows``' globs (all without ``--rows``); none is an error."""
+    if not patterns:
+        return items
+    chosen = [it for it in items if any(fnmatch.fnmatch(it["id"], pattern) for pattern in patterns)]
+    if not chosen:
+        raise SystemExit(f"--rows {patterns} match none of: {', '.join(it['id'] for it in items)}")
+    return chosen
+
+
 def phase_e2e(run: Run) -> list[str]:
     args = run.args
     tp = load_script("throughput")
-    items = e2e_items(args.part, tp)
-    if args.rows:
-        items = [it for it in items if any(fnmatch.fnmatch(it["id"], pattern) for pattern in args.rows)]
-        if not items:
-            raise SystemExit(f"--rows {args.rows} match none of: {', '.join(i['id'] for i in e2e_items(args.part, tp))}")
+    items = select_rows(e2e_items(args.part, tp), args.rows)
     run.items = items
     rec = run.record["e2e"]
     rec.update(part=args.part, protocol="modern", precision="bf16", rows=[])
@@ -1533,9 +1544,138 @@ def _sweep_run(run: Run, items: list[dict], candidates: dict, other_dtypes: list
     supervise(run, "sweep", extra, shared=shared, item_timeout=timeout, on_done=done)
 
 
+# ---------------------------------------------------------------------------------------
+# Phase profile: where a target's time goes
+# ---------------------------------------------------------------------------------------
+
+PROFILE_WARMUP = 3  # steps before profiling (the first compiles, under +compile)
+PROFILE_OPS = {"attention": "tiny-s1-224-b256", "upsample": "tiny-s1-224-b256"}  # op: ATTN/UPSAMPLE_SHAPES name
+PROFILE_OP_ESTIMATE_S = 15.0
+PROFILE_ZIP_MAX = 12 << 20  # the traces' zip stays well inside the remote tool's 16 MiB a file
+
+
+def profile_items(tp: Any, steps: int) -> list[dict]:
+    """The speed targets' rows (``e2e_items``' spec, ``PROFILE_WARMUP`` + ``steps`` steps), reference
+    before kernels, then the attention and upsample ops (Triton, forward + backward), then the
+    compiled inference pair; in order of importance."""
+    rows = {it["id"]: it for it in e2e_items("core", tp)}
+    tiny = "restv2_tiny"
+    ids = [f"{mode}/{tiny}/{label}" for mode in ("infer", "train", "features-fwd+bwd") for label in ("reference", "kernels")]
+    items = [work_item(i, rows[i]["estimate_s"], spec={**rows[i]["spec"], "warmup": PROFILE_WARMUP, "iters": steps})
+             for i in ids]
+    items += [work_item(f"op/{op}/{shape}", PROFILE_OP_ESTIMATE_S, spec={"op": op, "shape": shape, "dtype": "bf16",
+                                                                          "iters": steps})
+              for op, shape in PROFILE_OPS.items()]
+    items += [work_item(i, rows[i]["estimate_s"], spec={**rows[i]["spec"], "warmup": PROFILE_WARMUP, "iters": steps})
+              for i in (f"infer/{tiny}/reference+compile", f"infer/{tiny}/kernels+compile")]
+    return items
+
+
+def phase_profile(run: Run) -> list[str]:
+    args = run.args
+    if args.profile_steps < 1:
+        raise SystemExit(f"--profile-steps {args.profile_steps}: at least 1")
+    tp = load_script("throughput")
+    items = select_rows(profile_items(tp, args.profile_steps), args.rows)
+    run.items = items
+    rec = run.record["profile"]
+    rec.update(steps=args.profile_steps, warmup=PROFILE_WARMUP, rows=[], traces=[], traces_left_out=[])
+
+    def rows() -> list[dict]:
+        return [{k: it.get(k) for k in ("id", "status", "reason", "spec", "result")} for it in items]
+
+    if run.dry_run:
+        used = plan_budget(items, args.budget_s)
+        print(f"would profile these in one worker child, in this order (~{used:.0f} s of the {args.budget_s:.0f} s budget):")
+        print("\n".join(format_plan(items)))
+    else:
+        def done(item: dict) -> None:
+            rec["rows"] = rows()
+            run.save()
+
+        with tempfile.TemporaryDirectory(prefix="gpu_suite_traces_") as tmp:
+            supervise(run, "profile", items, shared={"trace_dir": tmp},
+                      item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]), on_done=done)
+            traces = [pathlib.Path(tmp) / trace_name(it["id"]) for it in items]  # the most important first
+            rec["traces"], rec["traces_left_out"] = zip_traces([t for t in traces if t.exists()], run.path("zip"))
+    rec["rows"] = rows()
+    report = load_script("report")
+    lines = []
+    for title, results in report.profile_groups(rec["rows"]).items():
+        lines += [*(report.profile_lines(title, results, top=3) if results else [f"{title}: not profiled"]), ""]
+    return lines
+
+
+def trace_name(item_id: str) -> str:
+    """A chrome trace's file name for an item id (``infer/restv2_tiny/kernels+compile``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", item_id.replace("+", "-")) + ".json"
+
+
+def zip_traces(paths: list[pathlib.Path], dest: pathlib.Path, limit: int = PROFILE_ZIP_MAX) -> tuple[list[str], list[str]]:
+    """Deflates the traces, in order, into one zip of at most ``limit`` bytes: (names in, names left
+    out, from the first that would pass the limit on)."""
+    import zipfile
+
+    kept: list[str] = []
+    if not paths:
+        return kept, []
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for path in paths:
+            zf.write(path, path.name)
+            directory = sum(46 + len(name.encode()) for name in [*kept, path.name]) + 22  # written on close
+            if zf.fp.tell() + directory > limit:
+                break
+            kept.append(path.name)
+    if len(kept) < len(paths):  # written again without the one that passed the limit
+        with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+            for path in paths[:len(kept)]:
+                zf.write(path, path.name)
+    return kept, [p.name for p in paths[len(kept):]]
+
+
+def _profile_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
+    kp = load_script("kernel_profile")
+    tp = kp.throughput  # the module profile_row builds with
+    device = torch.device(DEVICE)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as throughput.py
+    ours = kp.our_kernels()
+    trace_dir = pathlib.Path(shared["trace_dir"])
+
+    def handle(spec: dict) -> tuple[str, Any, str | None]:
+        steps = spec["iters"]
+        if "op" in spec:
+            item_id = f"op/{spec['op']}/{spec['shape']}"
+            shapes, make = (ATTN_SHAPES, _attention_case) if spec["op"] == "attention" else (UPSAMPLE_SHAPES, _upsample_case)
+            dtype = common.KERNEL_DTYPES[spec["dtype"]]
+            fwd, bwd = make(shapes[spec["shape"]], dtype, False), make(shapes[spec["shape"]], dtype, True)
+
+            def step() -> None:
+                fwd["run"]()
+                bwd["run"]()
+
+            for _ in range(PROFILE_WARMUP):
+                step()
+            result = kp.profile_step(step, device, steps, ours, trace_dir / trace_name(item_id))
+            del fwd, bwd
+        else:
+            row = tp.Row(**{**spec, "resolution": tuple(spec["resolution"])})
+            item_id = f"{row.mode}/{row.model}/{row.label}"
+            try:
+                result = kp.profile_row(row, device, steps, ours, trace_dir / trace_name(item_id))
+            finally:
+                tp.free_memory(device)
+        cats = ", ".join(f"{c} {ms:.2f}" for c, ms in list(result["categories"].items())[:4])
+        print(f"[profile] {item_id}: wall {result['wall_ms']:.2f} ms/step, busy {result['busy_ms']:.2f}; {cats}",
+              flush=True)
+        return "ok", result, None
+
+    return handle
+
+
 WORKERS: dict[str, Callable[[dict], Callable[[dict], tuple[str, Any, str | None]]]] = {
     "e2e": _e2e_worker,
     "sweep": _sweep_worker,
+    "profile": _profile_worker,
 }
 
 
@@ -1545,6 +1685,7 @@ WORKERS: dict[str, Callable[[dict], Callable[[dict], tuple[str, Any, str | None]
 
 PHASE_FNS: dict[str, Callable[[Run], list[str]]] = {
     "env": phase_env, "tests": phase_tests, "kernels": phase_kernels, "e2e": phase_e2e, "sweep": phase_sweep,
+    "profile": phase_profile,
 }
 PHASE_DTYPES = {"kernels": ["bf16", "fp16", "fp32"], "sweep": ["bf16", "fp16"]}
 
@@ -1572,11 +1713,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="in order of importance (default: kernels bf16 fp16 fp32; sweep bf16 fp16, where "
                             "the dtypes after the first re-time only the best candidates)")
     group.add_argument("--benches", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
-    group = parser.add_argument_group("e2e")
+    group = parser.add_argument_group("e2e and profile")
     group.add_argument("--part", choices=["core", "zoo"], default="core",
                        help="core: restv2_tiny (4 backends, peers, train, 800x1333 features); zoo: small/base/large")
     group.add_argument("--rows", nargs="+", metavar="PATTERN",
                        help="only the rows whose id matches a glob, e.g. 'train/*' 'infer/*/kernels*'")
+    group.add_argument("--profile-steps", type=int, default=3, help="profile: profiled steps a row (default 3)")
     group = parser.add_argument_group("sweep")
     group.add_argument("--families", nargs="+", choices=list(SWEEP_FAMILIES), default=list(SWEEP_FAMILIES))
     group.add_argument("--shapes", nargs="+", metavar="NAME", help=f"names or prefixes of: {' '.join(ATTN_SHAPES)}")

@@ -17,12 +17,13 @@ import re
 import sys
 import textwrap
 import time
+import zipfile
 
 import pytest
 import torch
 from helpers import load_benchmark
 
-PHASES = ("env", "tests", "kernels", "e2e", "sweep")
+PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMON_KEYS = {"suite", "phase", "tag", "dry_run", "status", "command", "argv", "started", "wall_s", "budget_s",
                "git_commit", "git_changed", "tree_sha256", "environment", "files", "work", "summary"}
@@ -53,13 +54,13 @@ def test_dry_run_files(dry_runs, phase):
     rc, stdout = results[phase]
     assert rc == 0, stdout
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] == phase)
-    assert 2 <= len(files) <= 3, files  # JSON + log (+ PNG)
+    assert 2 <= len(files) <= 3, files  # JSON + log (+ PNG or zip)
     for path in files:
         rel = path.relative_to(out)
         assert len(rel.parts) == 2, rel  # $OUT/<phase>/<file>: within the remote tool's two folders
         assert all(NAME.match(part) for part in rel.parts), rel
         assert path.stat().st_size <= 16 << 20
-    assert {p.name for p in files} <= {f"{phase}.json", f"{phase}.log", f"{phase}.png"}
+    assert {p.name for p in files} <= {f"{phase}.json", f"{phase}.log", f"{phase}.png", f"{phase}.zip"}
     data = json.loads((out / phase / f"{phase}.json").read_text())
     assert COMMON_KEYS <= set(data) and phase in data
     assert data["phase"] == phase and data["dry_run"] is True and data["status"] == "complete"
@@ -118,6 +119,14 @@ def test_dry_run_phase_contents(dry_runs):
     assert {c["cid"] for c in sweep["candidates"] if c["family"] == "attn_fwd"} >= {"current", "n128.m64.w8.s3"}
     assert sweep["dry_run_counts"]["upsample_fwd/tiny-s4-224-b256"]["pruned"] > 0
     assert "family          | shape" in results["sweep"][1]
+
+    profile = load("profile")
+    ids = [r["id"] for r in profile["rows"]]
+    assert ids[:2] == ["infer/restv2_tiny/reference", "infer/restv2_tiny/kernels"]
+    assert {"train/restv2_tiny/kernels", "features-fwd+bwd/restv2_tiny/kernels", "op/attention/tiny-s1-224-b256",
+            "infer/restv2_tiny/kernels+compile"} <= set(ids)
+    assert all(r["status"] == "planned" and r["result"] is None for r in profile["rows"])
+    assert "restv2_tiny train bf16 batch 128 224x224: not profiled" in results["profile"][1]
 
 
 def test_kernel_items_select_their_scripts_shapes(suite):
@@ -276,3 +285,46 @@ def test_e2e_rows_round_trip(suite, monkeypatch):
         rows = [suite._row_from_item(throughput, it) for it in items]
         throughput.add_speedups(rows)
         assert "restv2_tiny" in throughput.format_table(rows) or part == "zoo"
+
+
+def test_profile_worker_and_tables(suite, monkeypatch, device, tmp_path):
+    """The profile phase's worker on a small model row and a small attention op, then its traces'
+    zip and the tables ``report.py`` prints from the phase's groups."""
+    monkeypatch.setattr(suite, "DEVICE", device)
+    monkeypatch.setitem(suite.ATTN_SHAPES, "tiny-x", (2, 40, 6, 2, 16))
+    monkeypatch.setattr(suite, "PROFILE_OPS", {"attention": "tiny-x"})
+    monkeypatch.setattr(suite, "PROFILE_WARMUP", 1)
+    items = suite.profile_items(suite.load_script("throughput"), steps=1)
+    items = [it for it in items if it["id"] in ("infer/restv2_tiny/reference", "op/attention/tiny-x")]
+    items[0]["spec"].update(batch_requested=1, resolution=[32, 32], precision="fp32")
+    items[1]["spec"]["dtype"] = "fp32"
+    handle = suite._profile_worker({"trace_dir": str(tmp_path)})
+    for item in items:
+        status, result, _ = handle(item["spec"])
+        assert status == "ok" and result["steps"] == 1 and result["kernels"] and result["wall_ms"] > 0
+        item.update(status="ok", result=json.loads(json.dumps(result)))
+    traces = sorted(tmp_path.glob("*.json"))
+    assert [p.name for p in traces] == ["infer_restv2_tiny_reference.json", "op_attention_tiny-x.json"]
+
+    kept, left = suite.zip_traces(traces, tmp_path / "profile.zip")
+    assert (kept, left) == ([p.name for p in traces], [])
+    assert (tmp_path / "profile.zip").stat().st_size <= suite.PROFILE_ZIP_MAX
+    suite.zip_traces(traces[:1], tmp_path / "one.zip")
+    one = (tmp_path / "one.zip").stat().st_size
+    kept, left = suite.zip_traces(traces, tmp_path / "small.zip", limit=one)  # room for the first alone
+    assert kept == [traces[0].name] and left == [traces[1].name]
+    assert zipfile.ZipFile(tmp_path / "small.zip").namelist() == kept and (tmp_path / "small.zip").stat().st_size == one
+
+    report = suite.load_script("report")
+    skipped = {**items[0], "id": "infer/restv2_tiny/kernels", "status": "skipped", "result": None,
+               "spec": {**items[0]["spec"], "backend": "kernels"}}
+    rows = [{k: it[k] for k in ("id", "status", "reason", "spec", "result")} for it in [items[0], skipped, items[1]]]
+    groups = report.profile_groups(rows)
+    assert list(groups) == ["restv2_tiny infer fp32 batch 1 32x32", "attention tiny-x fp32 fwd+bwd"]
+    assert list(groups["restv2_tiny infer fp32 batch 1 32x32"]) == ["reference"]  # the skipped row adds none
+    assert list(groups["attention tiny-x fp32 fwd+bwd"]) == ["triton"]
+    record = {"suite": report.SUITE, "phase": "profile", "dry_run": False, "started": "2026-11-24T12:00:00",
+              "_file": str(tmp_path / "profile.json"), "profile": {"rows": rows}}
+    text = report.markdown(report.collect([record]), [])
+    assert "### Profiles" in text and "**attention tiny-x fp32 fwd+bwd**" in text and "| host wall |" in text
+
