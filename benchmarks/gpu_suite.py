@@ -23,7 +23,9 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
   e2e      ``throughput.py`` rows: ``--part core`` (restv2_tiny with the four backends, the ConvNeXt
            and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
-           candidate's time, and the best plan per shape next to the current plan's.
+           candidate's time, and the best plan per shape next to the current plan's (attention,
+           upsample, the MLP's linear + GELU GEMM and add + LayerNorm; the last two with the eager
+           ops they replace timed beside the current plan).
   profile  where the time goes, for a missed target: the e2e target rows (restv2_tiny inference,
            training, 800x1333 features; reference and kernels side by side) and the attention and
            upsample ops at the stage-1 shape under ``torch.profiler`` (``kernel_profile.py``): each
@@ -105,14 +107,18 @@ limits of 8 files per command and 2 folders):
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase tests   --out $OUT/tests     # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --out $OUT/kernels   # <= 480 s (fp32 last)
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e     --out $OUT/e2e       # <= 480 s (--part core)
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase profile --out $OUT/profile   # <= 480 s (a missed target)
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families attn_fwd attn_bwd \\
       --tag sweep-attn --out $OUT/sweep-attn                                        # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families upsample_fwd upsample_bwd upsample_bwd_dv \\
       --tag sweep-upsample --out $OUT/sweep-upsample                                # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families linear_gelu_fwd linear_gelu_bwd \\
+      --tag sweep-mlp --out $OUT/sweep-mlp                                          # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families add_ln_fwd add_ln_bwd \\
+      --tag sweep-ln --out $OUT/sweep-ln                                            # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e --part zoo --tag e2e-zoo --out $OUT/e2e-zoo
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --dtypes fp32 --tag kernels-fp32 \\
       --out $OUT/kernels-fp32
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase profile --out $OUT/profile   # <= 480 s (a missed target)
 
 A 30-minute session holds env and three 480 s phases (the machine's start counts too); the rest
 goes to the next session. Add --dry-run to any command to see, on any machine, what it would run.
@@ -1098,12 +1104,22 @@ UPSAMPLE_SHAPES = {  # name: (B, Hr, Wr, H, W, C, sr)
     "tiny-s4-224-b256": (256, 7, 7, 7, 7, 768, 1),
     "det-s1-800x1333": (2, 25, 42, 200, 334, 96, 8),
 }
+_TOKENS = {"tiny-s1-224-b256": 256 * 56 * 56, "tiny-s2-224-b256": 256 * 28 * 28, "tiny-s3-224-b256": 256 * 14 * 14,
+           "tiny-s4-224-b256": 256 * 7 * 7, "det-s1-800x1333": 2 * 200 * 334}
+_DIMS = {"tiny-s1-224-b256": 96, "tiny-s2-224-b256": 192, "tiny-s3-224-b256": 384, "tiny-s4-224-b256": 768,
+         "det-s1-800x1333": 96}
+LINEAR_SHAPES = {name: (_TOKENS[name], 4 * _DIMS[name], _DIMS[name]) for name in _TOKENS}  # (M, N, K): fc1 + GELU
+ADD_LN_SHAPES = {name: (_TOKENS[name], _DIMS[name]) for name in _TOKENS}  # (R, C): a block's add + LayerNorm
 SWEEP_FAMILIES = {  # family: (shapes, mode)
     "attn_fwd": (ATTN_SHAPES, "fwd"),
     "attn_bwd": (ATTN_SHAPES, "bwd"),
     "upsample_fwd": (UPSAMPLE_SHAPES, "fwd"),
     "upsample_bwd": (UPSAMPLE_SHAPES, "bwd"),
     "upsample_bwd_dv": (UPSAMPLE_SHAPES, "bwd"),
+    "linear_gelu_fwd": (LINEAR_SHAPES, "fwd"),  # the MLP's fc1 + GELU
+    "linear_gelu_bwd": (LINEAR_SHAPES, "bwd"),  # the MLP backward's (dy @ fc2.weight) * gelu'(pre)
+    "add_ln_fwd": (ADD_LN_SHAPES, "fwd"),
+    "add_ln_bwd": (ADD_LN_SHAPES, "bwd"),
 }
 SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
     "attn_fwd": {"block_n": (64, 128, 256), "block_m": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4)},
@@ -1111,19 +1127,29 @@ SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
     "upsample_fwd": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "upsample_bwd": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "upsample_bwd_dv": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
+    "linear_gelu_fwd": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (32, 64),
+                        "num_warps": (4, 8), "num_stages": (3, 4)},
+    "linear_gelu_bwd": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (32, 64),
+                        "num_warps": (4, 8), "num_stages": (3, 4)},
+    "add_ln_fwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
+    "add_ln_bwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2)},
 }
 SWEEP_WEIGHT = {"attn_fwd": 1.0, "attn_bwd": 1.2, "upsample_fwd": 0.8, "upsample_bwd": 0.8,  # budget shares
-                "upsample_bwd_dv": 0.5}
+                "upsample_bwd_dv": 0.5, "linear_gelu_fwd": 1.0, "linear_gelu_bwd": 1.0, "add_ln_fwd": 0.6,
+                "add_ln_bwd": 0.8}
 SWEEP_COMPILE_S = {"attn_fwd": 2.0, "attn_bwd": 3.0, "upsample_fwd": 1.5, "upsample_bwd": 2.5,  # a new plan, a shape
-                   "upsample_bwd_dv": 1.5}
+                   "upsample_bwd_dv": 1.5, "linear_gelu_fwd": 3.0, "linear_gelu_bwd": 3.0, "add_ln_fwd": 1.5,
+                   "add_ln_bwd": 2.5}
 SWEEP_TIME_S = 0.5  # do_bench and the output check of one plan at one shape, once compiled
 SWEEP_FOLLOW_UP = 3  # candidates per family (besides the current plan) re-timed in the other dtypes
 WRONG_ULPS = 4  # a candidate whose result differs from the current plan's by more (relative to the
 #                 tensor's largest magnitude, in eps of the dtype; 1e-5 at least) is wrong, whatever its time
 ATTN_MAX_REGS = 256  # fp32 accumulator + score values a thread: past this, a plan spills (pruned)
 UPSAMPLE_MAX_PER_THREAD = 4  # x the table's per_thread values a thread of a [BLOCK_P, BLOCK_C] tile
-_ABBR = {"block_n": "n", "block_m": "m", "num_warps": "w", "num_stages": "s", "block_p": "p",
-         "BLOCK_N": "n", "BLOCK_M": "m", "BLOCK_P": "p"}
+#                              (and of add + LayerNorm's [BLOCK_R, BLOCK_C] tile)
+LINEAR_MAX_ACC = 128  # fp32 accumulator values a thread of a [BLOCK_M, BLOCK_N] GEMM tile: past this it spills
+_ABBR = {"block_n": "n", "block_m": "m", "num_warps": "w", "num_stages": "s", "block_p": "p", "block_k": "k",
+         "block_r": "r", "BLOCK_N": "n", "BLOCK_M": "m", "BLOCK_P": "p", "BLOCK_K": "k", "BLOCK_R": "r"}
 
 
 def cid(fields: dict | None) -> str:
@@ -1149,13 +1175,21 @@ def sweep_plan(family: str, shape: tuple, dtype: torch.dtype, target: plans.Targ
                 p = plans.attention_bwd_plan(B, N, M, h, d, dtype, target)
                 launches = [lch for lch in (p.dq, p.dkdv) if lch is not None]
                 extra = f" split{p.splits}" + ("" if p.fuse_dq else " 2pass")
-        else:
+        elif family.startswith("upsample"):
             B, Hr, Wr, _, _, C, sr = shape
             if family == "upsample_fwd":
                 launches, extra = [plans.upsample_fwd_plan(B, Hr, Wr, C, sr, dtype, target)], ""
             else:
                 p = plans.upsample_bwd_plan(B, Hr, Wr, C, sr, dtype, target)
                 launches, extra = [p.g, p.dv], f" split{p.split}"
+        elif family.startswith("linear_gelu"):
+            plan = plans.linear_gelu_fwd_plan if family == "linear_gelu_fwd" else plans.linear_gelu_bwd_plan
+            launches, extra = [plan(*shape, dtype, target)], ""
+        elif family == "add_ln_fwd":
+            launches, extra = [plans.add_layer_norm_fwd_plan(*shape, dtype, target)], ""
+        else:
+            p = plans.add_layer_norm_bwd_plan(*shape, dtype, target)
+            launches, extra = [p.launch], f" split{p.split}"
     key = " | ".join(f"{lch.kernel}{list(lch.grid)} {lch.describe()}" for lch in launches) + extra
     main = _main_launch(family, launches)
     short = ".".join(f"{_ABBR[k]}{v}" for k, v in main.constexprs if k in _ABBR)
@@ -1169,11 +1203,15 @@ def prune_reason(family: str, launch: plans.Launch) -> str | None:
         regs = (c["BLOCK_N"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family == "attn_bwd":  # dk, dv accumulators [BLOCK_M, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
         regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
+    elif family.startswith("linear_gelu"):  # the fp32 accumulator [BLOCK_M, BLOCK_N]
+        acc = c["BLOCK_M"] * c["BLOCK_N"] / threads
+        return f"{acc:.0f} fp32 accumulator values a thread (> {LINEAR_MAX_ACC}): spills" if acc > LINEAR_MAX_ACC else None
     else:
         table = {"upsample_fwd": plans._UPSAMPLE_FWD, "upsample_bwd": plans._UPSAMPLE_BWD,
-                 "upsample_bwd_dv": plans._UPSAMPLE_BWD_DV}[family]
+                 "upsample_bwd_dv": plans._UPSAMPLE_BWD_DV, "add_ln_fwd": plans._ADD_LN_FWD,
+                 "add_ln_bwd": plans._ADD_LN_BWD}[family]
         per_thread = table["default"].per_thread
-        per = c["BLOCK_P"] * c["BLOCK_C"] / threads
+        per = c.get("BLOCK_P", c.get("BLOCK_R")) * c["BLOCK_C"] / threads
         if per > UPSAMPLE_MAX_PER_THREAD * per_thread:
             return f"{per:.0f} values a thread per tile (> {UPSAMPLE_MAX_PER_THREAD} x {per_thread}): spills"
         if per < 0.25:
@@ -1189,9 +1227,8 @@ def sweep_candidates(family: str, shapes: dict, target: plans.Target) -> list[di
     currents = []
     for shape in shapes.values():
         launch = _main_launch(family, sweep_plan(family, shape, torch.bfloat16, target)[2])
-        c = dict(launch.constexprs)
-        currents.append({"block_n": c.get("BLOCK_N"), "block_m": c.get("BLOCK_M"), "block_p": c.get("BLOCK_P"),
-                         "num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        c = {**dict(launch.constexprs), "NUM_WARPS": launch.num_warps, "NUM_STAGES": launch.num_stages}
+        currents.append({k: c.get(k.upper()) for k in grid})
 
     def distance(fields: dict) -> int:
         return min(sum(fields[k] != cur[k] for k in fields) for cur in currents)
@@ -1274,6 +1311,63 @@ def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
             "keep": (*args, out)}
 
 
+def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """fc1 + GELU (``linear_gelu_fwd``) or the MLP backward's GEMM (``mlp_gelu_grad``) on their own,
+    each beside the eager ops it replaces (cuBLAS and a GELU pass) as ``eager``."""
+    from restv2_kernels.ffn.triton import linear_gelu_fwd, mlp_gelu_grad
+
+    M, N, K = shape
+    torch.manual_seed(0)
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*size, device=DEVICE)).to(dtype)
+
+    if not bwd:
+        x, weight, bias = randn(M, K), randn(N, K, scale=K ** -0.5), randn(N, scale=0.1)
+        return {"run": lambda: linear_gelu_fwd(x, weight, bias, False)[0],
+                "eager": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias)),
+                "keep": (x, weight, bias)}
+    dy, weight2, pre = randn(M, K), randn(K, N, scale=N ** -0.5), randn(M, N)
+    return {"run": lambda: mlp_gelu_grad(dy, weight2, pre),
+            "eager": lambda: torch.ops.aten.gelu_backward(dy @ weight2, pre), "keep": (dy, weight2, pre)}
+
+
+def _add_ln_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """A block's residual add + LayerNorm as the model calls it under autocast (fp32 parameters,
+    the normed output in ``dtype``), beside the eager add and autocast's fp32 LayerNorm as ``eager``."""
+    from restv2_kernels import add_layer_norm
+
+    R, C = shape
+    torch.manual_seed(0)
+    x, branch = (torch.randn(R, C, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    bias = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    leaves = (x, branch, weight, bias)
+
+    def eager() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(torch.device(DEVICE).type, dtype=dtype, enabled=dtype != torch.float32):
+            residual = x + branch
+            return residual, torch.nn.functional.layer_norm(residual, (C,), weight, bias, 1e-6)
+
+    if not bwd:
+        return {"run": torch.no_grad()(lambda: add_layer_norm(x, branch, weight, bias, 1e-6, dtype)),
+                "eager": torch.no_grad()(eager), "keep": leaves}
+    grads = (torch.randn(R, C, device=DEVICE).to(dtype), torch.randn(R, C, device=DEVICE).to(dtype))
+    outs, eager_outs = add_layer_norm(x, branch, weight, bias, 1e-6, dtype), eager()
+    return {"run": lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True),
+            "eager": lambda: torch.autograd.grad(eager_outs, leaves, (grads[0], grads[1].float()), retain_graph=True),
+            "keep": (*leaves, outs, eager_outs)}
+
+
+_CASES = {"attn": _attention_case, "upsample": _upsample_case, "linear_gelu": _linear_case, "add_ln": _add_ln_case}
+
+
+def _case(family: str, shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """The inputs and callables a family's candidates run on (``run``; ``eager``, where the sweep
+    also times the eager ops the kernel replaces), by the family's prefix."""
+    return next(make for prefix, make in _CASES.items() if family.startswith(prefix))(shape, dtype, bwd)
+
+
 class _SweepState:
     """A worker's inputs and current-plan results per (family, dtype, shape); plans already timed."""
 
@@ -1290,8 +1384,7 @@ class _SweepState:
             _empty_cache()
         if shape_name not in self.cases:
             shapes, mode = SWEEP_FAMILIES[family]
-            make = _attention_case if family.startswith("attn") else _upsample_case
-            case = make(shapes[shape_name], common.KERNEL_DTYPES[dtype_name], mode == "bwd")
+            case = _case(family, shapes[shape_name], common.KERNEL_DTYPES[dtype_name], mode == "bwd")
             case["ref"] = case["run"]()  # the current plan's result: what every candidate must match
             self.cases[shape_name] = case
         return self.cases[shape_name]
@@ -1320,6 +1413,9 @@ class _SweepState:
                 res.update(_compare(outs, case["ref"], dtype))
                 del outs
                 res["ms"] = do_bench(case["run"], warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
+                if fields is None and "eager" in case:  # the eager ops the kernel replaces, in the same run
+                    res["eager_ms"] = do_bench(case["eager"], warmup=self.warmup_ms, rep=self.rep_ms,
+                                               return_mode="median")
             res["status"] = "ok" if res["correct"] else "wrong"
         except Exception as exc:  # compile errors, out of resources: recorded on the candidate
             res.update(status="error", reason=_error(exc))
@@ -1365,7 +1461,7 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
             win_item, win = min(ok, key=lambda p: p[1]["ms"]) if ok else (None, None)
             best.append({
                 "family": family, "shape": shape, "dtype": dtype, "mode": SWEEP_FAMILIES[family][1],
-                "current_plan": cur.get("plan"), "current_ms": cur.get("ms"),
+                "current_plan": cur.get("plan"), "current_ms": cur.get("ms"), "eager_ms": cur.get("eager_ms"),
                 "best_cid": win_item["spec"]["cid"] if win_item else None,
                 "best_fields": win_item["spec"]["fields"] if win_item else None,
                 "best_plan": win.get("plan") if win else None, "best_ms": win.get("ms") if win else None,
@@ -1402,6 +1498,7 @@ def _sweep_table(best: list[dict], overall: list[dict]) -> list[str]:
         speed = f"{b['speedup']:.2f}x" if b["speedup"] else "-"
         lines.append(f"{b['family']:<15} | {b['shape']:<16} | {b['dtype']:<5} | {b['current_plan'] or '-':<28} | "
                      f"{ms(b['current_ms']):>10} | {b['best_plan'] or '-':<28} | {ms(b['best_ms']):>10} | {speed}"
+                     + (f"  (eager {b['eager_ms']:.4f} ms)" if b.get("eager_ms") else "")
                      + (f"  ({b['wrong']} wrong, {b['errors']} errors)" if b["wrong"] or b["errors"] else ""))
     for o in overall:
         speed = f"{o['speedup']:.2f}x" if o["speedup"] else "-"
@@ -1453,9 +1550,11 @@ def phase_sweep(run: Run) -> list[str]:
     rec.update(
         families=args.families, dtypes=args.dtypes, grids={f: SWEEP_GRIDS[f] for f in args.families},
         shapes={f: select_sweep_shapes(f, args.shapes) for f in args.families},
-        tables={name: repr(getattr(plans, name, None)) for name in ("_ATTN_FWD", "_ATTN_BWD", "_UPSAMPLE_FWD",
-                                                                     "_UPSAMPLE_BWD")},
+        tables={name: repr(getattr(plans, name, None)) for name in (
+            "_ATTN_FWD", "_ATTN_BWD", "_UPSAMPLE_FWD", "_UPSAMPLE_BWD", "_UPSAMPLE_BWD_DV", "_LINEAR_GELU_FWD",
+            "_ADD_LN_FWD", "_ADD_LN_BWD")},
         rules={"wrong_if_rel_diff_above_eps_x": WRONG_ULPS, "attn_max_regs": ATTN_MAX_REGS,
+               "linear_max_acc": LINEAR_MAX_ACC,
                "upsample_max_per_thread_x_table": UPSAMPLE_MAX_PER_THREAD, "follow_up_per_family": SWEEP_FOLLOW_UP,
                "do_bench": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "return_mode": "median"}},
         target=None, precompile=None, candidates=[], best=[], best_overall=[],

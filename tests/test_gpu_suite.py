@@ -113,7 +113,8 @@ def test_dry_run_phase_contents(dry_runs):
     assert "skip (budget)" in results["e2e"][1]  # the compile rows past the budget are listed, not dropped
 
     sweep = load("sweep")
-    families = {"attn_fwd", "attn_bwd", "upsample_fwd", "upsample_bwd", "upsample_bwd_dv"}
+    families = {"attn_fwd", "attn_bwd", "upsample_fwd", "upsample_bwd", "upsample_bwd_dv", "linear_gelu_fwd",
+                "linear_gelu_bwd", "add_ln_fwd", "add_ln_bwd"}
     assert {b["family"] for b in sweep["best"]} == families
     assert len(sweep["best"]) == len(families) * 5 and all(b["current_ms"] is None and b["current_plan"] for b in sweep["best"])
     assert {c["cid"] for c in sweep["candidates"] if c["family"] == "attn_fwd"} >= {"current", "n128.m64.w8.s3"}
@@ -259,6 +260,38 @@ def test_sweep_worker_times_candidates(suite, monkeypatch, device):
     assert pruned["status"] == "pruned" and "spills" in pruned["reason"]
     grads = shape("upsample_bwd", {"block_p": 4, "num_warps": 1})
     assert grads["status"] == "ok" and grads["rel_diff"] <= grads["tolerance"]
+    assert "eager_ms" not in current  # no eager twin in the attention and upsample sweeps (the kernels phase has them)
+
+
+@pytest.mark.parametrize(("family", "shape", "fields"), [
+    ("linear_gelu_fwd", (48, 64, 32), {"block_m": 16, "block_n": 32, "block_k": 16, "num_warps": 1, "num_stages": 1}),
+    ("linear_gelu_bwd", (48, 64, 32), {"block_m": 32, "block_n": 16, "block_k": 16, "num_warps": 1, "num_stages": 2}),
+    ("add_ln_fwd", (37, 24), {"block_r": 2, "num_warps": 1}),
+    ("add_ln_bwd", (37, 24), {"block_r": 4, "num_warps": 2, "num_stages": 1}),
+])
+def test_sweep_worker_mlp_and_layernorm(suite, monkeypatch, device, family, shape, fields):
+    """The MLP GEMM and add + LayerNorm families: the current plan with its eager twin timed, and a
+    forced candidate whose launch differs and whose result matches the current plan's."""
+    pytest.importorskip("triton")
+    import triton.testing
+
+    monkeypatch.setattr(suite, "DEVICE", device)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup=0, rep=0, return_mode="mean": suite.common.time_ms(fn, device, reps=1, warmup=0))
+    monkeypatch.setitem(suite.SWEEP_FAMILIES, family, ({"tiny-x": shape}, suite.SWEEP_FAMILIES[family][1]))
+    handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
+
+    def run(fields):
+        status, result, _ = handle({"family": family, "dtype": "fp32", "cid": suite.cid(fields), "fields": fields,
+                                    "shapes": ["tiny-x"]})
+        assert status == "ok"
+        return result["shapes"]["tiny-x"]
+
+    current = run(None)
+    assert current["status"] == "ok" and current["ms"] > 0 and current["eager_ms"] > 0
+    forced = run(fields)
+    assert forced["status"] == "ok" and forced["correct"] and forced["key"] != current["key"], forced
+    assert forced["plan"].startswith(suite.cid(fields).split(".w")[0])
 
 
 def test_e2e_rows_round_trip(suite, monkeypatch):
