@@ -83,11 +83,10 @@ def test_cpu_trace_self_times(kp):
 
 
 def test_profile_row_on_the_device(kp, tmp_path, device):
-    """A real profiled step of the reference model: tables and a chrome trace that read back."""
+    """Real profiled steps of the reference model: tables and a chrome trace that read back."""
     tp = kp.throughput
     row = tp.Row(model="restv2_tiny", family="restv2", backend="reference", compile=False, protocol="modern",
-                 mode="train", precision="fp32", resolution=(32, 32), batch_requested=2, warmup=1, iters=1,
-                 optimizer="adamw")
+                 mode="infer", precision="fp32", resolution=(32, 32), batch_requested=2, warmup=1, iters=1)
     trace = tmp_path / "trace.json"
     s = kp.profile_row(row, torch.device(device), steps=2, ours=OURS, trace_path=trace)
     assert s["steps"] == 2 and s["batch"] == 2 and s["first_call_s"] > 0 and s["wall_ms"] > 0
