@@ -28,6 +28,7 @@ import importlib
 import json
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 
@@ -163,11 +164,10 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int, our
                 step()
         throughput.synchronize(device)
         wall = time.perf_counter() - t0
-    path = trace_path or pathlib.Path(f"/tmp/kernel_profile_{time.time_ns()}.json")
-    prof.export_chrome_trace(str(path))
-    trace = json.loads(path.read_text())
-    if trace_path is None:
-        path.unlink()
+    with tempfile.TemporaryDirectory(prefix="kernel_profile_") as tmp:
+        path = trace_path or pathlib.Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
     return summarize(trace_events(trace, device.type), steps, wall, ours)
 
 
