@@ -1658,16 +1658,18 @@ def profile_items(tp: Any, steps: int) -> list[dict]:
     before kernels, then the attention and upsample ops (Triton, forward + backward), then the
     compiled inference pair; in order of importance."""
     rows = {it["id"]: it for it in e2e_items("core", tp)}
+
+    def row(item_id: str) -> dict:
+        e2e = rows[item_id]
+        return work_item(item_id, e2e["estimate_s"], spec={**e2e["spec"], "warmup": PROFILE_WARMUP, "iters": steps})
+
     tiny = "restv2_tiny"
-    ids = [f"{mode}/{tiny}/{label}" for mode in ("infer", "train", "features-fwd+bwd") for label in ("reference", "kernels")]
-    items = [work_item(i, rows[i]["estimate_s"], spec={**rows[i]["spec"], "warmup": PROFILE_WARMUP, "iters": steps})
-             for i in ids]
-    items += [work_item(f"op/{op}/{shape}", PROFILE_OP_ESTIMATE_S, spec={"op": op, "shape": shape, "dtype": "bf16",
-                                                                          "iters": steps})
-              for op, shape in PROFILE_OPS.items()]
-    items += [work_item(i, rows[i]["estimate_s"], spec={**rows[i]["spec"], "warmup": PROFILE_WARMUP, "iters": steps})
-              for i in (f"infer/{tiny}/reference+compile", f"infer/{tiny}/kernels+compile")]
-    return items
+    return [*(row(f"{mode}/{tiny}/{label}") for mode in ("infer", "train", "features-fwd+bwd")
+              for label in ("reference", "kernels")),
+            *(work_item(f"op/{op}/{shape}", PROFILE_OP_ESTIMATE_S,
+                        spec={"op": op, "shape": shape, "dtype": "bf16", "iters": steps})
+              for op, shape in PROFILE_OPS.items()),
+            *(row(f"infer/{tiny}/{label}") for label in ("reference+compile", "kernels+compile"))]
 
 
 def phase_profile(run: Run) -> list[str]:

@@ -212,18 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as throughput.py
     ours = our_kernels()
+    if args.trace_dir:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for label in args.backends:
-        if label.startswith("kernels") and device.type != "cuda":
-            print(f"{label}: skipped ({throughput.KERNELS_NEED_CUDA})")
+        row = throughput.Row.from_label(args.model, label, protocol="modern", mode=args.mode, precision=args.precision,
+                                        resolution=args.resolution, batch_requested=args.batch, warmup=args.warmup,
+                                        iters=args.steps, optimizer="adamw" if args.mode == "train" else None)
+        reason = throughput.skip_reason(row, device.type == "cuda")
+        if reason:
+            print(f"{label}: skipped ({reason})")
             continue
-        row = throughput.Row(model=args.model, family="restv2" if args.model in throughput.V2_MODELS else "restv1",
-                             backend=label.split("+")[0], compile=label.endswith("+compile"), protocol="modern",
-                             mode=args.mode, precision=args.precision, resolution=args.resolution,
-                             batch_requested=args.batch, warmup=args.warmup, iters=args.steps,
-                             optimizer="adamw" if args.mode == "train" else None)
-        if args.trace_dir:
-            args.trace_dir.mkdir(parents=True, exist_ok=True)
         trace = args.trace_dir / f"{args.model}_{args.mode}_{label}.json" if args.trace_dir else None
         results[label] = profile_row(row, device, args.steps, ours, trace)
         throughput.free_memory(device)

@@ -121,6 +121,12 @@ class Row:
     floor_ms: float | None = None  # the traffic model's roofline floor of one step at the rates measured here
     x_floor: float | None = None  # median step time over floor_ms (1.0 = at the floor)
 
+    @classmethod
+    def from_label(cls, model: str, label: str, **fields) -> Row:
+        """The row of a ResT ``model`` (``V2_MODELS`` or ``V1_MODELS``) under a ``BACKENDS`` label."""
+        family = "restv2" if model in V2_MODELS else "restv1"
+        return cls(model, family, label.split("+")[0], label.endswith("+compile"), **fields)
+
     @property
     def label(self) -> str:
         return self.backend + ("+compile" if self.compile else "")
@@ -254,10 +260,7 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
                              optimizer=args.optimizer if args.train else None)
         for mode in modes:
             for name in args.models:
-                family = "restv2" if name in V2_MODELS else "restv1"
-                for b in args.backends:
-                    backend, compiled = b.split("+")[0], b.endswith("+compile")
-                    rows.append(Row(name, family, backend, compiled, mode=mode, **common_fields))
+                rows += [Row.from_label(name, b, mode=mode, **common_fields) for b in args.backends]
                 for peer in PEERS.get(name, []) if args.peers else []:
                     for compiled in compile_settings:
                         rows.append(Row(peer, "peer", "timm", compiled, mode=mode, anchor=name, **common_fields))

@@ -230,14 +230,19 @@ def test_supervise_recovers_from_crash_and_hang(suite, monkeypatch, tmp_path):
     assert "CUDA" in items[1]["reason"] and "stopped" in items[3]["reason"]
 
 
-def test_sweep_worker_times_candidates(suite, monkeypatch, device):
-    """The sweep's worker on small shapes: current plan, a forced candidate, a duplicate, a pruned one."""
+@pytest.fixture
+def sweep_on_device(suite, monkeypatch, device):
+    """The sweep worker on this test's device, do_bench one plain timed call."""
     pytest.importorskip("triton")
     import triton.testing
 
     monkeypatch.setattr(suite, "DEVICE", device)
     monkeypatch.setattr(triton.testing, "do_bench",
                         lambda fn, warmup=0, rep=0, return_mode="mean": suite.common.time_ms(fn, device, reps=1, warmup=0))
+
+
+def test_sweep_worker_times_candidates(suite, monkeypatch, sweep_on_device):
+    """The sweep's worker on small shapes: current plan, a forced candidate, a duplicate, a pruned one."""
     monkeypatch.setitem(suite.SWEEP_FAMILIES, "attn_fwd", ({"tiny-x": (2, 40, 6, 2, 16)}, "fwd"))
     monkeypatch.setitem(suite.SWEEP_FAMILIES, "upsample_bwd", ({"tiny-x": (1, 3, 3, 3, 3, 16, 1)}, "bwd"))
     handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
@@ -269,15 +274,9 @@ def test_sweep_worker_times_candidates(suite, monkeypatch, device):
     ("add_ln_fwd", (37, 24), {"block_r": 2, "num_warps": 1}),
     ("add_ln_bwd", (37, 24), {"block_r": 4, "num_warps": 2, "num_stages": 1}),
 ])
-def test_sweep_worker_mlp_and_layernorm(suite, monkeypatch, device, family, shape, fields):
+def test_sweep_worker_mlp_and_layernorm(suite, monkeypatch, sweep_on_device, family, shape, fields):
     """The MLP GEMM and add + LayerNorm families: the current plan with its eager twin timed, and a
     forced candidate whose launch differs and whose result matches the current plan's."""
-    pytest.importorskip("triton")
-    import triton.testing
-
-    monkeypatch.setattr(suite, "DEVICE", device)
-    monkeypatch.setattr(triton.testing, "do_bench",
-                        lambda fn, warmup=0, rep=0, return_mode="mean": suite.common.time_ms(fn, device, reps=1, warmup=0))
     monkeypatch.setitem(suite.SWEEP_FAMILIES, family, ({"tiny-x": shape}, suite.SWEEP_FAMILIES[family][1]))
     handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
 
