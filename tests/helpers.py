@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import pathlib
 import sys
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock  # a dependency of torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,6 +88,21 @@ def require(module: str) -> types.ModuleType:
     if os.environ.get("RESTV2_REQUIRE_EXTRAS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, produce: Callable[[], Any]) -> Any:
+    """``produce()`` (JSON-able) run once per test session, also under pytest-xdist (the GPU runner's
+    tests phase runs ``-n 4``), where a module-scoped fixture would otherwise run once in every worker
+    that draws one of its module's tests: the first to get here runs it under a lock in the folder
+    that all the session's workers share, the others wait and read its result."""
+    folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = folder.parent  # each worker's basetemp is a folder of the session's one
+    path = folder / f"{name}.json"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            path.write_text(json.dumps(produce()))
+        return json.loads(path.read_text())
 
 
 def nan_buffers_for(monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType) -> list[tuple[tuple[int, ...], torch.dtype]]:

@@ -11,14 +11,18 @@ checked on rows made by hand, so each rule is seen to fail.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import time
+import types
 
 import pytest
+from helpers import once_per_session
 
 from restv2_kernels import targets
 from restv2_kernels.plans import TARGETS
@@ -58,14 +62,21 @@ FP32_LOCAL_BYTES = {
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
-    """The command line's rows and exit status for the whole zoo on the checked targets."""
+    """The command line's exit status, output and rows for the whole zoo on the checked targets,
+    once per session (also under pytest-xdist: ``helpers.once_per_session``)."""
     out = tmp_path_factory.mktemp("targets") / "targets.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED), "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    return proc, rows
+
+    def run() -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED),
+                               "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        return {"returncode": proc.returncode, "stdout": proc.stdout[-4000:], "stderr": proc.stderr[-4000:],
+                "rows": rows}
+
+    result = once_per_session(tmp_path_factory, "targets-check", run)
+    return types.SimpleNamespace(**result), result["rows"]
 
 
 def test_command_passes(check):
@@ -145,3 +156,31 @@ def test_sass_counts(tmp_path, monkeypatch):
     """
     monkeypatch.setattr(targets.subprocess, "run", lambda *a, **k: type("P", (), {"stdout": sass})())
     assert targets._sass_counts(tmp_path / "k.cubin") == {"hmma": 1, "hgmma": 1, "spills": 2}
+
+
+def test_the_check_runs_once_per_session_across_xdist_workers(tmp_path, monkeypatch):
+    """Two xdist workers ask for the check at once (the GPU runner's tests phase runs -n 4): one runs
+    it, the other waits and reads its result. Without xdist the folder is the session's own."""
+    calls = []
+
+    def produce():
+        calls.append(1)
+        time.sleep(0.5)  # long enough for the other worker to arrive while this one runs
+        return {"rows": [len(calls)]}
+
+    class Factory:  # a worker's tmp_path_factory: basetemp <session>/popen-gwN
+        def __init__(self, worker):
+            self.basetemp = tmp_path / f"popen-{worker}"
+            self.basetemp.mkdir(exist_ok=True)
+
+        def getbasetemp(self):
+            return self.basetemp
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda w: once_per_session(Factory(w), "check", produce), ["gw0", "gw1"]))
+    assert calls == [1] and results == [{"rows": [1]}] * 2
+    assert (tmp_path / "check.json").exists()
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert once_per_session(Factory("solo"), "check", produce) == {"rows": [2]}  # a session of its own
+    assert (tmp_path / "popen-solo" / "check.json").exists()
