@@ -47,3 +47,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(params=["interpreter", "no-interpreter"])
+def interpreter_on_and_off(request, monkeypatch) -> None:
+    """CPU tensors with and without Triton's interpreter. Without it, as on a GPU machine, the
+    launchers refuse CPU tensors: a test of argument errors on CPU tensors must see its own error
+    first there too (argument checks come before the device check)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")

@@ -273,18 +273,18 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("bad, error, match", BAD_INPUTS)
-def test_bad_inputs(bad, error, match):
+def test_bad_inputs(bad, error, match, interpreter_on_and_off):
     with pytest.raises(error, match=match):
         emsa_attention(*_bad(**bad))
 
 
-def test_not_a_tensor():
+def test_not_a_tensor(interpreter_on_and_off):
     q, k, v = _bad()
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         emsa_attention(q.numpy(), k, v)
 
 
-def test_bad_scale():
+def test_bad_scale(interpreter_on_and_off):
     with pytest.raises(ValueError, match="scale must be finite"):
         emsa_attention(*_bad(), scale=float("inf"))
 

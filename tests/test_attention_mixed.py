@@ -306,26 +306,26 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("bad, error, match", BAD_INPUTS)
-def test_bad_inputs(bad, error, match):
+def test_bad_inputs(bad, error, match, interpreter_on_and_off):
     with pytest.raises(error, match=match):
         emsa_attention_mixed(*_bad(**bad))
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), "1e-5"])
-def test_bad_eps(eps):
+def test_bad_eps(eps, interpreter_on_and_off):
     with pytest.raises(ValueError, match="eps must be a positive finite number"):
         emsa_attention_mixed(*_bad(), eps=eps)
     with pytest.raises(ValueError, match="eps must be a positive finite number"):
         reference.emsa_attention_mixed(*_bad(), eps=eps)
 
 
-def test_not_a_tensor():
+def test_not_a_tensor(interpreter_on_and_off):
     q, k, v, weight, bias = _bad()
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         emsa_attention_mixed(q, k, v, weight.tolist(), bias)
 
 
-def test_bad_scale():
+def test_bad_scale(interpreter_on_and_off):
     with pytest.raises(ValueError, match="scale must be finite"):
         emsa_attention_mixed(*_bad(), scale=float("inf"))
 

@@ -467,8 +467,8 @@ def emsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     check_attention_inputs(q, k, v)
     if q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"emsa_attention: the Triton kernels take fp16/bf16/fp32 inputs, got {q.dtype}")
-    check_kernel_device(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"emsa_attention: scale must be finite, got {scale}")
+    check_kernel_device(q, k, v)  # after every argument check: a bad argument is named on any device
     return _EmsaAttention.apply(q, k, v, scale)

@@ -662,8 +662,8 @@ def emsa_attention_mixed(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"emsa_attention_mixed: the Triton kernels take a fp16/bf16/fp32 {name}, got {t.dtype}")
-    check_kernel_device(q, k, v, weight)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"emsa_attention_mixed: scale must be finite, got {scale}")
+    check_kernel_device(q, k, v, weight)  # after every argument check: a bad argument is named on any device
     return _EmsaAttentionMixed.apply(q, k, v, weight, bias, scale, float(eps))
