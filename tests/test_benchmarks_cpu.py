@@ -213,6 +213,8 @@ def test_format_speedups(attention):
     assert common.format_speedups(rows, "t") == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels on CPU tensors need the interpreter, which "
+                    "a GPU machine does not run (gpu_suite.py's kernels phase runs this script there, on the GPU)")
 def test_mixed_loop_on_cpu(mixed, monkeypatch, tmp_path):
     """The timing loop over the kernel (Triton's interpreter here) and eager, every mode."""
     shapes = {"tiny": (1, 20, 6, 2, 16)}

@@ -1,6 +1,6 @@
-"""torch.export: the model exports with the Triton kernels as custom ops in the graph (run here
-in Triton's interpreter) and with the reference backend, at a fixed size and with dynamic batch,
-height and width; the exported programs give the eager model's outputs."""
+"""torch.export: the model exports with the Triton kernels as custom ops in the graph (on the
+test device: in Triton's interpreter on a CPU machine) and with the reference backend, at a fixed
+size and with dynamic batch, height and width; the exported programs give the eager model's outputs."""
 
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ def _pair(cls, config):
     [(ResTV2, MINI, KERNEL_OPS), (ResT, dict(MINI, qkv_bias=True), KERNEL_OPS - {"upsample_add_fwd"})],
     ids=["v2", "v1"],
 )
-def test_export_with_kernels(cls, config, ops):
-    model, reference = _pair(cls, config)
-    program = torch.export.export(model, (torch.randn(2, 3, 97, 131),), dynamic_shapes=DYNAMIC)
+def test_export_with_kernels(cls, config, ops, device):
+    model, reference = (m.to(device) for m in _pair(cls, config))
+    program = torch.export.export(model, (torch.randn(2, 3, 97, 131, device=device),), dynamic_shapes=DYNAMIC)
     in_graph = {n.target._opname for n in program.graph.nodes if str(n.target).startswith("restv2.")}
     assert in_graph == ops
     for shape in [(2, 3, 97, 131), (1, 3, 64, 80), (3, 3, 33, 47)]:
-        x = torch.randn(*shape)
+        x = torch.randn(*shape, device=device)
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), reference(x), rtol=1e-4, atol=1e-5)
 

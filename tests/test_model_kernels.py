@@ -312,13 +312,14 @@ def test_training_run_kernels_match_reference(device):
 def test_autocast_fp16_kernels_as_close_as_reference(spies, device):
     """Under autocast the kernels get half-precision q, k, v and maps; their logits are as close
     to fp32 as the eager reference's under the same autocast."""
-    model, cases = golden_model("restv2_mini_heads")
+    model, cases = golden_model("restv2_mini_heads", backend="reference")  # not "auto": the kernels on CUDA
     model.to(device)
     x = cases[0]["input"].float().to(device)
     with torch.no_grad():
         fp32 = model(x).double()
         with torch.autocast(device_type=device, dtype=torch.float16):
             eager = model(x).double()
+            assert spies["kernel.upsample_add"].calls == 0  # both yardsticks are the reference's
             model.set_backend("triton")
             fused = model(x).double()
     assert spies["kernel.upsample_add"].calls > 0
@@ -326,16 +327,18 @@ def test_autocast_fp16_kernels_as_close_as_reference(spies, device):
 
 
 @pytest.mark.cuda
-def test_autocast_bf16_kernels_as_close_as_reference():
-    model, cases = golden_model("restv2_mini_heads")
+def test_autocast_bf16_kernels_as_close_as_reference(spies):
+    model, cases = golden_model("restv2_mini_heads", backend="reference")  # not "auto": the kernels on CUDA
     model.cuda()
     x = cases[0]["input"].float().cuda()
     with torch.no_grad():
         fp32 = model(x).double()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             eager = model(x).double()
+            assert spies["kernel.upsample_add"].calls == 0  # both yardsticks are the reference's
             model.set_backend("triton")
             fused = model(x).double()
+    assert spies["kernel.upsample_add"].calls > 0
     assert_close("autocast bf16 logits", fused, fp32, eager, dtype=torch.bfloat16)
 
 
