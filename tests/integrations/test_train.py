@@ -10,6 +10,11 @@ colour classes, 40x48 images trained at 32x32), on the CPU:
 - a corrupt image and an empty class folder give errors that name them, and no hang;
 - the validation CLI reproduces the training log's numbers;
 - the README's training commands parse, with the published global batch.
+
+The runs name ``--device cpu`` (the published recipe's run alone takes the machine's default): on a
+one-GPU machine the default would put rank 1 on a cuda:1 that is not there, and validate in bf16
+where training ran in fp32. torchrun runs ``--standalone``, on a free port: concurrent runs (the
+GPU runner runs the suite under pytest-xdist) would collide on the default 29500.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, require
+from helpers import ROOT, once_per_session, require
 
 require("timm")
 require("torchvision")
@@ -41,7 +46,7 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200), 
 # An easy task, so that a few updates learn it: no augmentation beyond the random crop and flip.
 EASY = (
     "--model restv2_tiny --img-size 32 --batch-size 8 --epochs 4 --warmup-epochs 0 --lr 2e-4 --aa none "
-    "--mixup 0 --cutmix 0 --reprob 0 --smoothing 0 --drop-path 0 --model-ema-decay 0.9 --log-interval 1"
+    "--mixup 0 --cutmix 0 --reprob 0 --smoothing 0 --drop-path 0 --model-ema-decay 0.9 --log-interval 1 --device cpu"
 ).split()
 TIMEOUT = 300
 
@@ -59,8 +64,9 @@ def make_image_folder(root: Path, colours=COLOURS, n_train: int = 16, n_val: int
 
 
 def torchrun(args: list[str]) -> subprocess.Popen:
-    """torchrun with 2 processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "restv2.train", *args]
+    """torchrun with 2 processes, on a free port."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "restv2.train", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -103,11 +109,16 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(data_dir, tmp_path_factory) -> Path:
-    """The uninterrupted 2-process run that the other tests compare against."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    code, output = finish(torchrun([*EASY, "--data-dir", str(data_dir), "--output-dir", str(out), "--workers", "1"]))
-    assert code == 0, output
-    return out
+    """The uninterrupted 2-process run that the other tests compare against, once per session
+    (under pytest-xdist too; every worker's data_dir holds the same images)."""
+
+    def run() -> str:
+        out = tmp_path_factory.mktemp("run") / "out"
+        code, output = finish(torchrun([*EASY, "--data-dir", str(data_dir), "--output-dir", str(out), "--workers", "1"]))
+        assert code == 0, output
+        return str(out)
+
+    return Path(once_per_session(tmp_path_factory, "train-full-run", run))
 
 
 def test_two_process_run_trains_and_only_rank_0_writes(full_run):
@@ -175,9 +186,11 @@ def test_loader_workers_start_from_a_forkserver(data_dir, tmp_path, workers):
         assert images.shape == (8, 3, 32, 32) and target.shape == (8,)
 
 
-def test_the_published_recipe_runs(data_dir, tmp_path):
+def test_the_published_recipe_runs(data_dir, tmp_path, monkeypatch):
     """Everything at its default but the size: RandAugment, random erasing, Mixup/CutMix with
-    soft-target loss, drop path, EMA, warm-up, AdamW groups without decay on norms and biases."""
+    soft-target loss, drop path, EMA, warm-up, AdamW groups without decay on norms and biases.
+    The device too: on a GPU machine this is the one run on CUDA (bf16 autocast, the kernels)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # main sets it on CUDA
     out = tmp_path / "out"
     args = ["--data-dir", str(data_dir), "--output-dir", str(out), "--model", "rest_lite", "--img-size", "32",
             "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--log-interval", "1"]  # fmt: skip
@@ -326,7 +339,8 @@ def test_validate_reproduces_the_training_log(full_run, data_dir, tmp_path):
     script = Path(sys.executable).parent / "restv2-validate"  # the console script
     command = [str(script)] if script.exists() else [sys.executable, "-m", "restv2.validate"]
     result = subprocess.run(
-        [*command, "--checkpoint", str(full_run / "checkpoint-last.pth"), "--data-dir", str(data_dir), "--workers", "0"],
+        [*command, "--checkpoint", str(full_run / "checkpoint-last.pth"), "--data-dir", str(data_dir), "--workers", "0",
+         "--device", "cpu"],
         capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -334,7 +348,8 @@ def test_validate_reproduces_the_training_log(full_run, data_dir, tmp_path):
     assert (metrics["top1"], metrics["top5"], metrics["images"]) == (last["val_top1"], last["val_top5"], 16)
     assert metrics["loss"] == pytest.approx(last["val_loss"], rel=1e-5)  # summed over 2 processes in training
 
-    ema = validate.main(["--checkpoint", str(full_run / "checkpoint-last.pth"), "--data-dir", str(data_dir), "--ema", "--workers", "0"])
+    ema = validate.main(["--checkpoint", str(full_run / "checkpoint-last.pth"), "--data-dir", str(data_dir), "--ema",
+                         "--workers", "0", "--device", "cpu"])
     assert ema["top1"] == last["ema_top1"]
 
     released = tmp_path / "restv2_tiny_released.pth"
@@ -342,7 +357,7 @@ def test_validate_reproduces_the_training_log(full_run, data_dir, tmp_path):
     torch.save({"model": {f"module.{k}": v for k, v in weights.items()}}, released)
     again = validate.main(
         ["--checkpoint", str(released), "--model", "restv2_tiny", "--img-size", "32",
-         "--data-dir", str(data_dir / "val"), "--workers", "0"]
+         "--data-dir", str(data_dir / "val"), "--workers", "0", "--device", "cpu"]
     )  # fmt: skip
     assert again["top1"] == last["val_top1"]
     with pytest.raises(ValueError, match="give --model"):
