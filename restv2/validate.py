@@ -83,6 +83,11 @@ def setup(device: str | None = None) -> torch.device:
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{device} is not there: this machine has {torch.cuda.device_count()} CUDA device(s); start at most that "
+                "many processes per node, or pass --device cpu"
+            )
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"

@@ -114,7 +114,8 @@ def full_run(data_dir, tmp_path_factory) -> Path:
 
     def run() -> str:
         out = tmp_path_factory.mktemp("run") / "out"
-        code, output = finish(torchrun([*EASY, "--data-dir", str(data_dir), "--output-dir", str(out), "--workers", "1"]))
+        args = [*EASY, "--data-dir", str(data_dir), "--output-dir", str(out), "--workers", "1"]
+        code, output = finish(torchrun(args))
         assert code == 0, output
         return str(out)
 
@@ -369,6 +370,16 @@ def _readme_train_commands() -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     commands = [c for b in blocks for c in b.replace("\\\n", " ").splitlines() if "restv2.train" in c]
     return [shlex.split(c) for c in commands]
+
+
+def test_a_process_without_a_gpu_of_its_own_is_named(monkeypatch):
+    """torchrun with more processes than GPUs (rank 1 on a one-GPU machine): a ValueError that says
+    so, not a CUDA error from set_device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"cuda:1 is not there: this machine has 1 CUDA device"):
+        validate.setup()
 
 
 def test_readme_training_commands_parse_with_the_published_global_batch():
