@@ -357,7 +357,8 @@ def _good(device, C=16):
         pytest.param(lambda a: a.update(weight=a["weight"][:3]), ValueError, "weight must have shape", id="weight-shape"),
         pytest.param(lambda a: a.update(bias=a["bias"][None]), ValueError, "bias must have shape", id="bias-shape"),
         pytest.param(lambda a: a.update(eps=-1.0), ValueError, "eps", id="eps-negative"),
-        pytest.param(lambda a: a.update(x=torch.tensor(1.0, device=a["x"].device)), ValueError, "at least one dimension", id="x-0d"),
+        pytest.param(lambda a: a.update(x=torch.tensor(1.0, device=a["x"].device)), ValueError,
+                     "at least one dimension", id="x-0d"),
     ],
 )
 def test_errors(change, error, match, device):
