@@ -230,10 +230,20 @@ def test_plan_clips_and_precision():
 @contextlib.contextmanager
 def _allow_tf32(allowed, api="legacy"):
     """TF32 for cuBLAS fp32 matmuls on or off inside the block, through the legacy flag
-    (``allow_tf32``) or ``set_float32_matmul_precision``; restored after (properties: no monkeypatch)."""
+    (``allow_tf32``), ``set_float32_matmul_precision`` or the newer per-backend flag
+    (``torch.backends.cuda.matmul.fp32_precision``); restored after (properties: no monkeypatch)."""
+    matmul = torch.backends.cuda.matmul
+    if api == "fp32_precision":
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if allowed else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before  # "none" again: the legacy flag reads without error after
+        return
     before = torch.get_float32_matmul_precision()
     if api == "legacy":
-        torch.backends.cuda.matmul.allow_tf32 = allowed
+        matmul.allow_tf32 = allowed
     else:
         torch.set_float32_matmul_precision("high" if allowed else "highest")
     try:
@@ -242,17 +252,24 @@ def _allow_tf32(allowed, api="legacy"):
         torch.set_float32_matmul_precision(before)
 
 
-@pytest.mark.parametrize("api", ["legacy", "matmul_precision"])
+@pytest.mark.parametrize("api", ["legacy", "matmul_precision", "fp32_precision"])
 def test_tf32_flag_reaches_the_kernel(api):
-    """The launcher asks PyTorch whether fp32 matmuls may use TF32."""
+    """Both launchers of the GEMM (the forward, and the MLP backward's GELU-gradient GEMM) ask
+    PyTorch whether fp32 matmuls may use TF32, however that was set. Under torch >= 2.9, reading
+    the legacy ``allow_tf32`` after the new ``fp32_precision`` API set it raises a RuntimeError
+    (mixed APIs): a launcher that read it would fail in the backward."""
     x, w = torch.empty(64, 32, device="meta"), torch.empty(128, 32, device="meta")
+    dy, w2, pre = torch.empty(64, 32, device="meta"), torch.empty(32, 128, device="meta"), torch.empty(64, 128, device="meta")
     seen_prec = []
     for allowed in (False, True):
         with _allow_tf32(allowed, api), plans.recording() as seen, plans.using_target("sm_80"):
             kernels._fwd(x, w, None, False)
-        seen_prec.append(dict(seen[0].plan.constexprs)["DOT_PRECISION"])
-    assert seen_prec == ["ieee", "tf32"]
+            kernels._gelu_grad(dy, w2, pre)
+        assert [r.plan.kernel for r in seen] == ["linear_gelu_fwd", "linear_gelu_bwd"]
+        seen_prec.append([dict(r.plan.constexprs)["DOT_PRECISION"] for r in seen])
+    assert seen_prec == [["ieee", "ieee"], ["tf32", "tf32"]]
     assert not kernels._tf32_allowed()  # restored
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # and the legacy flag readable again
 
 
 # ----------------------------------------------------------------------------- torch integration

@@ -146,7 +146,8 @@ def _device_ctx(t: torch.Tensor):
 def _tf32_allowed() -> bool:
     """Whether PyTorch lets cuBLAS run fp32 matmuls in TF32. ``fp32_precision`` (torch >= 2.9)
     reflects every way of setting it (``allow_tf32``, ``set_float32_matmul_precision``, the
-    new API) and, unlike reading ``allow_tf32``, does not warn when the old and new APIs mix."""
+    new API). Reading ``allow_tf32`` instead raises a RuntimeError (torch 2.13) once the new
+    API has set it ("mix of the legacy and new APIs"): both launchers ask here."""
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
@@ -195,8 +196,7 @@ def _gelu_grad(dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor) -> to
         dy2 = _rows(dy, M, C)
         pre2 = pre.reshape(M, N).contiguous()
         w = weight2.t()  # [N, C] view: the kernel computes dy @ w^T = dy @ weight2
-        plan = plans.linear_gelu_bwd_plan(M, N, C, dy.dtype, plans.device_target(dy.device),
-                                          bool(torch.backends.cuda.matmul.allow_tf32))
+        plan = plans.linear_gelu_bwd_plan(M, N, C, dy.dtype, plans.device_target(dy.device), _tf32_allowed())
         with _device_ctx(dy):
             plans.launch(
                 _linear_gelu_fwd_kernel, plan,
