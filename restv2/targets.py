@@ -7,7 +7,8 @@ real GPUs on a machine without one.
 
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
-and backward. The model runs on meta tensors (nothing is allocated) on the kernel path with its
+and backward; the fp32 GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as launched
+where PyTorch allows TF32. The model runs on meta tensors (nothing is allocated) on the kernel path with its
 calls of the fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample branch, residual add + LayerNorm,
 linear + GELU and the MLP's GELU-gradient GEMM, pixel attention; the add + LayerNorm also as autocast calls it, on an fp32 stream);
 each distinct call goes through the real launchers under
@@ -45,6 +46,7 @@ from restv2_kernels.targets import (
     Row,
     check,
     format_table,
+    is_tf32,
     tensor_core_label,
     to_json,
 )
@@ -67,6 +69,11 @@ KERNEL_MODULES = {
     "mlp": "restv2_kernels.ffn.triton",
     "pixel_attention": "restv2_kernels.pa.triton",
 }
+
+
+# The ops whose fp32 launches change when PyTorch allows TF32 matmuls (their launchers ask
+# ``_tf32_allowed()``): the check records them both ways.
+TF32_OPS = ("linear_gelu", "mlp")
 
 
 def _meta_like(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -241,6 +248,14 @@ def record_launches(calls: Sequence[OpCall], target: str) -> list[tuple[Recorded
             fwd, bwd = _launch_call(call)
             out += [(rec, f"{call.use} {call.op} fwd") for rec in fwd]
             out += [(rec, f"{call.use} {call.op} bwd") for rec in bwd]
+            if call.op in TF32_OPS and call.args[0].dtype == torch.float32:
+                # fp32 where PyTorch allows TF32 (training scripts set allow_tf32): tensor-core
+                # plans that round their operands first, launched only then
+                module = importlib.import_module(KERNEL_MODULES[call.op])
+                with mock.patch.object(module, "_tf32_allowed", lambda: True):
+                    fwd, bwd = _launch_call(call)
+                out += [(rec, f"{call.use} {call.op} fwd, TF32 allowed") for rec in fwd]
+                out += [(rec, f"{call.use} {call.op} bwd, TF32 allowed") for rec in bwd]
     return out
 
 
@@ -268,12 +283,13 @@ def run_check(
 
 
 def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGETS + INFO_TARGETS) -> str:
-    """Per kernel and dtype, per target: registers a thread, shared memory, local memory where
-    there is any, and what ``tl.dot`` became (ranges over the kernel's plans), for the README."""
+    """Per kernel and dtype (``tf32``: the fp32 plans with TF32 dots), per target: registers a
+    thread, shared memory, local memory where there is any, and what ``tl.dot`` became (ranges
+    over the kernel's plans), for the README."""
     lines = ["| kernel | dtype | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
     groups: dict[tuple[str, str], dict[str, list[Row]]] = {}
-    for r in rows:
-        groups.setdefault((r.kernel, r.dtype), {}).setdefault(r.target, []).append(r)
+    for r in rows:  # the fp32 GEMM's TF32 plans (PyTorch allows TF32) apart from its IEEE ones
+        groups.setdefault((r.kernel, "tf32" if is_tf32(r) else r.dtype), {}).setdefault(r.target, []).append(r)
 
     def span(values) -> str:
         lo, hi = min(values), max(values)

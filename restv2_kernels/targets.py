@@ -327,6 +327,11 @@ def programs_per_sm(target: Target, registers: int, shared_bytes: int, num_warps
     return limits[limiter], limiter
 
 
+def is_tf32(row: Row) -> bool:
+    """An fp32 plan whose dots are TF32 (launched where PyTorch allows TF32 matmuls)."""
+    return row.dtype == "fp32" and "DOT_PRECISION=tf32" in row.plan.split()
+
+
 def problems(row: Row) -> list[str]:
     """What is wrong with a compiled plan on its target (empty: nothing)."""
     if row.error:
@@ -336,9 +341,11 @@ def problems(row: Row) -> list[str]:
         found.append(f"shared memory {row.shared_bytes} B over the limit {row.shared_limit} B")
     if row.local_bytes and row.dtype != "fp32":
         found.append(f"{row.local_bytes} B of local memory (spills) in a 16-bit plan")
-    tensor_cores = TARGETS[row.target].tensor_cores != "fma"  # a 16-bit tl.dot must show HMMA / HGMMA there
+    tensor_cores = TARGETS[row.target].tensor_cores != "fma"  # a 16-bit or TF32 tl.dot must show HMMA / HGMMA there
     if row.dots and row.dtype != "fp32" and tensor_cores and not (row.hmma or row.hgmma):
         found.append("16-bit tl.dot without tensor-core instructions (no HMMA/HGMMA)")
+    if row.dots and is_tf32(row) and tensor_cores and not (row.hmma or row.hgmma):
+        found.append("TF32 tl.dot without tensor-core instructions (no HMMA/HGMMA)")
     if row.sass_error and tensor_cores:
         found.append(f"cuobjdump could not disassemble it: {row.sass_error}")
     if row.programs_per_sm == 0:

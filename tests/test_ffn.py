@@ -8,14 +8,17 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import assert_close, nan_buffers_for
 
 from restv2_kernels import plans, reference
 from restv2_kernels.ffn import triton as kernels
-from restv2_kernels.ffn.triton import linear_gelu
+from restv2_kernels.ffn.triton import _round_to_tf32, linear_gelu
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 GRAD_NAMES = ("dx", "dweight", "dbias")
@@ -270,6 +273,92 @@ def test_tf32_flag_reaches_the_kernel(api):
     assert seen_prec == [["ieee", "ieee"], ["tf32", "tf32"]]
     assert not kernels._tf32_allowed()  # restored
     assert torch.backends.cuda.matmul.allow_tf32 is False  # and the legacy flag readable again
+
+
+def _tf32_reference(t):
+    """fp32 -> the nearest TF32 value, ties away from zero (PTX's ``cvt.rna.tf32.f32``), in
+    float64 arithmetic and independent of the kernel's bit trick: 11 significant bits, or
+    multiples of 2**-136 (TF32's subnormal step) below 2**-126; past TF32's largest value, inf."""
+    t = t.double()
+    _, exp = torch.frexp(t)  # |t| = m * 2**exp, 0.5 <= m < 1
+    step = torch.pow(2.0, (exp - 11).clamp(min=-136).double())
+    r = torch.floor(t.abs() / step + 0.5) * step
+    r = torch.where(r > 2.0**128 * (1 - 2.0**-11), torch.inf, r)
+    return torch.where(t.isfinite(), torch.copysign(r, t), t).float()  # the sign of zeros kept
+
+
+def test_tf32_reference_rounds():
+    """The test's yardstick on known cases: ties away from zero, subnormals, overflow, NaN."""
+    one = 1.0
+    cases = {one + 2**-11: one + 2**-10, one + 2**-11 - 2**-23: one, -(one + 2**-11): -(one + 2**-10),
+             one + 3 * 2**-11: one + 2**-9, 2.0**-137: 2.0**-136, 2.0**-138: 0.0, 3.4028234663852886e38: math.inf,
+             -3.4028234663852886e38: -math.inf, 2.0**-126 * (1 + 2**-11): 2.0**-126 * (1 + 2**-10)}
+    got = _tf32_reference(torch.tensor(list(cases), dtype=torch.float32))
+    assert got.tolist() == list(cases.values())
+    assert _tf32_reference(torch.tensor([math.nan])).isnan().all()
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, _round_to_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+def test_round_to_tf32(device):
+    """The kernels' bit trick against the float64 yardstick, bit for bit: signed zeros, ties,
+    subnormals, the largest finite values (to inf), infinities, NaN and 2**16 random bit patterns
+    (every exponent)."""
+    special = torch.tensor([0.0, -0.0, 1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 2.0**-137, 2.0**-149,
+                            2.0**-126 - 2.0**-149, 3.4028234663852886e38, -3.4028234663852886e38,
+                            math.inf, -math.inf, math.nan])
+    bits = torch.randint(-(2**31), 2**31, (2**16,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    x = torch.cat([special, bits.to(torch.int32).view(torch.float32)])
+    y = torch.empty_like(x, device=device)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(device), y, x.numel(), BLOCK=1024)
+    y, want = y.cpu(), _tf32_reference(x)
+    nan = x.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def _tf32_bound(a, b):
+    """|fp32 sum of the K exact TF32 products - the exact sum| <= K * 2**-23 * sum |a_k b_k|: one
+    unit in the last place per addition, wide enough for tensor cores that do not round to
+    nearest when they add."""
+    return a.shape[-1] * 2.0**-23 * (a.double().abs() @ b.double().abs().T)
+
+
+def test_tf32_dot_rounds_its_operands(device):
+    """With TF32 allowed, the GEMM's operands are rounded to TF32 to nearest, as cuBLAS's TF32
+    GEMMs round them (Triton's ``input_precision="tf32"`` alone lets the tensor cores ignore the
+    13 low bits: a truncation, twice the error; triton-lang/triton#4574), in the forward (x and
+    weight) and in the MLP backward's GELU-gradient GEMM (dy and fc2's weight). On CUDA the plan
+    is the device's; in the interpreter, which computes ``tl.dot`` in fp32 whatever the precision,
+    a TF32 GPU's plan is forced: both must give the product of the rounded operands."""
+    g = torch.Generator().manual_seed(3)
+    M, K, N = 40, 96, 48
+    x, w, dy = (torch.randn(*shape, generator=g).to(device) for shape in ((M, K), (N, K), (M, K)))
+
+    def target():
+        return contextlib.nullcontext() if device == "cuda" else plans.using_target("sm_80")
+
+    with _allow_tf32(True), target(), plans.recording() as seen:
+        kernels._fwd(x, w, None, True)
+        kernels._gelu_grad(dy, w.t(), torch.zeros(M, N, device=device))
+    assert [dict(r.plan.constexprs)["DOT_PRECISION"] for r in seen] == ["tf32", "tf32"]
+    with _allow_tf32(True), target():
+        _, pre = kernels._fwd(x, w, None, True)
+        # pre = 0: gelu'(0) = Phi(0) + 0 = 1/2 exactly, so d_pre = (dy @ w^T) / 2
+        d_pre = kernels._gelu_grad(dy, w.t(), torch.zeros(M, N, device=device))
+    for name, got, a, b, scale in (("pre", pre, x, w, 1.0), ("d_pre", d_pre, dy, w, 0.5)):
+        a, b, got = a.cpu(), b.cpu(), got.cpu().double() / scale
+        want = _tf32_reference(a).double() @ _tf32_reference(b).double().T
+        bound = _tf32_bound(a, b)
+        err = ((got - want).abs() / bound).max().item()
+        assert err <= 1, f"{name}: {err:.3g} times the bound away from the product of the rounded operands"
+        # the data tell rounding apart: the unrounded product is far outside the bound
+        assert ((a.double() @ b.double().T - want).abs() / bound).max() > 10
 
 
 # ----------------------------------------------------------------------------- torch integration

@@ -92,6 +92,21 @@ def test_every_kernel_dtype_and_target_is_compiled(check):
     assert all(r["uses"] for r in rows)
 
 
+def _tf32(row: dict) -> bool:
+    return row["dtype"] == "fp32" and "DOT_PRECISION=tf32" in row["plan"].split()
+
+
+def test_tf32_plans_are_compiled(check):
+    """The fp32 GEMMs are also compiled as launched where PyTorch allows TF32 (tensor cores, the
+    operands rounded first), forward and backward, on every checked target, and only those."""
+    _, rows = check
+    tf32 = [r for r in rows if _tf32(r)]
+    assert {(r["kernel"], r["target"]) for r in tf32} == set(itertools.product(("linear_gelu_fwd", "linear_gelu_bwd"),
+                                                                             CHECKED))
+    assert all(u.endswith("TF32 allowed") for r in tf32 for u in r["uses"])
+    assert not [r for r in rows if not _tf32(r) and any(u.endswith("TF32 allowed") for u in r["uses"])]
+
+
 def test_every_plan_fits_its_gpu(check):
     _, rows = check
     bad = []
@@ -105,10 +120,10 @@ def test_every_plan_fits_its_gpu(check):
         allowed = FP32_LOCAL_BYTES.get((r["kernel"], r["target"]), 0) if r["dtype"] == "fp32" else 0
         if r["local_bytes"] > allowed:
             bad.append(f"{name}: {r['local_bytes']} B of local memory, {allowed} allowed")
-        if r["kernel"] in DOT_KERNELS and r["dtype"] != "fp32":
+        if r["kernel"] in DOT_KERNELS and (r["dtype"] != "fp32" or _tf32(r)):
             mma = r["hgmma"] + r["hmma"] if r["target"] == "sm_90" else r["hmma"]
             if not (r["dots"] and mma):
-                bad.append(f"{name}: 16-bit tl.dot without tensor cores ({r['dots']} dots, {mma} MMA)")
+                bad.append(f"{name}: 16-bit or TF32 tl.dot without tensor cores ({r['dots']} dots, {mma} MMA)")
         if r["programs_per_sm"] < 1:
             bad.append(f"{name}: no program fits an SM")
     assert not bad, "\n".join(bad)
@@ -126,7 +141,8 @@ def _row(**fields):
     [
         (dict(shared_bytes=110 << 10), "shared memory 112640 B over the limit 101376 B"),
         (dict(local_bytes=48), "48 B of local memory (spills) in a 16-bit plan"),
-        (dict(target="sm_80", hmma=0), "without tensor-core instructions"),
+        (dict(target="sm_80", hmma=0), "16-bit tl.dot without tensor-core instructions"),
+        (dict(dtype="fp32", plan="BLOCK_M=64 DOT_PRECISION=tf32 w8 s3", hmma=0), "TF32 tl.dot without tensor-core"),
         (dict(error="PTXASError: ..."), "does not compile"),
     ],
 )
@@ -135,6 +151,18 @@ def test_rules_fail_on_bad_rows(fields, problem):
     found = targets.problems(_row(**fields))
     assert len(found) == 1 and problem in found[0]
     assert targets.problems(_row(dtype="fp32", local_bytes=48)) == []  # fp32 spills: reported by the test's list
+    assert targets.problems(_row(dtype="fp32", plan="DOT_PRECISION=ieee", hmma=0)) == []  # IEEE fp32: FMA
+
+
+def test_markdown_summary_lists_tf32_plans_apart():
+    """The README table gives the fp32 GEMM's TF32 plans a row of their own, beside its IEEE ones."""
+    from restv2.targets import markdown_summary
+
+    plain = dict(kernel="linear_gelu_fwd", dtype="fp32", target="sm_80", shared_bytes=16 << 10)
+    rows = [_row(**plain, plan="BLOCK_M=64 DOT_PRECISION=ieee w8 s3", registers=106, hmma=0, ptx_mma=0),
+            _row(**plain, plan="BLOCK_M=64 DOT_PRECISION=tf32 w8 s3", registers=62, hmma=8)]
+    table = markdown_summary(rows, ["sm_80"]).splitlines()
+    assert table[2:] == ["| linear_gelu_fwd | fp32 | 106 regs, 16 KB, FMA |", "| linear_gelu_fwd | tf32 | 62 regs, 16 KB, HMMA |"]
 
 
 def test_occupancy_estimate():

@@ -16,7 +16,8 @@ tile; the 1-D grid walks the tiles in groups of GROUP_M row blocks, so consecuti
 share x rows and weight columns in L2. The K loop accumulates in fp32 with ``tl.dot``: tensor
 cores for fp16/bf16; fp32 inputs are IEEE (FMA) unless PyTorch allows cuBLAS TF32
 (``torch.backends.cuda.matmul.allow_tf32``, or its newer spelling ``fp32_precision = "tf32"``),
-then TF32, as cuBLAS would. Epilogue in fp32: + bias, exact GELU, one rounding to the output
+then TF32, as cuBLAS would: the operands are first rounded to TF32 to nearest
+(``_round_to_tf32``), as cuBLAS rounds them, where the tensor cores alone would truncate. Epilogue in fp32: + bias, exact GELU, one rounding to the output
 dtype. With a gradient needed (training) the kernel also stores the pre-activation
 ``pre = x @ weight.T + bias`` (constexpr STORE_PRE), rounded to x's dtype as eager PyTorch's
 linear output is; at inference it writes only the activation.
@@ -60,6 +61,17 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """fp32 -> the nearest TF32 value (10 mantissa bits), still fp32; ties away from zero, as
+    PTX's ``cvt.rna.tf32.f32``. Half a unit of TF32's last place (bit 12) is added to the bits and
+    the 13 low bits cleared: a carry into the exponent is the next binade (past the largest TF32
+    value, inf), subnormals round on TF32's subnormal step; NaN passes through."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
 
 
 # M (the token count) only bounds the grid and masks: not specialised, so a new batch size
@@ -109,6 +121,12 @@ def _linear_gelu_fwd_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if DOT_PRECISION == "tf32":
+            if a.dtype == tl.float32:
+                # round to nearest, as cuBLAS's TF32 GEMMs do: the tensor cores alone would
+                # ignore the 13 low bits (truncate), twice the error
+                a = _round_to_tf32(a)
+                b = _round_to_tf32(b)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
