@@ -8,8 +8,8 @@ real GPUs on a machine without one.
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
 and backward; the fp32 GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as launched
-where PyTorch allows TF32. The model runs on meta tensors (nothing is allocated) on the kernel path with its
-calls of the fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample branch, residual add + LayerNorm,
+where PyTorch allows TF32. The model runs on meta tensors (nothing is allocated) on the kernel
+path with its calls of the fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample branch, residual add + LayerNorm,
 linear + GELU and the MLP's GELU-gradient GEMM, pixel attention; the add + LayerNorm also as autocast calls it, on an fp32 stream);
 each distinct call goes through the real launchers under
 ``plans.recording()``, once per target (the plans depend on it), so the check compiles exactly
@@ -71,9 +71,24 @@ KERNEL_MODULES = {
 }
 
 
-# The ops whose fp32 launches change when PyTorch allows TF32 matmuls (their launchers ask
-# ``_tf32_allowed()``): the check records them both ways.
+# The ops whose fp32 launches change when PyTorch allows TF32 matmuls (their launchers read
+# PyTorch's flag): the check records them both ways.
 TF32_OPS = ("linear_gelu", "mlp")
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """PyTorch's fp32 matmuls allowed TF32 inside the block, through the flag's newer spelling
+    where there is one (torch >= 2.9), so the launchers' own reading of it is exercised; restored
+    after (to "none" again, which clears PyTorch's mixed-API state)."""
+    matmul = torch.backends.cuda.matmul
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    before = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
 
 
 def _meta_like(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -251,8 +266,7 @@ def record_launches(calls: Sequence[OpCall], target: str) -> list[tuple[Recorded
             if call.op in TF32_OPS and call.args[0].dtype == torch.float32:
                 # fp32 where PyTorch allows TF32 (training scripts set allow_tf32): tensor-core
                 # plans that round their operands first, launched only then
-                module = importlib.import_module(KERNEL_MODULES[call.op])
-                with mock.patch.object(module, "_tf32_allowed", lambda: True):
+                with _tf32_matmuls():
                     fwd, bwd = _launch_call(call)
                 out += [(rec, f"{call.use} {call.op} fwd, TF32 allowed") for rec in fwd]
                 out += [(rec, f"{call.use} {call.op} bwd, TF32 allowed") for rec in bwd]

@@ -342,10 +342,8 @@ def problems(row: Row) -> list[str]:
     if row.local_bytes and row.dtype != "fp32":
         found.append(f"{row.local_bytes} B of local memory (spills) in a 16-bit plan")
     tensor_cores = TARGETS[row.target].tensor_cores != "fma"  # a 16-bit or TF32 tl.dot must show HMMA / HGMMA there
-    if row.dots and row.dtype != "fp32" and tensor_cores and not (row.hmma or row.hgmma):
-        found.append("16-bit tl.dot without tensor-core instructions (no HMMA/HGMMA)")
-    if row.dots and is_tf32(row) and tensor_cores and not (row.hmma or row.hgmma):
-        found.append("TF32 tl.dot without tensor-core instructions (no HMMA/HGMMA)")
+    if row.dots and (row.dtype != "fp32" or is_tf32(row)) and tensor_cores and not (row.hmma or row.hgmma):
+        found.append(f"{'TF32' if is_tf32(row) else '16-bit'} tl.dot without tensor-core instructions (no HMMA/HGMMA)")
     if row.sass_error and tensor_cores:
         found.append(f"cuobjdump could not disassemble it: {row.sass_error}")
     if row.programs_per_sm == 0:

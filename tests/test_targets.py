@@ -93,7 +93,7 @@ def test_every_kernel_dtype_and_target_is_compiled(check):
 
 
 def _tf32(row: dict) -> bool:
-    return row["dtype"] == "fp32" and "DOT_PRECISION=tf32" in row["plan"].split()
+    return targets.is_tf32(types.SimpleNamespace(**row))
 
 
 def test_tf32_plans_are_compiled(check):

@@ -17,8 +17,8 @@ share x rows and weight columns in L2. The K loop accumulates in fp32 with ``tl.
 cores for fp16/bf16; fp32 inputs are IEEE (FMA) unless PyTorch allows cuBLAS TF32
 (``torch.backends.cuda.matmul.allow_tf32``, or its newer spelling ``fp32_precision = "tf32"``),
 then TF32, as cuBLAS would: the operands are first rounded to TF32 to nearest
-(``_round_to_tf32``), as cuBLAS rounds them, where the tensor cores alone would truncate. Epilogue in fp32: + bias, exact GELU, one rounding to the output
-dtype. With a gradient needed (training) the kernel also stores the pre-activation
+(``_round_to_tf32``), as cuBLAS rounds them, where the tensor cores alone would truncate.
+Epilogue in fp32: + bias, exact GELU, one rounding to the output dtype. With a gradient needed (training) the kernel also stores the pre-activation
 ``pre = x @ weight.T + bias`` (constexpr STORE_PRE), rounded to x's dtype as eager PyTorch's
 linear output is; at inference it writes only the activation.
 
