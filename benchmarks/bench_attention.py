@@ -99,8 +99,12 @@ def attention_fns() -> dict:
 
         return fn
 
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
     fns = {"triton": emsa_attention, "eager": reference.emsa_attention}
     fns.update({f"sdpa-{name}": sdpa(backends[name]) for name in SDPA_BACKENDS})
     return fns
@@ -125,10 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark (``--help`` for the options); without a CUDA GPU, says so and returns 0."""
     fns = functools.cache(attention_fns)
     return common.kernel_bench_main(
-        argv, kind="attention", doc=__doc__, shapes=SHAPES, impls=IMPLS,
-        make_fns=lambda impls: fns(), time_impl=time_impl, count_bytes=minimal_bytes, count_flops=flops,
-        counts={"bytes": "fwd (2Q+2K)e, bwd (3Q+4K)e; Q=B*N*h*d, K=B*M*h*d",
-                "flops": "fwd 4, bwd 10, fwd+bwd 14 x B*h*N*M*d", "dims": "B, N, M, h, d"},
+        argv,
+        kind="attention",
+        doc=__doc__,
+        shapes=SHAPES,
+        impls=IMPLS,
+        make_fns=lambda impls: fns(),
+        time_impl=time_impl,
+        count_bytes=minimal_bytes,
+        count_flops=flops,
+        counts={
+            "bytes": "fwd (2Q+2K)e, bwd (3Q+4K)e; Q=B*N*h*d, K=B*M*h*d",
+            "flops": "fwd 4, bwd 10, fwd+bwd 14 x B*h*N*M*d",
+            "dims": "B, N, M, h, d",
+        },
     )
 
 

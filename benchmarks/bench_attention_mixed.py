@@ -103,18 +103,33 @@ def memory_rows(shapes: dict, dtype: torch.dtype, target: str = "sm_90") -> list
         saved = 4 * (2 * B * h * N + 2 * B * h)
         fwd = saved + 4 * (B * h * fwd_plan.n_qblocks * 2 + B * h * d)
         partials = 2 * 4 * bwd_plan.splits * B * M * h * d if bwd_plan.splits > 1 else 0
-        train = saved + 4 * (2 * B * h * N + B * h * bwd_plan.n_stats_blocks + B * bwd_plan.n_qblocks * h * h) + partials
-        rows.append({"shape": name, "dims": (B, N, M, h, d), "map_bytes": S, "eager_fwd": 2 * S, "eager_saved": 3 * S,
-                     "eager_train": 5 * S, "kernel_fwd": fwd, "kernel_saved": saved, "kernel_train": train})
+        train = (
+            saved + 4 * (2 * B * h * N + B * h * bwd_plan.n_stats_blocks + B * bwd_plan.n_qblocks * h * h) + partials
+        )
+        rows.append(
+            {
+                "shape": name,
+                "dims": (B, N, M, h, d),
+                "map_bytes": S,
+                "eager_fwd": 2 * S,
+                "eager_saved": 3 * S,
+                "eager_train": 5 * S,
+                "kernel_fwd": fwd,
+                "kernel_saved": saved,
+                "kernel_train": train,
+            }
+        )
     return rows
 
 
 def memory_report(dtype: torch.dtype, shapes: dict) -> list[str]:
     """The lines printed without a GPU: ``memory_rows`` in MiB and the eager / kernel ratios."""
     mib = 2**20
-    lines = [f"attention working memory per call, computed from the shapes ({dtype}; kernels planned for sm_90)",
-             f"{'shape':<22} {'map MiB':>9} {'fwd: eager':>11} {'kernel':>8} {'saved: eager':>13} {'kernel':>8} "
-             f"{'train: eager':>13} {'kernel':>8} {'train x less':>13}"]
+    lines = [
+        f"attention working memory per call, computed from the shapes ({dtype}; kernels planned for sm_90)",
+        f"{'shape':<22} {'map MiB':>9} {'fwd: eager':>11} {'kernel':>8} {'saved: eager':>13} {'kernel':>8} "
+        f"{'train: eager':>13} {'kernel':>8} {'train x less':>13}",
+    ]
     for r in memory_rows(shapes, dtype):
         lines.append(
             f"{r['shape']:<22} {r['map_bytes'] / mib:9.1f} {r['eager_fwd'] / mib:11.1f} {r['kernel_fwd'] / mib:8.2f} "
@@ -156,11 +171,22 @@ def time_impl(bench, fn, shape: tuple, dtype: torch.dtype, device: str = "cuda")
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark (``--help`` for the options); without a CUDA GPU, prints the memory report."""
     return common.kernel_bench_main(
-        argv, kind="attention_mixed", doc=__doc__, shapes=SHAPES, impls=IMPLS,
-        make_fns=lambda impls: attention_fns(), time_impl=time_impl, count_bytes=minimal_bytes, count_flops=flops,
-        counts={"bytes": "fwd (2Q+2K)e, bwd (3Q+4K)e; Q=B*N*h*d, K=B*M*h*d",
-                "flops": "U=2*B*h*N*M*d, X=2*B*h*h*N*M: fwd 2U+X, bwd 5U+3X, fwd+bwd 7U+4X", "dims": "B, N, M, h, d"},
-        no_gpu=memory_report, no_gpu_shapes="det",
+        argv,
+        kind="attention_mixed",
+        doc=__doc__,
+        shapes=SHAPES,
+        impls=IMPLS,
+        make_fns=lambda impls: attention_fns(),
+        time_impl=time_impl,
+        count_bytes=minimal_bytes,
+        count_flops=flops,
+        counts={
+            "bytes": "fwd (2Q+2K)e, bwd (3Q+4K)e; Q=B*N*h*d, K=B*M*h*d",
+            "flops": "U=2*B*h*N*M*d, X=2*B*h*h*N*M: fwd 2U+X, bwd 5U+3X, fwd+bwd 7U+4X",
+            "dims": "B, N, M, h, d",
+        },
+        no_gpu=memory_report,
+        no_gpu_shapes="det",
     )
 
 

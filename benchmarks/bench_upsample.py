@@ -80,8 +80,11 @@ def minimal_bytes(B: int, H: int, W: int, C: int, sr: int, Hr: int, Wr: int, elt
 
 def flops(B: int, H: int, W: int, C: int, sr: int, Hr: int, Wr: int, mode: str) -> int:
     """Approximate FLOPs of ``mode``: 28, 74 and 102 per output element (see the module docstring)."""
-    per = {"fwd": FWD_FLOPS_PER_ELEMENT, "bwd": BWD_FLOPS_PER_ELEMENT,
-           "fwd+bwd": FWD_FLOPS_PER_ELEMENT + BWD_FLOPS_PER_ELEMENT}[mode]
+    per = {
+        "fwd": FWD_FLOPS_PER_ELEMENT,
+        "bwd": BWD_FLOPS_PER_ELEMENT,
+        "fwd+bwd": FWD_FLOPS_PER_ELEMENT + BWD_FLOPS_PER_ELEMENT,
+    }[mode]
     return per * B * H * W * C
 
 
@@ -120,12 +123,20 @@ def time_impl(bench, fn, shape: tuple, dtype: torch.dtype, device: str = "cuda")
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark (``--help`` for the options); without a CUDA GPU, says so and returns 0."""
     return common.kernel_bench_main(
-        argv, kind="upsample", doc=__doc__, shapes=SHAPES, impls=IMPLS,
-        make_fns=lambda impls: upsample_fns(compile_fresh="compile" in impls), time_impl=time_impl,
-        count_bytes=minimal_bytes, count_flops=flops,
-        counts={"bytes": "fwd (2N+R+P)e, bwd (N+2R+2P)e; N=B*H*W*C, R=B*Hr*Wr*C, P=10*sr*sr*C+2C",
-                "flops": f"fwd {FWD_FLOPS_PER_ELEMENT}, bwd {BWD_FLOPS_PER_ELEMENT} per output element",
-                "dims": "B, H, W, C, sr, Hr, Wr"},
+        argv,
+        kind="upsample",
+        doc=__doc__,
+        shapes=SHAPES,
+        impls=IMPLS,
+        make_fns=lambda impls: upsample_fns(compile_fresh="compile" in impls),
+        time_impl=time_impl,
+        count_bytes=minimal_bytes,
+        count_flops=flops,
+        counts={
+            "bytes": "fwd (2N+R+P)e, bwd (N+2R+2P)e; N=B*H*W*C, R=B*Hr*Wr*C, P=10*sr*sr*C+2C",
+            "flops": f"fwd {FWD_FLOPS_PER_ELEMENT}, bwd {BWD_FLOPS_PER_ELEMENT} per output element",
+            "dims": "B, H, W, C, sr, Hr, Wr",
+        },
     )
 
 

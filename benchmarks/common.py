@@ -58,7 +58,10 @@ def _nvidia_smi(query: str) -> str | None:
     try:
         out = subprocess.run(
             [exe, f"--query-gpu={query}", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -137,8 +140,10 @@ def environment(device: torch.device | str | None = None) -> dict:
 def describe(env: dict) -> str:
     """One line for the top of a table: device | torch | triton | CUDA | driver."""
     dev = env["gpu"] or f"CPU ({env['cpu'] or 'unknown'}, {env['cpu_count']} cores)"
-    return (f"{dev} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} "
-            f"| driver {env['driver']} | Python {env['python']}")
+    return (
+        f"{dev} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} "
+        f"| driver {env['driver']} | Python {env['python']}"
+    )
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str, reps: int = 20, warmup: int = 3) -> float:
@@ -253,8 +258,12 @@ def roofline_rates(device: torch.device | str, dtype: torch.dtype) -> dict:
     """
     with ieee_fp32_matmul():
         tflops = matmul_tflops(device, dtype)
-    return {"copy_gbps": copy_bandwidth_gbps(device), "matmul_tflops": tflops,
-            "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_tf32": False}
+    return {
+        "copy_gbps": copy_bandwidth_gbps(device),
+        "matmul_tflops": tflops,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
+        "matmul_tf32": False,
+    }
 
 
 def roofline_floor_ms(nbytes: float, flops: float, copy_gbps: float, tflops: float) -> float:
@@ -343,8 +352,10 @@ def select_shapes(shapes: dict, wanted: list[str] | None) -> dict:
     return chosen
 
 
-ROOFLINE_HEADER = (f"{'shape':<16} {'mode':<7} {'impl':<15} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
-                   f"{'TFLOP/s':>8} {'floor ms':>9} {'x floor':>8}  bound")
+ROOFLINE_HEADER = (
+    f"{'shape':<16} {'mode':<7} {'impl':<15} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
+    f"{'TFLOP/s':>8} {'floor ms':>9} {'x floor':>8}  bound"
+)
 
 
 def format_roofline_row(shape: str, mode: str, impl: str, row: dict) -> str:
@@ -352,8 +363,10 @@ def format_roofline_row(shape: str, mode: str, impl: str, row: dict) -> str:
     head = f"{shape:<16} {mode:<7} {impl:<15}"
     if "error" in row:
         return f"{head} {'n/a':>9}  {row['error'][:80]}"
-    return (f"{head} {row['ms']:9.3f} {row['gbps']:7.0f} {row['pct_copy']:5.0f}% {row['tflops']:8.1f} "
-            f"{row['floor_ms']:9.3f} {row['x_floor']:7.2f}x  {row['bound']}")
+    return (
+        f"{head} {row['ms']:9.3f} {row['gbps']:7.0f} {row['pct_copy']:5.0f}% {row['tflops']:8.1f} "
+        f"{row['floor_ms']:9.3f} {row['x_floor']:7.2f}x  {row['bound']}"
+    )
 
 
 def format_speedups(rows: list[dict], shape: str, ours: str = "triton") -> list[str]:
@@ -393,13 +406,18 @@ def kernel_bench_main(
     them in the JSON. Without a CUDA GPU: prints that one is needed, or ``no_gpu(dtype, shapes)``'s
     lines (for the ``--shapes`` asked, else those starting with ``no_gpu_shapes``), and returns 0.
     """
-    parser = argparse.ArgumentParser(prog=f"bench_{kind}.py", description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=doc.split("\n\n", 1)[-1])
+    parser = argparse.ArgumentParser(
+        prog=f"bench_{kind}.py",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[-1],
+    )
     parser.add_argument("--dtype", choices=sorted(KERNEL_DTYPES), default="fp16")
     parser.add_argument("--shapes", nargs="*", metavar="NAME", help=f"names or prefixes of: {' '.join(shapes)}")
     parser.add_argument("--impls", nargs="+", choices=impls, default=list(impls))
-    parser.add_argument("--out", type=pathlib.Path, help=f"JSON path (default: benchmarks/results/{kind}_<gpu>_<date>.json)")
+    parser.add_argument(
+        "--out", type=pathlib.Path, help=f"JSON path (default: benchmarks/results/{kind}_<gpu>_<date>.json)"
+    )
     args = parser.parse_args(argv)
     shapes = select_shapes(shapes, args.shapes)
 
@@ -441,8 +459,15 @@ def kernel_bench_main(
         for line in format_speedups(rows, name):
             print(line)
 
-    out = write_json(args.out or results_path(kind, "json", device=device), {
-        "environment": env, "dtype": args.dtype, "rates": rates, "counts": counts, "rows": rows,
-    })
+    out = write_json(
+        args.out or results_path(kind, "json", device=device),
+        {
+            "environment": env,
+            "dtype": args.dtype,
+            "rates": rates,
+            "counts": counts,
+            "rows": rows,
+        },
+    )
     print(f"wrote {out}")
     return 0

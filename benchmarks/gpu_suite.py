@@ -190,8 +190,15 @@ def _work_view(item: dict) -> dict:
 
 def work_item(item_id: str, estimate_s: float, **extra: Any) -> dict:
     """A unit of work: ``status`` goes pending -> running -> ok | error | timeout | skipped (| planned)."""
-    return {"id": item_id, "estimate_s": round(float(estimate_s), 1), "status": "pending",
-            "wall_s": None, "reason": None, "plan": None, **extra}
+    return {
+        "id": item_id,
+        "estimate_s": round(float(estimate_s), 1),
+        "status": "pending",
+        "wall_s": None,
+        "reason": None,
+        "plan": None,
+        **extra,
+    }
 
 
 def skip(item: dict, reason: str) -> None:
@@ -339,8 +346,16 @@ def child_env() -> dict[str, str]:
 def spawn(cmd: list[str], echo: Callable[[str], None]) -> tuple[subprocess.Popen, threading.Thread, collections.deque]:
     """Starts ``cmd`` in the tree's root in its own process group; a thread echoes its output lines.
     Returns the process, the thread and the last 60 lines (kept for the JSON)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     _CHILDREN.add(proc)
     tail: collections.deque = collections.deque(maxlen=60)
 
@@ -370,8 +385,9 @@ def _reap(proc: subprocess.Popen, thread: threading.Thread) -> None:
     _CHILDREN.discard(proc)
 
 
-def run_command(cmd: list[str], timeout_s: float, echo: Callable[[str], None] = print,
-                grace: float = STOP_GRACE_S) -> dict:
+def run_command(
+    cmd: list[str], timeout_s: float, echo: Callable[[str], None] = print, grace: float = STOP_GRACE_S
+) -> dict:
     """Runs ``cmd`` to the end or for ``timeout_s``; its output echoed line by line."""
     t0 = time.monotonic()
     echo(f"$ {display(cmd)}")
@@ -384,8 +400,13 @@ def run_command(cmd: list[str], timeout_s: float, echo: Callable[[str], None] = 
         echo(f"[gpu_suite] the budget ran out after {timeout_s:.0f} s: stopping the child")
         stop(proc, grace)
     _reap(proc, thread)
-    return {"argv": display(cmd), "returncode": proc.returncode, "timed_out": timed_out,
-            "wall_s": round(time.monotonic() - t0, 2), "tail": list(tail)[-40:]}
+    return {
+        "argv": display(cmd),
+        "returncode": proc.returncode,
+        "timed_out": timed_out,
+        "wall_s": round(time.monotonic() - t0, 2),
+        "tail": list(tail)[-40:],
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,14 +414,35 @@ def run_command(cmd: list[str], timeout_s: float, echo: Callable[[str], None] = 
 # ---------------------------------------------------------------------------------------
 
 
-def _start_worker(kind: str, shared: dict, items: list[dict], deadline: float, tmp: pathlib.Path, index: int,
-                  echo: Callable[[str], None]) -> tuple[subprocess.Popen, threading.Thread, pathlib.Path]:
+def _start_worker(
+    kind: str,
+    shared: dict,
+    items: list[dict],
+    deadline: float,
+    tmp: pathlib.Path,
+    index: int,
+    echo: Callable[[str], None],
+) -> tuple[subprocess.Popen, threading.Thread, pathlib.Path]:
     spec_path, events = tmp / f"worker{index}.json", tmp / f"worker{index}.events"
-    spec_path.write_text(json.dumps({
-        "kind": kind, "shared": shared, "events": str(events),
-        "items": [{"id": it["id"], "estimate_s": it["estimate_s"], "group": it.get("group", ""),
-                   "deadline": min(it.get("deadline", deadline), deadline), "spec": it["spec"]} for it in items],
-    }))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "kind": kind,
+                "shared": shared,
+                "events": str(events),
+                "items": [
+                    {
+                        "id": it["id"],
+                        "estimate_s": it["estimate_s"],
+                        "group": it.get("group", ""),
+                        "deadline": min(it.get("deadline", deadline), deadline),
+                        "spec": it["spec"],
+                    }
+                    for it in items
+                ],
+            }
+        )
+    )
     proc, thread, _ = spawn([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", str(spec_path)], echo)
     return proc, thread, events
 
@@ -423,8 +465,16 @@ class _Events:
         return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()]
 
 
-def supervise(run: Run, kind: str, items: list[dict], *, shared: dict, item_timeout: Callable[[dict], float],
-              on_done: Callable[[dict], None] = lambda item: None, max_workers: int = 6) -> None:
+def supervise(
+    run: Run,
+    kind: str,
+    items: list[dict],
+    *,
+    shared: dict,
+    item_timeout: Callable[[dict], float],
+    on_done: Callable[[dict], None] = lambda item: None,
+    max_workers: int = 6,
+) -> None:
     """Runs the pending ``items`` in order in one worker child at a time, until the budget ends.
 
     A worker that dies (a crash, a lost CUDA context) or hangs past ``item_timeout(item)`` takes
@@ -449,16 +499,20 @@ def supervise(run: Run, kind: str, items: list[dict], *, shared: dict, item_time
                     elif ev["event"] == "skip":
                         skip(item, ev["reason"])
                     else:
-                        item.update(status=ev["status"], wall_s=ev["wall_s"], reason=ev.get("reason"),
-                                    result=ev.get("result"))
+                        item.update(
+                            status=ev["status"], wall_s=ev["wall_s"], reason=ev.get("reason"), result=ev.get("result")
+                        )
                         current = None
                         on_done(item)
                 if exited:
                     break
                 if current is not None and time.monotonic() - started > item_timeout(current):
                     stop(proc, grace=5.0)
-                    current.update(status="timeout", wall_s=round(time.monotonic() - started, 1),
-                                   reason=f"no result after {item_timeout(current):.0f} s: the worker was stopped")
+                    current.update(
+                        status="timeout",
+                        wall_s=round(time.monotonic() - started, 1),
+                        reason=f"no result after {item_timeout(current):.0f} s: the worker was stopped",
+                    )
                     current = None
                 elif run.left() < -STOP_GRACE_S:
                     stop(proc, grace=5.0)
@@ -468,9 +522,16 @@ def supervise(run: Run, kind: str, items: list[dict], *, shared: dict, item_time
                 time.sleep(0.2)
             _reap(proc, thread)
             if current is not None:  # it died on this item
-                why = "lost its CUDA context" if proc.returncode == WORKER_CUDA_LOST else f"exited with code {proc.returncode}"
-                current.update(status="error", wall_s=round(time.monotonic() - started, 1),
-                               reason=f"the worker {why} during this item")
+                why = (
+                    "lost its CUDA context"
+                    if proc.returncode == WORKER_CUDA_LOST
+                    else f"exited with code {proc.returncode}"
+                )
+                current.update(
+                    status="error",
+                    wall_s=round(time.monotonic() - started, 1),
+                    reason=f"the worker {why} during this item",
+                )
                 on_done(current)
     for it in items:
         if it["status"] in ("pending", "running"):
@@ -485,8 +546,15 @@ def run_parallel(run: Run, kind: str, items: list[dict], *, shared: dict, worker
         procs = []
         for index in range(min(workers, len(items))):
             chunk = items[index::workers]
-            proc, thread, path = _start_worker(kind, shared, chunk, deadline, pathlib.Path(tmp), index,
-                                               lambda line, i=index: run.log_only(f"[w{i}] {line}"))
+            proc, thread, path = _start_worker(
+                kind,
+                shared,
+                chunk,
+                deadline,
+                pathlib.Path(tmp),
+                index,
+                lambda line, i=index: run.log_only(f"[w{i}] {line}"),
+            )
             procs.append((proc, thread, _Events(path)))
         while any(p.poll() is None for p, _, _ in procs) and time.time() < deadline + 1:
             time.sleep(0.5)
@@ -568,8 +636,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def _props_dict(props: Any) -> dict:
-    return {k: _jsonable(getattr(props, k)) for k in dir(props)
-            if not k.startswith("_") and not callable(getattr(props, k, None))}
+    return {
+        k: _jsonable(getattr(props, k))
+        for k in dir(props)
+        if not k.startswith("_") and not callable(getattr(props, k, None))
+    }
 
 
 def _measure(record: dict, key: str, fn: Callable[[], Any]) -> None:
@@ -600,10 +671,12 @@ def _first_calls(device: torch.device) -> dict:
     kv = torch.randn(8, 49, 2, 2, 96, device=device, dtype=torch.bfloat16, requires_grad=True)
     x = torch.randn(8, 28, 28, 192, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(8, 7, 7, 192, device=device, dtype=torch.bfloat16, requires_grad=True)
-    params = [torch.randn(16 * 192, 1, 3, 3, device=device, dtype=torch.bfloat16, requires_grad=True),
-              torch.randn(16 * 192, device=device, dtype=torch.bfloat16, requires_grad=True),
-              torch.ones(192, device=device, dtype=torch.bfloat16, requires_grad=True),
-              torch.zeros(192, device=device, dtype=torch.bfloat16, requires_grad=True)]
+    params = [
+        torch.randn(16 * 192, 1, 3, 3, device=device, dtype=torch.bfloat16, requires_grad=True),
+        torch.randn(16 * 192, device=device, dtype=torch.bfloat16, requires_grad=True),
+        torch.ones(192, device=device, dtype=torch.bfloat16, requires_grad=True),
+        torch.zeros(192, device=device, dtype=torch.bfloat16, requires_grad=True),
+    ]
     steps = {
         "attention": lambda: emsa_attention(q, kv[:, :, 0], kv[:, :, 1]).float().sum().backward(),
         "upsample": lambda: upsample_add(x, v, *params, 4).float().sum().backward(),
@@ -621,27 +694,62 @@ def _first_calls(device: torch.device) -> dict:
 
 def phase_env(run: Run) -> list[str]:
     rec = run.record["env"]
-    keys = ("gpu", "driver", "torch", "triton", "cuda", "compute_capability", "sm_count", "l2_cache_mib",
-            "memory_gib", "target", "triton_target", "copy_gbps", "matmul_tflops", "first_calls",
-            "device_properties", "nvidia_smi", "nvidia_smi_query")
+    keys = (
+        "gpu",
+        "driver",
+        "torch",
+        "triton",
+        "cuda",
+        "compute_capability",
+        "sm_count",
+        "l2_cache_mib",
+        "memory_gib",
+        "target",
+        "triton_target",
+        "copy_gbps",
+        "matmul_tflops",
+        "first_calls",
+        "device_properties",
+        "nvidia_smi",
+        "nvidia_smi_query",
+    )
     rec.update(dict.fromkeys(keys))
     env = run.record["environment"]
     rec.update(gpu=env["gpu"], driver=env["driver"], torch=env["torch"], triton=env["triton"], cuda=env["cuda"])
-    rec["packages"] = {p: common._version(p) for p in ("torch", "triton", "timm", "numpy", "matplotlib", "pytest",
-                                                       "pytest-xdist", "pytest-timeout", "hypothesis", "tqdm")}
+    rec["packages"] = {
+        p: common._version(p)
+        for p in (
+            "torch",
+            "triton",
+            "timm",
+            "numpy",
+            "matplotlib",
+            "pytest",
+            "pytest-xdist",
+            "pytest-timeout",
+            "hypothesis",
+            "tqdm",
+        )
+    }
     if run.dry_run:
-        print("would record: device properties (SM count, L2, memory, compute capability), "
-              "plans.device_target(cuda), Triton's target, nvidia-smi;")
-        print("would measure: copy bandwidth (1 GiB dst.copy_(src)), 8192^3 matmul TFLOP/s in bf16, fp16, "
-              "fp32 (IEEE) and tf32, the first (compiling) call of emsa_attention and upsample_add.")
+        print(
+            "would record: device properties (SM count, L2, memory, compute capability), "
+            "plans.device_target(cuda), Triton's target, nvidia-smi;"
+        )
+        print(
+            "would measure: copy bandwidth (1 GiB dst.copy_(src)), 8192^3 matmul TFLOP/s in bf16, fp16, "
+            "fp32 (IEEE) and tf32, the first (compiling) call of emsa_attention and upsample_add."
+        )
         return _env_summary(rec)
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     rec.update(
-        compute_capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
+        compute_capability=f"{props.major}.{props.minor}",
+        sm_count=props.multi_processor_count,
         l2_cache_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 2) or None,
-        memory_gib=round(props.total_memory / 2**30, 2), device_properties=_props_dict(props),
+        memory_gib=round(props.total_memory / 2**30, 2),
+        device_properties=_props_dict(props),
     )
     _measure(rec, "target", lambda: dataclasses.asdict(plans.device_target(device)))
 
@@ -654,8 +762,13 @@ def phase_env(run: Run) -> list[str]:
     run.save()
     _measure(rec, "copy_gbps", lambda: round(common.copy_bandwidth_gbps(device), 1))
     rates: dict = {}
-    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
-                              ("fp32_ieee", torch.float32, False), ("tf32", torch.float32, True)):
+    for name, dtype, tf32 in (
+        ("bf16", torch.bfloat16, False),
+        ("fp16", torch.float16, False),
+        ("fp32_ieee", torch.float32, False),
+        ("tf32", torch.float32, True),
+    ):
+
         def rate(dtype: torch.dtype = dtype, tf32: bool = tf32) -> float:
             with common.matmul_tf32(tf32):
                 return round(common.matmul_tflops(device, dtype), 1)
@@ -668,7 +781,8 @@ def phase_env(run: Run) -> list[str]:
     rec["nvidia_smi_query"] = _nvidia_smi(
         "--query-gpu=name,driver_version,pstate,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,"
         "power.draw,power.limit,temperature.gpu,memory.used,memory.total,mig.mode.current,ecc.mode.current",
-        "--format=csv")
+        "--format=csv",
+    )
     return _env_summary(rec)
 
 
@@ -677,11 +791,15 @@ def _env_summary(rec: dict) -> list[str]:
     target = rec.get("target") or {}
     first = rec.get("first_calls") or {}
     return [
-        (f"GPU {rec['gpu']} | cc {rec['compute_capability']} | {rec['sm_count']} SMs | L2 {rec['l2_cache_mib']} MiB "
-         f"| {rec['memory_gib']} GiB | driver {rec['driver']}"),
+        (
+            f"GPU {rec['gpu']} | cc {rec['compute_capability']} | {rec['sm_count']} SMs | L2 {rec['l2_cache_mib']} MiB "
+            f"| {rec['memory_gib']} GiB | driver {rec['driver']}"
+        ),
         f"torch {rec['torch']} | triton {rec['triton']} | CUDA {rec['cuda']} | triton target {rec['triton_target']}",
-        (f"plans target: {target.get('name')} tables={target.get('tables')} sm_count={target.get('sm_count')} "
-         f"smem/block={target.get('smem_per_block')} tensor_cores={target.get('tensor_cores')}"),
+        (
+            f"plans target: {target.get('name')} tables={target.get('tables')} sm_count={target.get('sm_count')} "
+            f"smem/block={target.get('smem_per_block')} tensor_cores={target.get('tensor_cores')}"
+        ),
         f"copy {rec['copy_gbps']} GB/s | matmul TFLOP/s: " + ", ".join(f"{k} {v}" for k, v in rates.items()),
         "first call (compile) s: " + ", ".join(f"{k} {v}" for k, v in first.items()),
     ]
@@ -698,8 +816,19 @@ TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start
 
 
 def pytest_command(args: argparse.Namespace, marker: str, junit: pathlib.Path, parallel: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", "tests", "-m", marker, "-p", "no:cacheprovider", "-rfE",
-           "--durations=25", f"--junitxml={junit}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests",
+        "-m",
+        marker,
+        "-p",
+        "no:cacheprovider",
+        "-rfE",
+        "--durations=25",
+        f"--junitxml={junit}",
+    ]
     if _has("pytest_timeout"):
         cmd.append(f"--timeout={args.test_timeout}")
     if parallel and args.pytest_workers > 0 and _has("xdist"):
@@ -732,29 +861,52 @@ def parse_junit(path: pathlib.Path) -> dict:
     failures = []
     for case in ET.parse(path).getroot().iter("testcase"):
         tags = {child.tag for child in case}
-        kind = "failed" if "failure" in tags else "errors" if "error" in tags else \
-            "skipped" if "skipped" in tags else "passed"
+        kind = (
+            "failed"
+            if "failure" in tags
+            else "errors"
+            if "error" in tags
+            else "skipped"
+            if "skipped" in tags
+            else "passed"
+        )
         counts[kind] += 1
         for child in case:
             if child.tag in ("failure", "error"):
-                failures.append({"nodeid": _node_id(case), "kind": child.tag, "time_s": case.get("time"),
-                                 "message": clip_lines(child.get("message"), 5),
-                                 "text": clip_lines(child.text, 40)})
+                failures.append(
+                    {
+                        "nodeid": _node_id(case),
+                        "kind": child.tag,
+                        "time_s": case.get("time"),
+                        "message": clip_lines(child.get("message"), 5),
+                        "text": clip_lines(child.text, 40),
+                    }
+                )
     counts["total"] = sum(counts.values())
     return {"counts": counts, "failures": failures}
 
 
 def phase_tests(run: Run) -> list[str]:
     rec = run.record["tests"]
-    rec.update(runs=[], note="the GPU image has pytest-xdist and pytest-timeout; -n and --timeout are added "
-                             "when they are importable")
+    rec.update(
+        runs=[],
+        note="the GPU image has pytest-xdist and pytest-timeout; -n and --timeout are added when they are importable",
+    )
     tmp = pathlib.Path("<tmp>" if run.dry_run else tempfile.mkdtemp(prefix="gpu_suite_junit_"))
     run.items = [work_item(name, est, min_s=least, marker=marker) for name, marker, est, least in TEST_RUNS]
     for item in run.items:
         junit = tmp / f"junit-{item['id']}.xml"
         cmd = pytest_command(run.args, item["marker"], junit, parallel=item["id"] != "cuda")
-        entry = {"name": item["id"], "marker": item["marker"], "argv": display(cmd), "returncode": None,
-                 "timed_out": None, "wall_s": None, "counts": None, "failures": []}
+        entry = {
+            "name": item["id"],
+            "marker": item["marker"],
+            "argv": display(cmd),
+            "returncode": None,
+            "timed_out": None,
+            "wall_s": None,
+            "counts": None,
+            "failures": [],
+        }
         rec["runs"].append(entry)
         if run.dry_run:
             continue
@@ -770,13 +922,18 @@ def phase_tests(run: Run) -> list[str]:
             entry.update(parse_junit(junit))
         except (OSError, ET.ParseError) as exc:  # pytest killed before it wrote the report
             reason = f"no JUnit report: {_error(exc, 200)}"
-        item.update(wall_s=result["wall_s"], reason=reason,
-                    status="timeout" if result["timed_out"] else "ok" if result["returncode"] in (0, 1, 5) else "error")
+        item.update(
+            wall_s=result["wall_s"],
+            reason=reason,
+            status="timeout" if result["timed_out"] else "ok" if result["returncode"] in (0, 1, 5) else "error",
+        )
         run.save()
     if run.dry_run:
         plan_budget(run.items, run.args.budget_s)
-        print("would run (one after the other, TRITON_INTERPRET removed from the environment; "
-              f"pytest-timeout here: {_has('pytest_timeout')}, pytest-xdist here: {_has('xdist')}):")
+        print(
+            "would run (one after the other, TRITON_INTERPRET removed from the environment; "
+            f"pytest-timeout here: {_has('pytest_timeout')}, pytest-xdist here: {_has('xdist')}):"
+        )
         for entry in rec["runs"]:
             print(f"  {entry['argv']}")
     else:
@@ -788,8 +945,11 @@ def _tests_summary(rec: dict) -> list[str]:
     lines = []
     for entry in rec["runs"]:
         c = entry.get("counts")
-        counts = (f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"
-                  if c else "no counts")
+        counts = (
+            f"{c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} skipped"
+            if c
+            else "no counts"
+        )
         extra = " TIMED OUT" if entry.get("timed_out") else ""
         lines.append(f"pytest -m {entry['marker']!r}: {counts} (rc {entry['returncode']}, {entry['wall_s']} s){extra}")
     failures = [f for entry in rec["runs"] for f in entry.get("failures", [])]
@@ -824,13 +984,21 @@ def scorecard_lines(run: Run, dtype: str = "bf16") -> list[str]:
 KERNEL_BENCHES = ("attention", "upsample", "attention_mixed")
 SHAPE_GROUPS = ("224", "det")  # the 224 px stages at batch 128; the 800x1333 stages at batch 2
 KERNEL_SHAPES = {  # (bench, group): the --shapes (names or prefixes) its script takes for the group
-    ("attention", "224"): ["tiny"], ("attention", "det"): ["det"],  # restv2_tiny
-    ("upsample", "224"): ["tiny"], ("upsample", "det"): ["det"],
-    ("attention_mixed", "224"): ["small", "large"], ("attention_mixed", "det"): ["det"],  # rest_small, rest_large
+    ("attention", "224"): ["tiny"],
+    ("attention", "det"): ["det"],  # restv2_tiny
+    ("upsample", "224"): ["tiny"],
+    ("upsample", "det"): ["det"],
+    ("attention_mixed", "224"): ["small", "large"],
+    ("attention_mixed", "det"): ["det"],  # rest_small, rest_large
 }
-KERNEL_ESTIMATE_S = {("attention", "224"): 60.0, ("attention", "det"): 35.0,
-                     ("upsample", "224"): 90.0, ("upsample", "det"): 35.0,
-                     ("attention_mixed", "224"): 90.0, ("attention_mixed", "det"): 45.0}  # fp32 runs take ~1.3x
+KERNEL_ESTIMATE_S = {
+    ("attention", "224"): 60.0,
+    ("attention", "det"): 35.0,
+    ("upsample", "224"): 90.0,
+    ("upsample", "det"): 35.0,
+    ("attention_mixed", "224"): 90.0,
+    ("attention_mixed", "det"): 45.0,
+}  # fp32 runs take ~1.3x
 
 
 def kernel_items(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict]:
@@ -839,11 +1007,20 @@ def kernel_items(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict]:
         for group in SHAPE_GROUPS:
             for bench in args.benches:
                 out = tmp / f"{bench}_{dtype}_{group}.json"
-                cmd = [sys.executable, str(_HERE / f"bench_{bench}.py"), "--dtype", dtype,
-                       "--shapes", *KERNEL_SHAPES[bench, group], "--out", str(out)]
+                cmd = [
+                    sys.executable,
+                    str(_HERE / f"bench_{bench}.py"),
+                    "--dtype",
+                    dtype,
+                    "--shapes",
+                    *KERNEL_SHAPES[bench, group],
+                    "--out",
+                    str(out),
+                ]
                 est = KERNEL_ESTIMATE_S[bench, group] * (1.3 if dtype == "fp32" else 1.0)
-                items.append(work_item(f"{bench}/{dtype}/{group}", est, bench=bench, dtype=dtype, group=group,
-                                       cmd=cmd, json=out))
+                items.append(
+                    work_item(f"{bench}/{dtype}/{group}", est, bench=bench, dtype=dtype, group=group, cmd=cmd, json=out)
+                )
     return items
 
 
@@ -860,14 +1037,20 @@ def kernel_summary(rows: list[dict]) -> list[dict]:
     for bench, dtype, shape in dict.fromkeys((r["bench"], r["dtype"], r["shape"]) for r in rows):
         entry: dict = {"bench": bench, "dtype": dtype, "shape": shape}
         for mode in common.MODES:
-            sub = [r for r in rows if (r["bench"], r["dtype"], r["shape"], r["mode"]) == (bench, dtype, shape, mode)
-                   and r.get("ms") is not None]
+            sub = [
+                r
+                for r in rows
+                if (r["bench"], r["dtype"], r["shape"], r["mode"]) == (bench, dtype, shape, mode)
+                and r.get("ms") is not None
+            ]
             ours = next((r for r in sub if r["impl"] == "triton"), None)
             others = [r for r in sub if r["impl"] != "triton"]
             best = min(others, key=lambda r: r["ms"]) if others else None
             entry[mode] = {
-                "triton_ms": ours["ms"] if ours else None, "x_floor": ours.get("x_floor") if ours else None,
-                "best_other": best["impl"] if best else None, "best_other_ms": best["ms"] if best else None,
+                "triton_ms": ours["ms"] if ours else None,
+                "x_floor": ours.get("x_floor") if ours else None,
+                "best_other": best["impl"] if best else None,
+                "best_other_ms": best["ms"] if best else None,
                 "speedup": best["ms"] / ours["ms"] if ours and best else None,
             }
         out.append(entry)
@@ -896,7 +1079,9 @@ def plot_kernels(summary: list[dict], path: pathlib.Path, title: str, note: str 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(len(KERNEL_BENCHES), len(common.MODES), figsize=(16, 4 * len(KERNEL_BENCHES)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(KERNEL_BENCHES), len(common.MODES), figsize=(16, 4 * len(KERNEL_BENCHES)), squeeze=False
+    )
     for i, bench in enumerate(KERNEL_BENCHES):
         for j, mode in enumerate(common.MODES):
             ax = axes[i][j]
@@ -906,7 +1091,10 @@ def plot_kernels(summary: list[dict], path: pathlib.Path, title: str, note: str 
             width = 0.8 / max(1, len(dtypes))
             for k, dtype in enumerate(dtypes):
                 xs = [s + width * (k + 0.5 - len(dtypes) / 2) for s in range(len(shapes))]
-                ys = [next((e[mode]["speedup"] for e in sub if e["shape"] == s and e["dtype"] == dtype), 0) for s in shapes]
+                ys = [
+                    next((e[mode]["speedup"] for e in sub if e["shape"] == s and e["dtype"] == dtype), 0)
+                    for s in shapes
+                ]
                 ax.bar(xs, ys, width, label=dtype)
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_xticks(range(len(shapes)))
@@ -930,9 +1118,17 @@ def phase_kernels(run: Run) -> list[str]:
     run.items = kernel_items(args, tmp)
     rec.update(dtypes=args.dtypes, benches=args.benches, shape_groups=list(SHAPE_GROUPS), runs=[], rows=[], summary=[])
     for item in run.items:
-        entry = {"id": item["id"], "bench": item["bench"], "dtype": item["dtype"], "group": item["group"],
-                 "argv": display(item["cmd"]), "returncode": None, "wall_s": None,
-                 "rates": None, "counts": None}
+        entry = {
+            "id": item["id"],
+            "bench": item["bench"],
+            "dtype": item["dtype"],
+            "group": item["group"],
+            "argv": display(item["cmd"]),
+            "returncode": None,
+            "wall_s": None,
+            "rates": None,
+            "counts": None,
+        }
         rec["runs"].append(entry)
         if run.dry_run:
             continue
@@ -950,8 +1146,10 @@ def phase_kernels(run: Run) -> list[str]:
             rec["rows"] += [{"bench": item["bench"], "dtype": item["dtype"], **row} for row in data.get("rows", [])]
             item["status"] = "ok"
         else:
-            item.update(status="timeout" if result["timed_out"] else "error",
-                        reason=f"no JSON (rc {result['returncode']}): " + " / ".join(result["tail"][-3:])[-300:])
+            item.update(
+                status="timeout" if result["timed_out"] else "error",
+                reason=f"no JSON (rc {result['returncode']}): " + " / ".join(result["tail"][-3:])[-300:],
+            )
         rec["summary"] = kernel_summary(rec["rows"])
         run.save()
     if not run.dry_run:
@@ -962,11 +1160,20 @@ def phase_kernels(run: Run) -> list[str]:
         for item, entry in zip(run.items, rec["runs"]):
             print(f"  [{item['plan']:<13}] ~{item['estimate_s']:>4.0f}s  {entry['argv']}")
     if not args.no_plot:
-        plot_kernels(rec["summary"], run.path("png"), common.describe(run.record["environment"]),
-                     " (dry run)" if run.dry_run else "")
-    lines = [f"{it['id']:<25} {it['plan'] if run.dry_run else it['status']:<13} est {it['estimate_s']:>4.0f}s "
-             f"took {it['wall_s'] or 0:>4.0f}s  {it['reason'] or ''}"[:200] for it in run.items]
-    lines.append("triton ms per mode, its speed-up over the fastest other impl, and its multiple of the roofline floor:")
+        plot_kernels(
+            rec["summary"],
+            run.path("png"),
+            common.describe(run.record["environment"]),
+            " (dry run)" if run.dry_run else "",
+        )
+    lines = [
+        f"{it['id']:<25} {it['plan'] if run.dry_run else it['status']:<13} est {it['estimate_s']:>4.0f}s "
+        f"took {it['wall_s'] or 0:>4.0f}s  {it['reason'] or ''}"[:200]
+        for it in run.items
+    ]
+    lines.append(
+        "triton ms per mode, its speed-up over the fastest other impl, and its multiple of the roofline floor:"
+    )
     dtype = "bf16" if "bf16" in args.dtypes else args.dtypes[0]
     return lines + [_kernel_line(e) for e in rec["summary"]] + scorecard_lines(run, dtype)
 
@@ -989,19 +1196,38 @@ def e2e_items(part: str, tp: Any) -> list[dict]:
     """The rows of ``--part``, most important first, each a work item whose spec is a ``throughput.Row``."""
     _, warmup, iters = tp.PROTOCOLS["modern"]
 
-    def row(model: str, label: str, mode: str = "infer", batch: int = 256, resolution: tuple = (224, 224),
-            anchor: str | None = None) -> dict:
+    def row(
+        model: str,
+        label: str,
+        mode: str = "infer",
+        batch: int = 256,
+        resolution: tuple = (224, 224),
+        anchor: str | None = None,
+    ) -> dict:
         backend, compiled = label.split("+")[0], label.endswith("+compile")
-        spec = {"model": model, "family": "peer" if backend == "timm" else "restv2", "backend": backend,
-                "compile": compiled, "protocol": "modern", "mode": mode, "precision": "bf16",
-                "resolution": list(resolution), "batch_requested": batch, "warmup": warmup, "iters": iters,
-                "anchor": anchor, "compile_mode": "default", "optimizer": "adamw" if mode == "train" else None}
+        spec = {
+            "model": model,
+            "family": "peer" if backend == "timm" else "restv2",
+            "backend": backend,
+            "compile": compiled,
+            "protocol": "modern",
+            "mode": mode,
+            "precision": "bf16",
+            "resolution": list(resolution),
+            "batch_requested": batch,
+            "warmup": warmup,
+            "iters": iters,
+            "anchor": anchor,
+            "compile_mode": "default",
+            "optimizer": "adamw" if mode == "train" else None,
+        }
         return work_item(f"{mode}/{model}/{label}", e2e_estimate(model, mode, compiled), spec=spec)
 
     if part == "zoo":
         models = ["restv2_small", "restv2_base", "restv2_large"]
-        return ([row(m, b) for m in models for b in ("reference", "kernels")]
-                + [row(m, b) for m in models for b in ("reference+compile", "kernels+compile")])
+        return [row(m, b) for m in models for b in ("reference", "kernels")] + [
+            row(m, b) for m in models for b in ("reference+compile", "kernels+compile")
+        ]
     tiny = "restv2_tiny"
     peers = [p for p in tp.PEERS[tiny] if p.startswith(("convnext", "swin"))]
     det = {"batch": 2, "resolution": (800, 1333)}
@@ -1022,10 +1248,10 @@ def _row_from_item(tp: Any, item: dict) -> Any:
     row = tp.Row(**{k: v for k, v in data.items() if k in names})
     row.resolution = tuple(row.resolution)
     if data is item["spec"]:  # never measured: skipped, timed out, crashed, or a dry run
-        row.status = "planned" if item["status"] == "planned" else \
-            "skipped" if item["status"] == "skipped" else "error"
-        row.reason = item["reason"] or (f"dry run: ~{item['estimate_s']:.0f} s, {item['plan']}" if item["plan"]
-                                        else f"not run ({item['status']})")
+        row.status = "planned" if item["status"] == "planned" else "skipped" if item["status"] == "skipped" else "error"
+        row.reason = item["reason"] or (
+            f"dry run: ~{item['estimate_s']:.0f} s, {item['plan']}" if item["plan"] else f"not run ({item['status']})"
+        )
     return row
 
 
@@ -1048,16 +1274,18 @@ def phase_e2e(run: Run) -> list[str]:
     rec.update(part=args.part, protocol="modern", precision="bf16", rows=[])
     if run.dry_run:
         used = plan_budget(items, args.budget_s)
-        print(f"would run these throughput.py rows in one worker child, in this order "
-              f"(~{used:.0f} s of the {args.budget_s:.0f} s budget):")
+        print(
+            f"would run these throughput.py rows in one worker child, in this order "
+            f"(~{used:.0f} s of the {args.budget_s:.0f} s budget):"
+        )
         print("\n".join(format_plan(items)))
     else:
+
         def done(item: dict) -> None:
             rec["rows"] = [_row_from_item(tp, it).to_dict() for it in items]
             run.save()
 
-        supervise(run, "e2e", items, shared={}, item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]),
-                  on_done=done)
+        supervise(run, "e2e", items, shared={}, item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]), on_done=done)
     rows = [_row_from_item(tp, it) for it in items]
     tp.add_speedups(rows)
     rec["rows"] = [r.to_dict() for r in rows]
@@ -1075,8 +1303,11 @@ def _e2e_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
         row = tp.Row(**{**spec, "resolution": tuple(spec["resolution"])})
         tp.run_row(row, device, lambda text: None)
         if row.status == "ok":
-            print(f"[e2e] {row.model} {row.label} {row.mode}: {row.ips_median:.1f} img/s (batch {row.batch}, "
-                  f"first call {row.first_call_s:.1f} s)", flush=True)
+            print(
+                f"[e2e] {row.model} {row.label} {row.mode}: {row.ips_median:.1f} img/s (batch {row.batch}, "
+                f"first call {row.first_call_s:.1f} s)",
+                flush=True,
+            )
         else:
             print(f"[e2e] {row.model} {row.label} {row.mode}: ERROR {(row.reason or '')[:300]}", flush=True)
             if not cuda_alive():
@@ -1104,10 +1335,20 @@ UPSAMPLE_SHAPES = {  # name: (B, Hr, Wr, H, W, C, sr)
     "tiny-s4-224-b256": (256, 7, 7, 7, 7, 768, 1),
     "det-s1-800x1333": (2, 25, 42, 200, 334, 96, 8),
 }
-_TOKENS = {"tiny-s1-224-b256": 256 * 56 * 56, "tiny-s2-224-b256": 256 * 28 * 28, "tiny-s3-224-b256": 256 * 14 * 14,
-           "tiny-s4-224-b256": 256 * 7 * 7, "det-s1-800x1333": 2 * 200 * 334}
-_DIMS = {"tiny-s1-224-b256": 96, "tiny-s2-224-b256": 192, "tiny-s3-224-b256": 384, "tiny-s4-224-b256": 768,
-         "det-s1-800x1333": 96}
+_TOKENS = {
+    "tiny-s1-224-b256": 256 * 56 * 56,
+    "tiny-s2-224-b256": 256 * 28 * 28,
+    "tiny-s3-224-b256": 256 * 14 * 14,
+    "tiny-s4-224-b256": 256 * 7 * 7,
+    "det-s1-800x1333": 2 * 200 * 334,
+}
+_DIMS = {
+    "tiny-s1-224-b256": 96,
+    "tiny-s2-224-b256": 192,
+    "tiny-s3-224-b256": 384,
+    "tiny-s4-224-b256": 768,
+    "det-s1-800x1333": 96,
+}
 LINEAR_SHAPES = {name: (_TOKENS[name], 4 * _DIMS[name], _DIMS[name]) for name in _TOKENS}  # (M, N, K): fc1 + GELU
 ADD_LN_SHAPES = {name: (_TOKENS[name], _DIMS[name]) for name in _TOKENS}  # (R, C): a block's add + LayerNorm
 SWEEP_FAMILIES = {  # family: (shapes, mode)
@@ -1127,19 +1368,45 @@ SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
     "upsample_fwd": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "upsample_bwd": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "upsample_bwd_dv": {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
-    "linear_gelu_fwd": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (32, 64),
-                        "num_warps": (4, 8), "num_stages": (3, 4)},
-    "linear_gelu_bwd": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (32, 64),
-                        "num_warps": (4, 8), "num_stages": (3, 4)},
+    "linear_gelu_fwd": {
+        "block_m": (64, 128, 256),
+        "block_n": (64, 128, 256),
+        "block_k": (32, 64),
+        "num_warps": (4, 8),
+        "num_stages": (3, 4),
+    },
+    "linear_gelu_bwd": {
+        "block_m": (64, 128, 256),
+        "block_n": (64, 128, 256),
+        "block_k": (32, 64),
+        "num_warps": (4, 8),
+        "num_stages": (3, 4),
+    },
     "add_ln_fwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "add_ln_bwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2)},
 }
-SWEEP_WEIGHT = {"attn_fwd": 1.0, "attn_bwd": 1.2, "upsample_fwd": 0.8, "upsample_bwd": 0.8,  # budget shares
-                "upsample_bwd_dv": 0.5, "linear_gelu_fwd": 1.0, "linear_gelu_bwd": 1.0, "add_ln_fwd": 0.6,
-                "add_ln_bwd": 0.8}
-SWEEP_COMPILE_S = {"attn_fwd": 2.0, "attn_bwd": 3.0, "upsample_fwd": 1.5, "upsample_bwd": 2.5,  # a new plan, a shape
-                   "upsample_bwd_dv": 1.5, "linear_gelu_fwd": 3.0, "linear_gelu_bwd": 3.0, "add_ln_fwd": 1.5,
-                   "add_ln_bwd": 2.5}
+SWEEP_WEIGHT = {
+    "attn_fwd": 1.0,
+    "attn_bwd": 1.2,
+    "upsample_fwd": 0.8,
+    "upsample_bwd": 0.8,  # budget shares
+    "upsample_bwd_dv": 0.5,
+    "linear_gelu_fwd": 1.0,
+    "linear_gelu_bwd": 1.0,
+    "add_ln_fwd": 0.6,
+    "add_ln_bwd": 0.8,
+}
+SWEEP_COMPILE_S = {
+    "attn_fwd": 2.0,
+    "attn_bwd": 3.0,
+    "upsample_fwd": 1.5,
+    "upsample_bwd": 2.5,  # a new plan, a shape
+    "upsample_bwd_dv": 1.5,
+    "linear_gelu_fwd": 3.0,
+    "linear_gelu_bwd": 3.0,
+    "add_ln_fwd": 1.5,
+    "add_ln_bwd": 2.5,
+}
 SWEEP_TIME_S = 0.5  # do_bench and the output check of one plan at one shape, once compiled
 SWEEP_FOLLOW_UP = 3  # candidates per family (besides the current plan) re-timed in the other dtypes
 WRONG_ULPS = 4  # a candidate whose result differs from the current plan's by more (relative to the
@@ -1148,8 +1415,20 @@ ATTN_MAX_REGS = 256  # fp32 accumulator + score values a thread: past this, a pl
 UPSAMPLE_MAX_PER_THREAD = 4  # x the table's per_thread values a thread of a [BLOCK_P, BLOCK_C] tile
 #                              (and of add + LayerNorm's [BLOCK_R, BLOCK_C] tile)
 LINEAR_MAX_ACC = 128  # fp32 accumulator values a thread of a [BLOCK_M, BLOCK_N] GEMM tile: past this it spills
-_ABBR = {"block_n": "n", "block_m": "m", "num_warps": "w", "num_stages": "s", "block_p": "p", "block_k": "k",
-         "block_r": "r", "BLOCK_N": "n", "BLOCK_M": "m", "BLOCK_P": "p", "BLOCK_K": "k", "BLOCK_R": "r"}
+_ABBR = {
+    "block_n": "n",
+    "block_m": "m",
+    "num_warps": "w",
+    "num_stages": "s",
+    "block_p": "p",
+    "block_k": "k",
+    "block_r": "r",
+    "BLOCK_N": "n",
+    "BLOCK_M": "m",
+    "BLOCK_P": "p",
+    "BLOCK_K": "k",
+    "BLOCK_R": "r",
+}
 
 
 def cid(fields: dict | None) -> str:
@@ -1162,8 +1441,9 @@ def _main_launch(family: str, launches: list[plans.Launch]) -> plans.Launch:
     return launches[-1] if family in ("attn_bwd", "upsample_bwd_dv") else launches[0]
 
 
-def sweep_plan(family: str, shape: tuple, dtype: torch.dtype, target: plans.Target,
-               fields: dict | None = None) -> tuple[str, str, list[plans.Launch]]:
+def sweep_plan(
+    family: str, shape: tuple, dtype: torch.dtype, target: plans.Target, fields: dict | None = None
+) -> tuple[str, str, list[plans.Launch]]:
     """The launches ``family`` makes at ``shape`` under ``plans.forced(family=fields)``: (key, short name, launches)."""
     ctx = plans.forced(**{family: fields}) if fields else contextlib.nullcontext()
     with ctx:
@@ -1205,11 +1485,17 @@ def prune_reason(family: str, launch: plans.Launch) -> str | None:
         regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family.startswith("linear_gelu"):  # the fp32 accumulator [BLOCK_M, BLOCK_N]
         acc = c["BLOCK_M"] * c["BLOCK_N"] / threads
-        return f"{acc:.0f} fp32 accumulator values a thread (> {LINEAR_MAX_ACC}): spills" if acc > LINEAR_MAX_ACC else None
+        return (
+            f"{acc:.0f} fp32 accumulator values a thread (> {LINEAR_MAX_ACC}): spills" if acc > LINEAR_MAX_ACC else None
+        )
     else:
-        table = {"upsample_fwd": plans._UPSAMPLE_FWD, "upsample_bwd": plans._UPSAMPLE_BWD,
-                 "upsample_bwd_dv": plans._UPSAMPLE_BWD_DV, "add_ln_fwd": plans._ADD_LN_FWD,
-                 "add_ln_bwd": plans._ADD_LN_BWD}[family]
+        table = {
+            "upsample_fwd": plans._UPSAMPLE_FWD,
+            "upsample_bwd": plans._UPSAMPLE_BWD,
+            "upsample_bwd_dv": plans._UPSAMPLE_BWD_DV,
+            "add_ln_fwd": plans._ADD_LN_FWD,
+            "add_ln_bwd": plans._ADD_LN_BWD,
+        }[family]
         per_thread = table["default"].per_thread
         per = c.get("BLOCK_P", c.get("BLOCK_R")) * c["BLOCK_C"] / threads
         if per > UPSAMPLE_MAX_PER_THREAD * per_thread:
@@ -1247,8 +1533,11 @@ def sweep_items(args: argparse.Namespace, dtype: str, candidates: dict[str, list
         per_shape = SWEEP_COMPILE_S[family] + SWEEP_TIME_S
         for fields in [None, *cands]:
             spec = {"family": family, "dtype": dtype, "cid": cid(fields), "fields": fields, "shapes": shapes}
-            items.append(work_item(f"{family}/{dtype}/{cid(fields)}", per_shape * len(shapes),
-                                   group=f"{family}/{dtype}", spec=spec))
+            items.append(
+                work_item(
+                    f"{family}/{dtype}/{cid(fields)}", per_shape * len(shapes), group=f"{family}/{dtype}", spec=spec
+                )
+            )
     return items
 
 
@@ -1307,8 +1596,10 @@ def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
         return {"run": torch.no_grad()(lambda: upsample_add(*args)), "keep": args}
     dout = torch.randn(B, H, W, C, device=DEVICE, dtype=dtype)
     out = upsample_add(*args)
-    return {"run": lambda: torch.autograd.grad(out, (v, weight, bias, norm_weight, norm_bias), dout, retain_graph=True),
-            "keep": (*args, out)}
+    return {
+        "run": lambda: torch.autograd.grad(out, (v, weight, bias, norm_weight, norm_bias), dout, retain_graph=True),
+        "keep": (*args, out),
+    }
 
 
 def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
@@ -1323,13 +1614,18 @@ def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
         return (scale * torch.randn(*size, device=DEVICE)).to(dtype)
 
     if not bwd:
-        x, weight, bias = randn(M, K), randn(N, K, scale=K ** -0.5), randn(N, scale=0.1)
-        return {"run": lambda: linear_gelu_fwd(x, weight, bias, False)[0],
-                "eager": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias)),
-                "keep": (x, weight, bias)}
-    dy, weight2, pre = randn(M, K), randn(K, N, scale=N ** -0.5), randn(M, N)
-    return {"run": lambda: mlp_gelu_grad(dy, weight2, pre),
-            "eager": lambda: torch.ops.aten.gelu_backward(dy @ weight2, pre), "keep": (dy, weight2, pre)}
+        x, weight, bias = randn(M, K), randn(N, K, scale=K**-0.5), randn(N, scale=0.1)
+        return {
+            "run": lambda: linear_gelu_fwd(x, weight, bias, False)[0],
+            "eager": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias)),
+            "keep": (x, weight, bias),
+        }
+    dy, weight2, pre = randn(M, K), randn(K, N, scale=N**-0.5), randn(M, N)
+    return {
+        "run": lambda: mlp_gelu_grad(dy, weight2, pre),
+        "eager": lambda: torch.ops.aten.gelu_backward(dy @ weight2, pre),
+        "keep": (dy, weight2, pre),
+    }
 
 
 def _add_ln_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
@@ -1350,13 +1646,18 @@ def _add_ln_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
             return residual, torch.nn.functional.layer_norm(residual, (C,), weight, bias, 1e-6)
 
     if not bwd:
-        return {"run": torch.no_grad()(lambda: add_layer_norm(x, branch, weight, bias, 1e-6, dtype)),
-                "eager": torch.no_grad()(eager), "keep": leaves}
+        return {
+            "run": torch.no_grad()(lambda: add_layer_norm(x, branch, weight, bias, 1e-6, dtype)),
+            "eager": torch.no_grad()(eager),
+            "keep": leaves,
+        }
     grads = (torch.randn(R, C, device=DEVICE).to(dtype), torch.randn(R, C, device=DEVICE).to(dtype))
     outs, eager_outs = add_layer_norm(x, branch, weight, bias, 1e-6, dtype), eager()
-    return {"run": lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True),
-            "eager": lambda: torch.autograd.grad(eager_outs, leaves, (grads[0], grads[1].float()), retain_graph=True),
-            "keep": (*leaves, outs, eager_outs)}
+    return {
+        "run": lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True),
+        "eager": lambda: torch.autograd.grad(eager_outs, leaves, (grads[0], grads[1].float()), retain_graph=True),
+        "keep": (*leaves, outs, eager_outs),
+    }
 
 
 _CASES = {"attn": _attention_case, "upsample": _upsample_case, "linear_gelu": _linear_case, "add_ln": _add_ln_case}
@@ -1414,8 +1715,9 @@ class _SweepState:
                 del outs
                 res["ms"] = do_bench(case["run"], warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
                 if fields is None and "eager" in case:  # the eager ops the kernel replaces, in the same run
-                    res["eager_ms"] = do_bench(case["eager"], warmup=self.warmup_ms, rep=self.rep_ms,
-                                               return_mode="median")
+                    res["eager_ms"] = do_bench(
+                        case["eager"], warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"
+                    )
             res["status"] = "ok" if res["correct"] else "wrong"
         except Exception as exc:  # compile errors, out of resources: recorded on the candidate
             res.update(status="error", reason=_error(exc))
@@ -1436,8 +1738,10 @@ def _sweep_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]
         if fields is None:
             result["target"] = dataclasses.asdict(plans.device_target(torch.device(DEVICE)))
         if not state.compile_only:
-            times = " ".join(f"{s.split('-')[0]}-{s.split('-')[1]} " +
-                             (f"{r['ms']:.3f}" if r["ms"] is not None else r["status"]) for s, r in shapes.items())
+            times = " ".join(
+                f"{s.split('-')[0]}-{s.split('-')[1]} " + (f"{r['ms']:.3f}" if r["ms"] is not None else r["status"])
+                for s, r in shapes.items()
+            )
             print(f"[sweep] {family} {dtype} {name}: {times}", flush=True)
         return "ok", result, None
 
@@ -1450,8 +1754,9 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
     best, overall = [], []
     groups = dict.fromkeys((it["spec"]["family"], it["spec"]["dtype"]) for it in items)
     for family, dtype in groups:
-        done = [it for it in items if (it["spec"]["family"], it["spec"]["dtype"]) == (family, dtype)
-                and it.get("result")]
+        done = [
+            it for it in items if (it["spec"]["family"], it["spec"]["dtype"]) == (family, dtype) and it.get("result")
+        ]
         current = next((it for it in done if it["spec"]["fields"] is None), None)
         shapes = list(dict.fromkeys(s for it in done for s in it["result"]["shapes"]))
         for shape in shapes:
@@ -1459,17 +1764,26 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
             timed = [(it, it["result"]["shapes"][shape]) for it in done if shape in it["result"]["shapes"]]
             ok = [(it, r) for it, r in timed if r.get("status") == "ok" and r.get("ms") is not None]
             win_item, win = min(ok, key=lambda p: p[1]["ms"]) if ok else (None, None)
-            best.append({
-                "family": family, "shape": shape, "dtype": dtype, "mode": SWEEP_FAMILIES[family][1],
-                "current_plan": cur.get("plan"), "current_ms": cur.get("ms"), "eager_ms": cur.get("eager_ms"),
-                "best_cid": win_item["spec"]["cid"] if win_item else None,
-                "best_fields": win_item["spec"]["fields"] if win_item else None,
-                "best_plan": win.get("plan") if win else None, "best_ms": win.get("ms") if win else None,
-                "speedup": cur["ms"] / win["ms"] if win and cur.get("ms") else None,
-                "timed": len(ok), "wrong": sum(r.get("status") == "wrong" for _, r in timed),
-                "errors": sum(r.get("status") == "error" for _, r in timed),
-                "pruned": sum(r.get("status") == "pruned" for _, r in timed),
-            })
+            best.append(
+                {
+                    "family": family,
+                    "shape": shape,
+                    "dtype": dtype,
+                    "mode": SWEEP_FAMILIES[family][1],
+                    "current_plan": cur.get("plan"),
+                    "current_ms": cur.get("ms"),
+                    "eager_ms": cur.get("eager_ms"),
+                    "best_cid": win_item["spec"]["cid"] if win_item else None,
+                    "best_fields": win_item["spec"]["fields"] if win_item else None,
+                    "best_plan": win.get("plan") if win else None,
+                    "best_ms": win.get("ms") if win else None,
+                    "speedup": cur["ms"] / win["ms"] if win and cur.get("ms") else None,
+                    "timed": len(ok),
+                    "wrong": sum(r.get("status") == "wrong" for _, r in timed),
+                    "errors": sum(r.get("status") == "error" for _, r in timed),
+                    "pruned": sum(r.get("status") == "pruned" for _, r in timed),
+                }
+            )
         tiny = [s for s in shapes if s.startswith("tiny")]
 
         def total(it: dict, tiny: list[str] = tiny) -> float | None:
@@ -1481,9 +1795,18 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
         if totals:
             win_item, win_total = min(totals, key=lambda p: p[1])
             cur_total = total(current) if current else None
-            overall.append({"family": family, "dtype": dtype, "shapes": tiny, "best_cid": win_item["spec"]["cid"],
-                            "best_fields": win_item["spec"]["fields"], "best_total_ms": win_total,
-                            "current_total_ms": cur_total, "speedup": cur_total / win_total if cur_total else None})
+            overall.append(
+                {
+                    "family": family,
+                    "dtype": dtype,
+                    "shapes": tiny,
+                    "best_cid": win_item["spec"]["cid"],
+                    "best_fields": win_item["spec"]["fields"],
+                    "best_total_ms": win_total,
+                    "current_total_ms": cur_total,
+                    "speedup": cur_total / win_total if cur_total else None,
+                }
+            )
     return best, overall
 
 
@@ -1491,19 +1814,25 @@ def _sweep_table(best: list[dict], overall: list[dict]) -> list[str]:
     def ms(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "-"
 
-    header = (f"{'family':<15} | {'shape':<16} | {'dtype':<5} | {'current plan':<28} | {'current ms':>10} | "
-              f"{'best plan':<28} | {'best ms':>10} | speed-up")
+    header = (
+        f"{'family':<15} | {'shape':<16} | {'dtype':<5} | {'current plan':<28} | {'current ms':>10} | "
+        f"{'best plan':<28} | {'best ms':>10} | speed-up"
+    )
     lines = [header, "-" * len(header)]
     for b in best:
         speed = f"{b['speedup']:.2f}x" if b["speedup"] else "-"
-        lines.append(f"{b['family']:<15} | {b['shape']:<16} | {b['dtype']:<5} | {b['current_plan'] or '-':<28} | "
-                     f"{ms(b['current_ms']):>10} | {b['best_plan'] or '-':<28} | {ms(b['best_ms']):>10} | {speed}"
-                     + (f"  (eager {b['eager_ms']:.4f} ms)" if b.get("eager_ms") else "")
-                     + (f"  ({b['wrong']} wrong, {b['errors']} errors)" if b["wrong"] or b["errors"] else ""))
+        lines.append(
+            f"{b['family']:<15} | {b['shape']:<16} | {b['dtype']:<5} | {b['current_plan'] or '-':<28} | "
+            f"{ms(b['current_ms']):>10} | {b['best_plan'] or '-':<28} | {ms(b['best_ms']):>10} | {speed}"
+            + (f"  (eager {b['eager_ms']:.4f} ms)" if b.get("eager_ms") else "")
+            + (f"  ({b['wrong']} wrong, {b['errors']} errors)" if b["wrong"] or b["errors"] else "")
+        )
     for o in overall:
         speed = f"{o['speedup']:.2f}x" if o["speedup"] else "-"
-        lines.append(f"{o['family']} {o['dtype']}: one plan for the {len(o['shapes'])} 224 px shapes: {o['best_cid']} "
-                     f"{o['best_total_ms']:.4f} ms total vs current {ms(o['current_total_ms'])} ms ({speed})")
+        lines.append(
+            f"{o['family']} {o['dtype']}: one plan for the {len(o['shapes'])} 224 px shapes: {o['best_cid']} "
+            f"{o['best_total_ms']:.4f} ms total vs current {ms(o['current_total_ms'])} ms ({speed})"
+        )
     return lines
 
 
@@ -1532,8 +1861,10 @@ def _dry_sweep(run: Run, items: list[dict], target: plans.Target, workers: int) 
         compiles = sum(r["status"] == "planned" for r in shapes.values())
         item["estimate_s"] = round(compiles * (SWEEP_COMPILE_S[family] / max(1, workers) + SWEEP_TIME_S), 1)
     run.record["sweep"]["dry_run_counts"] = {f"{f}/{s}": dict(c) for (f, s), c in counts.items()}
-    print(f"plans computed for target {target.name} ({target.gpu}); per family and shape: plans to time "
-          f"(planned), pruned, duplicates of an earlier candidate's launches (same):")
+    print(
+        f"plans computed for target {target.name} ({target.gpu}); per family and shape: plans to time "
+        f"(planned), pruned, duplicates of an earlier candidate's launches (same):"
+    )
     for (family, name), c in counts.items():
         print(f"  {family:<13} {name:<17} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
 
@@ -1542,37 +1873,74 @@ def phase_sweep(run: Run) -> list[str]:
     args = run.args
     rec = run.record["sweep"]
     assumed = plans.TARGETS["sm_90"]  # ordering and dry-run counts only; the worker plans for the live GPU
-    candidates = {f: sweep_candidates(f, select_sweep_shapes(f, args.shapes), assumed)[:args.max_candidates]
-                  for f in args.families}
+    candidates = {
+        f: sweep_candidates(f, select_sweep_shapes(f, args.shapes), assumed)[: args.max_candidates]
+        for f in args.families
+    }
     first, *others = args.dtypes
     items = sweep_items(args, first, candidates)
     run.items = items
     rec.update(
-        families=args.families, dtypes=args.dtypes, grids={f: SWEEP_GRIDS[f] for f in args.families},
+        families=args.families,
+        dtypes=args.dtypes,
+        grids={f: SWEEP_GRIDS[f] for f in args.families},
         shapes={f: select_sweep_shapes(f, args.shapes) for f in args.families},
-        tables={name: repr(getattr(plans, name, None)) for name in (
-            "_ATTN_FWD", "_ATTN_BWD", "_UPSAMPLE_FWD", "_UPSAMPLE_BWD", "_UPSAMPLE_BWD_DV", "_LINEAR_GELU_FWD",
-            "_ADD_LN_FWD", "_ADD_LN_BWD")},
-        rules={"wrong_if_rel_diff_above_eps_x": WRONG_ULPS, "attn_max_regs": ATTN_MAX_REGS,
-               "linear_max_acc": LINEAR_MAX_ACC,
-               "upsample_max_per_thread_x_table": UPSAMPLE_MAX_PER_THREAD, "follow_up_per_family": SWEEP_FOLLOW_UP,
-               "do_bench": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "return_mode": "median"}},
-        target=None, precompile=None, candidates=[], best=[], best_overall=[],
+        tables={
+            name: repr(getattr(plans, name, None))
+            for name in (
+                "_ATTN_FWD",
+                "_ATTN_BWD",
+                "_UPSAMPLE_FWD",
+                "_UPSAMPLE_BWD",
+                "_UPSAMPLE_BWD_DV",
+                "_LINEAR_GELU_FWD",
+                "_ADD_LN_FWD",
+                "_ADD_LN_BWD",
+            )
+        },
+        rules={
+            "wrong_if_rel_diff_above_eps_x": WRONG_ULPS,
+            "attn_max_regs": ATTN_MAX_REGS,
+            "linear_max_acc": LINEAR_MAX_ACC,
+            "upsample_max_per_thread_x_table": UPSAMPLE_MAX_PER_THREAD,
+            "follow_up_per_family": SWEEP_FOLLOW_UP,
+            "do_bench": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "return_mode": "median"},
+        },
+        target=None,
+        precompile=None,
+        candidates=[],
+        best=[],
+        best_overall=[],
     )
-    print(f"{first}: " + ", ".join(f"{f} {len(c)} candidates + current" for f, c in candidates.items())
-          + (f"; then {', '.join(others)}: the current plan and the {SWEEP_FOLLOW_UP} best {first} candidates "
-             "per family" if others else ""))
+    print(
+        f"{first}: "
+        + ", ".join(f"{f} {len(c)} candidates + current" for f, c in candidates.items())
+        + (
+            f"; then {', '.join(others)}: the current plan and the {SWEEP_FOLLOW_UP} best {first} candidates per family"
+            if others
+            else ""
+        )
+    )
     if run.dry_run:
         _dry_sweep(run, items, assumed, args.compile_workers)
-        compile_s = sum(SWEEP_COMPILE_S[it["spec"]["family"]] * sum(r["status"] == "planned" for r in
-                        it["result"]["shapes"].values()) for it in items)
-        print(f"estimated: ~{compile_s:.0f} s of compiling (CPU) spread over {args.compile_workers} parallel "
-              f"workers, ~{sum(it['estimate_s'] for it in items):.0f} s in all with the timing; the "
-              f"{args.budget_s:.0f} s budget is shared by family (" + ", ".join(f"{f} {SWEEP_WEIGHT[f]}" for f in args.families) + ")")
+        compile_s = sum(
+            SWEEP_COMPILE_S[it["spec"]["family"]]
+            * sum(r["status"] == "planned" for r in it["result"]["shapes"].values())
+            for it in items
+        )
+        print(
+            f"estimated: ~{compile_s:.0f} s of compiling (CPU) spread over {args.compile_workers} parallel "
+            f"workers, ~{sum(it['estimate_s'] for it in items):.0f} s in all with the timing; the "
+            f"{args.budget_s:.0f} s budget is shared by family ("
+            + ", ".join(f"{f} {SWEEP_WEIGHT[f]}" for f in args.families)
+            + ")"
+        )
         plan_budget(items, args.budget_s)
         runs = collections.Counter((it["spec"]["family"], it["plan"]) for it in items)
-        print("would time: " + ", ".join(f"{f} {runs[f, 'run']}/{runs[f, 'run'] + runs[f, 'skip (budget)']}"
-                                         for f in args.families))
+        print(
+            "would time: "
+            + ", ".join(f"{f} {runs[f, 'run']}/{runs[f, 'run'] + runs[f, 'skip (budget)']}" for f in args.families)
+        )
     else:
         _sweep_run(run, items, candidates, others)
     _sweep_record(run)
@@ -1582,12 +1950,23 @@ def phase_sweep(run: Run) -> list[str]:
 def _sweep_record(run: Run) -> None:
     """Every candidate's per-shape results, and the best plans (from what is measured so far)."""
     rec = run.record["sweep"]
-    rec["candidates"] = [{"family": it["spec"]["family"], "dtype": it["spec"]["dtype"], "cid": it["spec"]["cid"],
-                          "fields": it["spec"]["fields"], "status": it["status"], "wall_s": it["wall_s"],
-                          "reason": it["reason"], "shapes": (it.get("result") or {}).get("shapes")} for it in run.items]
+    rec["candidates"] = [
+        {
+            "family": it["spec"]["family"],
+            "dtype": it["spec"]["dtype"],
+            "cid": it["spec"]["cid"],
+            "fields": it["spec"]["fields"],
+            "status": it["status"],
+            "wall_s": it["wall_s"],
+            "reason": it["reason"],
+            "shapes": (it.get("result") or {}).get("shapes"),
+        }
+        for it in run.items
+    ]
     # a dry run lists the shapes and current plans (on the assumed target) with no times
-    rec["best"], rec["best_overall"] = sweep_best([it for it in run.items if it.get("result")
-                                                   and (run.dry_run or it["status"] == "ok")])
+    rec["best"], rec["best_overall"] = sweep_best(
+        [it for it in run.items if it.get("result") and (run.dry_run or it["status"] == "ok")]
+    )
 
 
 def _sweep_run(run: Run, items: list[dict], candidates: dict, other_dtypes: list[str]) -> None:
@@ -1599,12 +1978,19 @@ def _sweep_run(run: Run, items: list[dict], candidates: dict, other_dtypes: list
         for it in todo:
             it["deadline"] = deadline
         t0 = time.monotonic()
-        print(f"compiling {len(todo)} candidates on {args.compile_workers} workers (at most "
-              f"{max(0.0, deadline - time.time()):.0f} s; their output goes to the log)", flush=True)
-        counts = run_parallel(run, "sweep", todo, shared={**shared, "compile_only": True},
-                              workers=args.compile_workers, deadline=deadline)
-        rec["precompile"] = {"workers": args.compile_workers, "wall_s": round(time.monotonic() - t0, 1),
-                             "events": counts}
+        print(
+            f"compiling {len(todo)} candidates on {args.compile_workers} workers (at most "
+            f"{max(0.0, deadline - time.time()):.0f} s; their output goes to the log)",
+            flush=True,
+        )
+        counts = run_parallel(
+            run, "sweep", todo, shared={**shared, "compile_only": True}, workers=args.compile_workers, deadline=deadline
+        )
+        rec["precompile"] = {
+            "workers": args.compile_workers,
+            "wall_s": round(time.monotonic() - t0, 1),
+            "events": counts,
+        }
         print(f"compiled in {time.monotonic() - t0:.0f} s: {counts}", flush=True)
     # the budget left, shared by family in order; time a family leaves unused passes to the next
     reserve = 0.15 * run.left() if other_dtypes else 0.0
@@ -1632,8 +2018,10 @@ def _sweep_run(run: Run, items: list[dict], candidates: dict, other_dtypes: list
     follow: dict[str, list[dict]] = {}
     for family in candidates:
         ranked = [o["best_fields"] for o in overall if o["family"] == family]
-        ranked += [b["best_fields"] for b in sorted((b for b in best if b["family"] == family and b["speedup"]),
-                                                    key=lambda b: -b["speedup"])]
+        ranked += [
+            b["best_fields"]
+            for b in sorted((b for b in best if b["family"] == family and b["speedup"]), key=lambda b: -b["speedup"])
+        ]
         unique = [f for i, f in enumerate(ranked) if f and f not in ranked[:i]]
         follow[family] = unique[:SWEEP_FOLLOW_UP]
     extra = [it for dtype in other_dtypes for it in sweep_items(args, dtype, follow)]
@@ -1664,12 +2052,22 @@ def profile_items(tp: Any, steps: int) -> list[dict]:
         return work_item(item_id, e2e["estimate_s"], spec={**e2e["spec"], "warmup": PROFILE_WARMUP, "iters": steps})
 
     tiny = "restv2_tiny"
-    return [*(row(f"{mode}/{tiny}/{label}") for mode in ("infer", "train", "features-fwd+bwd")
-              for label in ("reference", "kernels")),
-            *(work_item(f"op/{op}/{shape}", PROFILE_OP_ESTIMATE_S,
-                        spec={"op": op, "shape": shape, "dtype": "bf16", "iters": steps})
-              for op, shape in PROFILE_OPS.items()),
-            *(row(f"infer/{tiny}/{label}") for label in ("reference+compile", "kernels+compile"))]
+    return [
+        *(
+            row(f"{mode}/{tiny}/{label}")
+            for mode in ("infer", "train", "features-fwd+bwd")
+            for label in ("reference", "kernels")
+        ),
+        *(
+            work_item(
+                f"op/{op}/{shape}",
+                PROFILE_OP_ESTIMATE_S,
+                spec={"op": op, "shape": shape, "dtype": "bf16", "iters": steps},
+            )
+            for op, shape in PROFILE_OPS.items()
+        ),
+        *(row(f"infer/{tiny}/{label}") for label in ("reference+compile", "kernels+compile")),
+    ]
 
 
 def phase_profile(run: Run) -> list[str]:
@@ -1687,16 +2085,25 @@ def phase_profile(run: Run) -> list[str]:
 
     if run.dry_run:
         used = plan_budget(items, args.budget_s)
-        print(f"would profile these in one worker child, in this order (~{used:.0f} s of the {args.budget_s:.0f} s budget):")
+        print(
+            f"would profile these in one worker child, in this order (~{used:.0f} s of the {args.budget_s:.0f} s budget):"
+        )
         print("\n".join(format_plan(items)))
     else:
+
         def done(item: dict) -> None:
             rec["rows"] = rows()
             run.save()
 
         with tempfile.TemporaryDirectory(prefix="gpu_suite_traces_") as tmp:
-            supervise(run, "profile", items, shared={"trace_dir": tmp},
-                      item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]), on_done=done)
+            supervise(
+                run,
+                "profile",
+                items,
+                shared={"trace_dir": tmp},
+                item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]),
+                on_done=done,
+            )
             traces = [pathlib.Path(tmp) / trace_name(it["id"]) for it in items]  # the most important first
             rec["traces"], rec["traces_left_out"] = zip_traces([t for t in traces if t.exists()], run.path("zip"))
     rec["rows"] = rows()
@@ -1712,7 +2119,9 @@ def trace_name(item_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", item_id.replace("+", "-")) + ".json"
 
 
-def zip_traces(paths: list[pathlib.Path], dest: pathlib.Path, limit: int = PROFILE_ZIP_MAX) -> tuple[list[str], list[str]]:
+def zip_traces(
+    paths: list[pathlib.Path], dest: pathlib.Path, limit: int = PROFILE_ZIP_MAX
+) -> tuple[list[str], list[str]]:
     """Deflates the traces, in order, into one zip of at most ``limit`` bytes: (names in, names left
     out, from the first that would pass the limit on)."""
     import zipfile
@@ -1729,9 +2138,9 @@ def zip_traces(paths: list[pathlib.Path], dest: pathlib.Path, limit: int = PROFI
             kept.append(path.name)
     if len(kept) < len(paths):  # written again without the one that passed the limit
         with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-            for path in paths[:len(kept)]:
+            for path in paths[: len(kept)]:
                 zf.write(path, path.name)
-    return kept, [p.name for p in paths[len(kept):]]
+    return kept, [p.name for p in paths[len(kept) :]]
 
 
 def _profile_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
@@ -1746,7 +2155,9 @@ def _profile_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None
         steps = spec["iters"]
         if "op" in spec:
             item_id = f"op/{spec['op']}/{spec['shape']}"
-            shapes, make = (ATTN_SHAPES, _attention_case) if spec["op"] == "attention" else (UPSAMPLE_SHAPES, _upsample_case)
+            shapes, make = (
+                (ATTN_SHAPES, _attention_case) if spec["op"] == "attention" else (UPSAMPLE_SHAPES, _upsample_case)
+            )
             dtype = common.KERNEL_DTYPES[spec["dtype"]]
             fwd, bwd = make(shapes[spec["shape"]], dtype, False), make(shapes[spec["shape"]], dtype, True)
 
@@ -1766,8 +2177,10 @@ def _profile_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None
             finally:
                 tp.free_memory(device)
         cats = ", ".join(f"{c} {ms:.2f}" for c, ms in list(result["categories"].items())[:4])
-        print(f"[profile] {item_id}: wall {result['wall_ms']:.2f} ms/step, busy {result['busy_ms']:.2f}; {cats}",
-              flush=True)
+        print(
+            f"[profile] {item_id}: wall {result['wall_ms']:.2f} ms/step, busy {result['busy_ms']:.2f}; {cats}",
+            flush=True,
+        )
         return "ok", result, None
 
     return handle
@@ -1785,7 +2198,11 @@ WORKERS: dict[str, Callable[[dict], Callable[[dict], tuple[str, Any, str | None]
 # ---------------------------------------------------------------------------------------
 
 PHASE_FNS: dict[str, Callable[[Run], list[str]]] = {
-    "env": phase_env, "tests": phase_tests, "kernels": phase_kernels, "e2e": phase_e2e, "sweep": phase_sweep,
+    "env": phase_env,
+    "tests": phase_tests,
+    "kernels": phase_kernels,
+    "e2e": phase_e2e,
+    "sweep": phase_sweep,
     "profile": phase_profile,
 }
 PHASE_DTYPES = {"kernels": ["bf16", "fp16", "fp32"], "sweep": ["bf16", "fp16"]}
@@ -1793,39 +2210,66 @@ PHASE_DTYPES = {"kernels": ["bf16", "fp16", "fp32"], "sweep": ["bf16", "fp16"]}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gpu_suite.py", description=__doc__.split("\n\n")[0],
-        epilog=RECOMMENDED, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="gpu_suite.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=RECOMMENDED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--phase", choices=PHASES, help="what to run (one phase per command)")
     parser.add_argument("--out", type=pathlib.Path, help="the folder for <phase>.json, .log, .png (e.g. $OUT/env)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU work: write the files, print the plan")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"seconds of work (default {DEFAULT_BUDGET_S:.0f}); later items are skipped, recorded")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds of work (default {DEFAULT_BUDGET_S:.0f}); later items are skipped, recorded",
+    )
     parser.add_argument("--tag", help="the files' name instead of the phase's: <tag>.json (letters, digits, . _ -)")
     parser.add_argument("--list", action="store_true", help="print the recommended commands for a GPU session")
     parser.add_argument("--no-plot", action="store_true", help="no PNG (kernels, e2e)")
     group = parser.add_argument_group("tests")
-    group.add_argument("--pytest-workers", type=int, default=4,
-                       help="pytest-xdist workers for the not-cuda run, if xdist is there (default 4; 0: none)")
-    group.add_argument("--test-timeout", type=int, default=300,
-                       help="seconds per test, if pytest-timeout is there (default 300)")
+    group.add_argument(
+        "--pytest-workers",
+        type=int,
+        default=4,
+        help="pytest-xdist workers for the not-cuda run, if xdist is there (default 4; 0: none)",
+    )
+    group.add_argument(
+        "--test-timeout", type=int, default=300, help="seconds per test, if pytest-timeout is there (default 300)"
+    )
     group = parser.add_argument_group("kernels and sweep")
-    group.add_argument("--dtypes", nargs="+", choices=sorted(common.KERNEL_DTYPES),
-                       help="in order of importance (default: kernels bf16 fp16 fp32; sweep bf16 fp16, where "
-                            "the dtypes after the first re-time only the best candidates)")
+    group.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(common.KERNEL_DTYPES),
+        help="in order of importance (default: kernels bf16 fp16 fp32; sweep bf16 fp16, where "
+        "the dtypes after the first re-time only the best candidates)",
+    )
     group.add_argument("--benches", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
     group = parser.add_argument_group("e2e and profile")
-    group.add_argument("--part", choices=["core", "zoo"], default="core",
-                       help="core: restv2_tiny (4 backends, peers, train, 800x1333 features); zoo: small/base/large")
-    group.add_argument("--rows", nargs="+", metavar="PATTERN",
-                       help="only the rows whose id matches a glob, e.g. 'train/*' 'infer/*/kernels*'")
+    group.add_argument(
+        "--part",
+        choices=["core", "zoo"],
+        default="core",
+        help="core: restv2_tiny (4 backends, peers, train, 800x1333 features); zoo: small/base/large",
+    )
+    group.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="PATTERN",
+        help="only the rows whose id matches a glob, e.g. 'train/*' 'infer/*/kernels*'",
+    )
     group.add_argument("--profile-steps", type=int, default=3, help="profile: profiled steps a row (default 3)")
     group = parser.add_argument_group("sweep")
     group.add_argument("--families", nargs="+", choices=list(SWEEP_FAMILIES), default=list(SWEEP_FAMILIES))
     group.add_argument("--shapes", nargs="+", metavar="NAME", help=f"names or prefixes of: {' '.join(ATTN_SHAPES)}")
     group.add_argument("--max-candidates", type=int, help="at most this many candidates per family (nearest first)")
-    group.add_argument("--compile-workers", type=int, default=8,
-                       help="children compiling the candidates in parallel before timing (default 8; 0: none)")
+    group.add_argument(
+        "--compile-workers",
+        type=int,
+        default=8,
+        help="children compiling the candidates in parallel before timing (default 8; 0: none)",
+    )
     group.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up (default 10)")
     group.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time (default 40)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -1837,8 +2281,10 @@ def _print_summary(run: Run, lines: list[str]) -> None:
     skipped = [it["id"] for it in run.items if it["status"] == "skipped"]
     failed = [f"{it['id']} ({it['status']})" for it in run.items if it["status"] in ("error", "timeout")]
     print()
-    print(f"== gpu_suite {run.phase}{' (dry run)' if run.dry_run else ''}: {rec['status']}, "
-          f"{rec.get('wall_s', 0):.0f} s of {run.args.budget_s:.0f} s | commit {rec.get('git_commit')} ==")
+    print(
+        f"== gpu_suite {run.phase}{' (dry run)' if run.dry_run else ''}: {rec['status']}, "
+        f"{rec.get('wall_s', 0):.0f} s of {run.args.budget_s:.0f} s | commit {rec.get('git_commit')} =="
+    )
     if rec.get("environment"):
         print(common.describe(rec["environment"]))
     if rec.get("error"):
@@ -1872,8 +2318,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtypes is None:
         args.dtypes = list(PHASE_DTYPES.get(args.phase, ["bf16"]))
     if not args.dry_run and not torch.cuda.is_available():
-        print(f"gpu_suite: --phase {args.phase} needs a CUDA GPU and torch.cuda.is_available() is False here; "
-              "nothing was run. Add --dry-run to see what it would run.", file=sys.stderr)
+        print(
+            f"gpu_suite: --phase {args.phase} needs a CUDA GPU and torch.cuda.is_available() is False here; "
+            "nothing was run. Add --dry-run to see what it would run.",
+            file=sys.stderr,
+        )
         return 2
     if args.budget_s > 540:
         print(f"gpu_suite: warning: --budget-s {args.budget_s:.0f} leaves little of the remote tool's 600 s a command")
@@ -1883,8 +2332,11 @@ def main(argv: list[str] | None = None) -> int:
     status, lines = "complete", []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
-    with open(run.path("log"), "w") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)), \
-            contextlib.redirect_stderr(_Tee(sys.stderr, log)):
+    with (
+        open(run.path("log"), "w") as log,
+        contextlib.redirect_stdout(_Tee(sys.stdout, log)),
+        contextlib.redirect_stderr(_Tee(sys.stderr, log)),
+    ):
         run.log = log
         try:
             run.record = base_record(run)

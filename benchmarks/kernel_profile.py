@@ -53,8 +53,10 @@ CATEGORIES = (
     ("attention/softmax", ("flash", "fmha", "attention", "softmax")),
     ("norm", ("norm", "gammabeta")),
     ("optimizer", ("multi_tensor_apply", "adam", "sgd")),
-    ("copy/layout", ("copy", "memcpy", "memset", "transpose", "permute", "nchwtonhwc", "nhwctonchw", "shuffle",
-                     "index", "fill")),
+    (
+        "copy/layout",
+        ("copy", "memcpy", "memset", "transpose", "permute", "nchwtonhwc", "nhwctonchw", "shuffle", "index", "fill"),
+    ),
     ("reduce", ("reduce",)),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "gelu")),
 )
@@ -125,8 +127,9 @@ def busy_us(events: Iterable[tuple[str, float, float]]) -> float:
     return total
 
 
-def summarize(events: list[tuple[str, float, float]], steps: int, wall_s: float, ours: dict[str, str],
-              top: int = TOP) -> dict:
+def summarize(
+    events: list[tuple[str, float, float]], steps: int, wall_s: float, ours: dict[str, str], top: int = TOP
+) -> dict:
     """Per-step tables of ``events`` (``trace_events``) over ``steps`` steps that took ``wall_s``."""
     by_name: dict[str, list[float]] = {}
     for name, _, dur in events:
@@ -134,24 +137,52 @@ def summarize(events: list[tuple[str, float, float]], steps: int, wall_s: float,
         entry[0] += 1
         entry[1] += dur
     total_us = sum(us for _, us in by_name.values()) or 1.0
-    kernels = sorted(({"name": name, "category": kernel_category(name, ours), "calls": calls / steps,
-                       "ms": us / steps / 1e3, "share": us / total_us} for name, (calls, us) in by_name.items()),
-                     key=lambda k: -k["ms"])
+    kernels = sorted(
+        (
+            {
+                "name": name,
+                "category": kernel_category(name, ours),
+                "calls": calls / steps,
+                "ms": us / steps / 1e3,
+                "share": us / total_us,
+            }
+            for name, (calls, us) in by_name.items()
+        ),
+        key=lambda k: -k["ms"],
+    )
     categories: dict[str, float] = {}
     for k in kernels:
         categories[k["category"]] = categories.get(k["category"], 0.0) + k["ms"]
     rest = kernels[top:]
     kernels = kernels[:top]
     if rest:
-        kernels.append({"name": f"(other kernels: {len(rest)})", "category": "other", "calls": sum(k["calls"] for k in rest),
-                        "ms": sum(k["ms"] for k in rest), "share": sum(k["share"] for k in rest)})
-    return {"steps": steps, "wall_ms": wall_s / steps * 1e3, "busy_ms": busy_us(events) / steps / 1e3,
-            "kernel_ms": total_us / steps / 1e3 if events else 0.0, "launches": len(events) / steps,
-            "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])), "kernels": kernels}
+        kernels.append(
+            {
+                "name": f"(other kernels: {len(rest)})",
+                "category": "other",
+                "calls": sum(k["calls"] for k in rest),
+                "ms": sum(k["ms"] for k in rest),
+                "share": sum(k["share"] for k in rest),
+            }
+        )
+    return {
+        "steps": steps,
+        "wall_ms": wall_s / steps * 1e3,
+        "busy_ms": busy_us(events) / steps / 1e3,
+        "kernel_ms": total_us / steps / 1e3 if events else 0.0,
+        "launches": len(events) / steps,
+        "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        "kernels": kernels,
+    }
 
 
-def profile_step(step: Callable[[], None], device: torch.device, steps: int, ours: dict[str, str],
-                 trace_path: pathlib.Path | None = None) -> dict:
+def profile_step(
+    step: Callable[[], None],
+    device: torch.device,
+    steps: int,
+    ours: dict[str, str],
+    trace_path: pathlib.Path | None = None,
+) -> dict:
     """``steps`` calls of ``step`` (already warm) under torch.profiler: ``summarize``'s tables."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -171,8 +202,13 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int, our
     return summarize(trace_events(trace, device.type), steps, wall, ours)
 
 
-def profile_row(row: throughput.Row, device: torch.device, steps: int = 3, ours: dict[str, str] | None = None,
-                trace_path: pathlib.Path | None = None) -> dict:
+def profile_row(
+    row: throughput.Row,
+    device: torch.device,
+    steps: int = 3,
+    ours: dict[str, str] | None = None,
+    trace_path: pathlib.Path | None = None,
+) -> dict:
     """Builds ``row``'s model and step as ``throughput.py`` does, warms it up (``row.warmup`` calls,
     the first timed: it compiles) and profiles ``steps`` more; the row's batch as asked (no halving)."""
     ours = our_kernels() if ours is None else ours
@@ -188,15 +224,21 @@ def profile_row(row: throughput.Row, device: torch.device, steps: int = 3, ours:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = profile_step(step, device, steps, ours, trace_path)
-    result.update(first_call_s=first, batch=row.batch_requested,
-                  peak_mem_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+    result.update(
+        first_call_s=first,
+        batch=row.batch_requested,
+        peak_mem_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kernel_profile.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="kernel_profile.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--model", default="restv2_tiny", choices=throughput.V2_MODELS + throughput.V1_MODELS)
     parser.add_argument("--backends", nargs="+", choices=throughput.BACKENDS, default=["reference", "kernels"])
     parser.add_argument("--mode", choices=list(throughput.STEPS), default="infer")
@@ -216,9 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for label in args.backends:
-        row = throughput.Row.from_label(args.model, label, protocol="modern", mode=args.mode, precision=args.precision,
-                                        resolution=args.resolution, batch_requested=args.batch, warmup=args.warmup,
-                                        iters=args.steps, optimizer="adamw" if args.mode == "train" else None)
+        row = throughput.Row.from_label(
+            args.model,
+            label,
+            protocol="modern",
+            mode=args.mode,
+            precision=args.precision,
+            resolution=args.resolution,
+            batch_requested=args.batch,
+            warmup=args.warmup,
+            iters=args.steps,
+            optimizer="adamw" if args.mode == "train" else None,
+        )
         reason = throughput.skip_reason(row, device.type == "cuda")
         if reason:
             print(f"{label}: skipped ({reason})")

@@ -66,12 +66,18 @@ class Target:
 
 def _kernel_targets() -> list[Target]:
     out = []
-    for bench, others in (("attention", [("sdpa-*", 1.0, "the best SDPA backend")]),
-                          ("upsample", [("eager", 4.0, "the eager chain"), ("compile", 1.3, "the chain under torch.compile")])):
+    for bench, others in (
+        ("attention", [("sdpa-*", 1.0, "the best SDPA backend")]),
+        ("upsample", [("eager", 4.0, "the eager chain"), ("compile", 1.3, "the chain under torch.compile")]),
+    ):
         for mode in ("fwd", "bwd"):
-            out.append(Target(f"{bench} {STAGE1} {mode}: % of copy bandwidth", "kernels", ">=", 70.0, mode, "copy", bench))
-            out += [Target(f"{bench} {STAGE1} {mode}: vs {what}", "kernels", ">=", need, mode, other, bench)
-                    for other, need, what in others]
+            out.append(
+                Target(f"{bench} {STAGE1} {mode}: % of copy bandwidth", "kernels", ">=", 70.0, mode, "copy", bench)
+            )
+            out += [
+                Target(f"{bench} {STAGE1} {mode}: vs {what}", "kernels", ">=", need, mode, other, bench)
+                for other, need, what in others
+            ]
     return out
 
 
@@ -79,19 +85,67 @@ _INFER = {"mode": "infer", "batch": 256, "resolution": (224, 224)}
 _DET = {"mode": "features-fwd+bwd", "batch": 2, "resolution": (800, 1333)}
 TARGETS: list[Target] = [
     *_kernel_targets(),
-    Target(f"{TINY} bf16 b256 inference: kernels vs reference", "e2e", ">=", 1.5, label="kernels", against="reference",
-           **_INFER),
-    Target(f"{TINY} bf16 b256 inference: kernels+compile vs reference+compile", "e2e", ">=", 1.25,
-           label="kernels+compile", against="reference+compile", **_INFER),
-    *(Target(f"{TINY} bf16 b256 inference, {'compiled' if c else 'eager'}: best {TINY} path vs {peer}", "e2e", ">=",
-             need, label="kernels+compile" if c else "kernels", against=peer, **_INFER)
-      for c in (False, True) for peer, need in ((CONVNEXT, 1.2), (SWIN, 1.5))),
-    Target(f"{TINY} bf16 b128 training step: kernels vs reference", "e2e", ">=", 1.3, "train", "reference",
-           label="kernels", batch=128, resolution=(224, 224)),
-    Target(f"{TINY} 800x1333 b2 features fwd+bwd: peak memory, kernels / reference", "e2e", "<=", 0.7,
-           label="kernels", against="reference", measure="peak_mem_mib", **_DET),
-    Target(f"{TINY} 800x1333 b2 features fwd+bwd: kernels vs reference", "e2e", ">=", 1.3, label="kernels",
-           against="reference", **_DET),
+    Target(
+        f"{TINY} bf16 b256 inference: kernels vs reference",
+        "e2e",
+        ">=",
+        1.5,
+        label="kernels",
+        against="reference",
+        **_INFER,
+    ),
+    Target(
+        f"{TINY} bf16 b256 inference: kernels+compile vs reference+compile",
+        "e2e",
+        ">=",
+        1.25,
+        label="kernels+compile",
+        against="reference+compile",
+        **_INFER,
+    ),
+    *(
+        Target(
+            f"{TINY} bf16 b256 inference, {'compiled' if c else 'eager'}: best {TINY} path vs {peer}",
+            "e2e",
+            ">=",
+            need,
+            label="kernels+compile" if c else "kernels",
+            against=peer,
+            **_INFER,
+        )
+        for c in (False, True)
+        for peer, need in ((CONVNEXT, 1.2), (SWIN, 1.5))
+    ),
+    Target(
+        f"{TINY} bf16 b128 training step: kernels vs reference",
+        "e2e",
+        ">=",
+        1.3,
+        "train",
+        "reference",
+        label="kernels",
+        batch=128,
+        resolution=(224, 224),
+    ),
+    Target(
+        f"{TINY} 800x1333 b2 features fwd+bwd: peak memory, kernels / reference",
+        "e2e",
+        "<=",
+        0.7,
+        label="kernels",
+        against="reference",
+        measure="peak_mem_mib",
+        **_DET,
+    ),
+    Target(
+        f"{TINY} 800x1333 b2 features fwd+bwd: kernels vs reference",
+        "e2e",
+        ">=",
+        1.3,
+        label="kernels",
+        against="reference",
+        **_DET,
+    ),
 ]
 
 
@@ -119,9 +173,18 @@ class Check:
 
     def to_dict(self) -> dict:
         t = self.target
-        return {"name": t.name, "phase": t.phase, "op": t.op, "threshold": t.threshold, "unit": self.unit,
-                "value": self.value, "status": self.status, "shortfall": self.shortfall, "detail": self.detail,
-                "source": self.source}
+        return {
+            "name": t.name,
+            "phase": t.phase,
+            "op": t.op,
+            "threshold": t.threshold,
+            "unit": self.unit,
+            "value": self.value,
+            "status": self.status,
+            "shortfall": self.shortfall,
+            "detail": self.detail,
+            "source": self.source,
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,8 +243,14 @@ def collect(records: list[dict]) -> Results:
 
 
 def _e2e_key(row: dict) -> tuple:
-    return (row["model"], row["label"], row["mode"], row["batch_requested"], tuple(row["resolution"]),
-            row.get("precision"))
+    return (
+        row["model"],
+        row["label"],
+        row["mode"],
+        row["batch_requested"],
+        tuple(row["resolution"]),
+        row.get("precision"),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,8 +339,11 @@ def _e2e_check(t: Target, res: Results) -> Check:
 
 def _e2e_rows(res: Results, model: str, t: Target) -> dict[str, dict]:
     """``model``'s bf16 rows of ``t``'s mode, batch and resolution, by label."""
-    return {k[1]: row for k, row in res.e2e_rows.items()
-            if k[0] == model and k[2:] == (t.mode, t.batch, tuple(t.resolution), "bf16")}
+    return {
+        k[1]: row
+        for k, row in res.e2e_rows.items()
+        if k[0] == model and k[2:] == (t.mode, t.batch, tuple(t.resolution), "bf16")
+    }
 
 
 def _judge(check: Check) -> None:
@@ -284,8 +356,11 @@ def _judge(check: Check) -> None:
 def scorecard(res: Results, dtype: str = "bf16", phases: Iterable[str] = ("kernels", "e2e")) -> list[Check]:
     """Every target of ``phases``, measured from ``res`` (kernel targets at ``dtype``)."""
     phases = set(phases)
-    return [_kernel_check(t, res, dtype) if t.phase == "kernels" else _e2e_check(t, res)
-            for t in TARGETS if t.phase in phases]
+    return [
+        _kernel_check(t, res, dtype) if t.phase == "kernels" else _e2e_check(t, res)
+        for t in TARGETS
+        if t.phase in phases
+    ]
 
 
 def _fmt(value: float | None, unit: str = "") -> str:
@@ -300,14 +375,20 @@ def _result(c: Check) -> str:
 
 def check_lines(checks: list[Check]) -> list[str]:
     """One plain line per check, for a console (``gpu_suite`` prints these)."""
-    return [f"{_result(c).upper():<16} {_fmt(c.value, c.unit):>7} (need {c.target.op} "
-            f"{_fmt(c.target.threshold, c.unit)}) {c.target.name}: {c.detail}" for c in checks]
+    return [
+        f"{_result(c).upper():<16} {_fmt(c.value, c.unit):>7} (need {c.target.op} "
+        f"{_fmt(c.target.threshold, c.unit)}) {c.target.name}: {c.detail}"
+        for c in checks
+    ]
 
 
 def scorecard_markdown(checks: list[Check]) -> list[str]:
     lines = ["| target | measured | needed | result | measurements |", "|---|---:|---:|---|---|"]
-    lines += [f"| {c.target.name} | {_fmt(c.value, c.unit)} | {c.target.op} {_fmt(c.target.threshold, c.unit)} | "
-              f"{_result(c)} | {c.detail} |" for c in checks]
+    lines += [
+        f"| {c.target.name} | {_fmt(c.value, c.unit)} | {c.target.op} {_fmt(c.target.threshold, c.unit)} | "
+        f"{_result(c)} | {c.detail} |"
+        for c in checks
+    ]
     return lines
 
 
@@ -322,13 +403,17 @@ def run_header(record: dict) -> str:
     commit = (record.get("git_commit") or "unknown")[:7]
     dirty = " (with uncommitted changes)" if record.get("git_changed") else ""
     date = (record.get("started") or env.get("date") or "")[:10]
-    return (f"{env.get('gpu') or 'no GPU'}, driver {env.get('driver')}, torch {env.get('torch')}, "
-            f"triton {env.get('triton')}, CUDA {env.get('cuda')}; {date}, commit {commit}{dirty}")
+    return (
+        f"{env.get('gpu') or 'no GPU'}, driver {env.get('driver')}, torch {env.get('torch')}, "
+        f"triton {env.get('triton')}, CUDA {env.get('cuda')}; {date}, commit {commit}{dirty}"
+    )
 
 
 def kernel_table(res: Results) -> list[str]:
-    lines = ["| kernel | shape | dtype | mode | ms | GB/s | % of copy | x floor | vs eager | vs fastest other |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| kernel | shape | dtype | mode | ms | GB/s | % of copy | x floor | vs eager | vs fastest other |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     groups = dict.fromkeys(k[:4] for k in res.kernel_rows)
     for bench, dtype, shape, mode in groups:
         rows = {k[4]: r for k, r in res.kernel_rows.items() if k[:4] == (bench, dtype, shape, mode)}
@@ -341,26 +426,34 @@ def kernel_table(res: Results) -> list[str]:
         vs_eager = f"{eager['ms'] / ours['ms']:.2f}x" if _kernel_ok(eager) else "-"
         best = min(others, key=lambda r: r["ms"]) if others else None
         vs_best = f"{best['ms'] / ours['ms']:.2f}x {best['impl']}" if best else "-"
-        lines.append(f"| {bench} | {shape} | {dtype} | {mode} | {ours['ms']:.3f} | {ours['gbps']:.0f} | "
-                     f"{ours['pct_copy']:.1f} | {ours['x_floor']:.2f} | {vs_eager} | {vs_best} |")
+        lines.append(
+            f"| {bench} | {shape} | {dtype} | {mode} | {ours['ms']:.3f} | {ours['gbps']:.0f} | "
+            f"{ours['pct_copy']:.1f} | {ours['x_floor']:.2f} | {vs_eager} | {vs_best} |"
+        )
     return lines
 
 
 def e2e_table(res: Results) -> list[str]:
-    lines = ["| model | backend | mode | precision | batch | resolution | images/s | speed-up | peak MiB | x floor |",
-             "|---|---|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | backend | mode | precision | batch | resolution | images/s | speed-up | peak MiB | x floor |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     rows = list(res.e2e_rows.values())
     for row in rows:
         res_text = "x".join(map(str, row["resolution"]))
         if not _e2e_ok(row):
-            lines.append(f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | "
-                         f"{row['batch_requested']} | {res_text} | {_why_not(row, 'row')} | | | |")
+            lines.append(
+                f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | "
+                f"{row['batch_requested']} | {res_text} | {_why_not(row, 'row')} | | | |"
+            )
             continue
         speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"  # throughput.add_speedups, in its run
         mem = f"{row['peak_mem_mib']:.0f}" if row.get("peak_mem_mib") is not None else "-"
         floor = f"{row['x_floor']:.2f}" if row.get("x_floor") else "-"
-        lines.append(f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | {row['batch']} | "
-                     f"{res_text} | {row['images_per_s_median']:.1f} | {speed} | {mem} | {floor} |")
+        lines.append(
+            f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | {row['batch']} | "
+            f"{res_text} | {row['images_per_s_median']:.1f} | {speed} | {mem} | {floor} |"
+        )
     return lines
 
 
@@ -380,13 +473,14 @@ def profile_lines(title: str, results: dict[str, dict], top: int = PROFILE_TOP) 
         return [f"**{title}**: nothing profiled"]
     base = labels[0]
     deltas = labels[1:]
-    head = ["| ms per step | " + " | ".join(labels) + "".join(f" | {lab} - {base}" for lab in deltas) + " |",
-            "|---|" + "---:|" * (len(labels) + len(deltas))]
+    head = [
+        "| ms per step | " + " | ".join(labels) + "".join(f" | {lab} - {base}" for lab in deltas) + " |",
+        "|---|" + "---:|" * (len(labels) + len(deltas)),
+    ]
 
     def row(text: str, values: list[float | None], digits: int = 2) -> str:
         cells = [f"{v:.{digits}f}" if v is not None else "-" for v in values]
-        diffs = [f"{v - values[0]:+.{digits}f}" if v is not None and values[0] is not None else "-"
-                 for v in values[1:]]
+        diffs = [f"{v - values[0]:+.{digits}f}" if v is not None and values[0] is not None else "-" for v in values[1:]]
         return f"| {text} | " + " | ".join(cells + diffs) + " |"
 
     lines = [f"**{title}** (under torch.profiler; {results[base]['steps']} steps)", "", *head]
@@ -401,8 +495,9 @@ def profile_lines(title: str, results: dict[str, dict], top: int = PROFILE_TOP) 
         for k in results[lab]["kernels"][:top]:
             name = k["name"] if len(k["name"]) <= 80 else k["name"][:77] + "..."
             name = name.replace("|", "/")
-            lines.append(f"| {lab} | `{name}` | {k['category']} | {k['calls']:.0f} | {k['ms']:.3f} | "
-                         f"{100 * k['share']:.1f}% |")
+            lines.append(
+                f"| {lab} | `{name}` | {k['category']} | {k['calls']:.0f} | {k['ms']:.3f} | {100 * k['share']:.1f}% |"
+            )
     return lines
 
 
@@ -417,7 +512,9 @@ def profile_groups(rows: list[dict]) -> dict[str, dict[str, dict]]:
         else:
             res = "x".join(map(str, spec["resolution"]))
             compiled = " compiled" if spec["compile"] else ""
-            title = f"{spec['model']} {spec['mode']}{compiled} {spec['precision']} batch {spec['batch_requested']} {res}"
+            title = (
+                f"{spec['model']} {spec['mode']}{compiled} {spec['precision']} batch {spec['batch_requested']} {res}"
+            )
             label = spec["backend"] + ("+compile" if spec["compile"] else "")
         group = groups.setdefault(title, {})
         if row["status"] == "ok" and row.get("result"):
@@ -453,20 +550,29 @@ def markdown(res: Results, checks: list[Check], dtype: str = "bf16") -> str:
     profiles = profile_markdown(res)
     if profiles:
         records = [r for r in measured if r["phase"] == "profile"]
-        out += ["### Profiles", "", *(f"Measured on {run_header(r)} ({pathlib.Path(r['_file']).name})." for r in records),
-                "", *profiles]
+        out += [
+            "### Profiles",
+            "",
+            *(f"Measured on {run_header(r)} ({pathlib.Path(r['_file']).name})." for r in records),
+            "",
+            *profiles,
+        ]
     if not measured:
         out.append("No measured phase file (only dry runs, or none) among the paths given.")
     return "\n".join(out).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="report.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("paths", nargs="+", type=pathlib.Path, help="gpu_suite phase files, or folders holding them")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="the kernel targets' dtype (default: bf16)")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the kernel targets' dtype (default: bf16)"
+    )
     parser.add_argument("--json", type=pathlib.Path, help="also write the scorecard here")
     args = parser.parse_args(argv)
     try:
@@ -478,8 +584,17 @@ def main(argv: list[str] | None = None) -> int:
     checks = scorecard(res, args.dtype)
     print(markdown(res, checks, args.dtype), end="")
     if args.json:
-        args.json.write_text(json.dumps({"dtype": args.dtype, "files": [r["_file"] for r in res.records],
-                                         "scorecard": [c.to_dict() for c in checks]}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "dtype": args.dtype,
+                    "files": [r["_file"] for r in res.records],
+                    "scorecard": [c.to_dict() for c in checks],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -83,8 +83,15 @@ PROTOCOLS = {
     "paper": (64, 50, 30),
     "modern": (256, 20, 30),
 }
-CPU_DEFAULTS = dict(models=["restv2_tiny"], backends=list(BACKENDS),  # kernel rows: listed as skipped
-                    batch=8, warmup=1, iters=3, protocol="paper", peers=False)
+CPU_DEFAULTS = dict(
+    models=["restv2_tiny"],
+    backends=list(BACKENDS),  # kernel rows: listed as skipped
+    batch=8,
+    warmup=1,
+    iters=3,
+    protocol="paper",
+    peers=False,
+)
 FEATURES_BATCH = 16  # default batch for --features (dense prediction at large resolution)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS_NEED_CUDA = "the Triton kernels need a CUDA GPU (none found)"
@@ -148,9 +155,13 @@ class Row:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(label=self.label, compile_s=self.compile_s,
-                 images_per_s_median=self.ips_median, images_per_s_mean=self.ips_mean,
-                 images_per_s_wall=self.batch * self.iters / self.wall_s if self.wall_s else None)
+        d.update(
+            label=self.label,
+            compile_s=self.compile_s,
+            images_per_s_median=self.ips_median,
+            images_per_s_mean=self.ips_mean,
+            images_per_s_wall=self.batch * self.iters / self.wall_s if self.wall_s else None,
+        )
         return d
 
 
@@ -173,49 +184,88 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), metavar="MODEL",
-                        help=f"models to run (default: the four ResTv2, {' '.join(V2_MODELS)}; "
-                             f"on the CPU restv2_tiny); choices: {' '.join(MODELS)}")
-    parser.add_argument("--v1", action="store_true",
-                        help=f"also run the ResTv1 models ({' '.join(V1_MODELS)})")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="BACKEND",
-                        help=f"backends (default: all four, {' '.join(BACKENDS)}; the kernel "
-                             "rows are skipped without CUDA)")
-    parser.add_argument("--protocol", choices=["paper", "modern", "both"],
-                        help="paper: fp32, batch 64, 50+30 iterations, no_grad; modern: AMP, batch 256 "
-                             "(halved on OOM), 20+30 iterations, inference_mode (default: modern on a GPU, "
-                             "paper with the reduced CPU settings on the CPU)")
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
-                        help="autocast dtype of the modern protocol (default bf16; paper is always fp32)")
-    parser.add_argument("--batch", type=int,
-                        help="batch size, overriding the protocol's (64 paper, 256 modern, "
-                             f"{FEATURES_BATCH} with --features, 8 on the CPU); halved on CUDA OOM")
-    parser.add_argument("--warmup", type=int,
-                        help="warm-up iterations, the first (compiling) one included "
-                             "(default: 50 paper, 20 modern, 1 on the CPU)")
-    parser.add_argument("--iters", type=int,
-                        help="timed iterations (default: 30; 3 on the CPU)")
-    parser.add_argument("--resolution", type=parse_resolution, default=(224, 224), metavar="HxW",
-                        help="input size, N or HxW (default 224x224; e.g. 800x1333 with --features)")
-    parser.add_argument("--train", action="store_true",
-                        help="time training steps (forward + backward + optimizer step) instead of inference")
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
-                        help="optimizer of --train (default adamw)")
-    parser.add_argument("--features", action="store_true",
-                        help="time the dense-prediction backbone (forward_intermediates, num_classes=0; "
-                             "timm peers with features_only=True), forward and forward + backward")
-    parser.add_argument("--peers", dest="peers", action="store_true", default=None,
-                        help="run the timm peers (default on a GPU when timm is importable)")
-    parser.add_argument("--no-peers", dest="peers", action="store_false",
-                        help="do not run the timm peers")
-    parser.add_argument("--compile-mode", default="default",
-                        help="torch.compile mode for the +compile backends (default 'default'; "
-                             "e.g. max-autotune)")
-    parser.add_argument("--out-dir", type=pathlib.Path, default=None,
-                        help="where the JSON and PNG go (default benchmarks/results/)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        metavar="MODEL",
+        help=f"models to run (default: the four ResTv2, {' '.join(V2_MODELS)}; "
+        f"on the CPU restv2_tiny); choices: {' '.join(MODELS)}",
+    )
+    parser.add_argument("--v1", action="store_true", help=f"also run the ResTv1 models ({' '.join(V1_MODELS)})")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        metavar="BACKEND",
+        help=f"backends (default: all four, {' '.join(BACKENDS)}; the kernel rows are skipped without CUDA)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=["paper", "modern", "both"],
+        help="paper: fp32, batch 64, 50+30 iterations, no_grad; modern: AMP, batch 256 "
+        "(halved on OOM), 20+30 iterations, inference_mode (default: modern on a GPU, "
+        "paper with the reduced CPU settings on the CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="autocast dtype of the modern protocol (default bf16; paper is always fp32)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="batch size, overriding the protocol's (64 paper, 256 modern, "
+        f"{FEATURES_BATCH} with --features, 8 on the CPU); halved on CUDA OOM",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="warm-up iterations, the first (compiling) one included (default: 50 paper, 20 modern, 1 on the CPU)",
+    )
+    parser.add_argument("--iters", type=int, help="timed iterations (default: 30; 3 on the CPU)")
+    parser.add_argument(
+        "--resolution",
+        type=parse_resolution,
+        default=(224, 224),
+        metavar="HxW",
+        help="input size, N or HxW (default 224x224; e.g. 800x1333 with --features)",
+    )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="time training steps (forward + backward + optimizer step) instead of inference",
+    )
+    parser.add_argument(
+        "--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer of --train (default adamw)"
+    )
+    parser.add_argument(
+        "--features",
+        action="store_true",
+        help="time the dense-prediction backbone (forward_intermediates, num_classes=0; "
+        "timm peers with features_only=True), forward and forward + backward",
+    )
+    parser.add_argument(
+        "--peers",
+        dest="peers",
+        action="store_true",
+        default=None,
+        help="run the timm peers (default on a GPU when timm is importable)",
+    )
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="do not run the timm peers")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode for the +compile backends (default 'default'; e.g. max-autotune)",
+    )
+    parser.add_argument(
+        "--out-dir", type=pathlib.Path, default=None, help="where the JSON and PNG go (default benchmarks/results/)"
+    )
     parser.add_argument("--tag", help="appended to the file names: throughput_<device>_<date>_<tag>")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG chart")
     return parser
@@ -224,9 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, cuda: bool) -> argparse.Namespace:
     """Fills the defaults that depend on the device (reduced settings without CUDA)."""
     args.cpu_reduced = not cuda
-    base = CPU_DEFAULTS if not cuda else dict(models=list(V2_MODELS), backends=list(BACKENDS),
-                                              batch=None, warmup=None, iters=None, protocol="modern",
-                                              peers=importlib.util.find_spec("timm") is not None)
+    base = (
+        CPU_DEFAULTS
+        if not cuda
+        else dict(
+            models=list(V2_MODELS),
+            backends=list(BACKENDS),
+            batch=None,
+            warmup=None,
+            iters=None,
+            protocol="modern",
+            peers=importlib.util.find_spec("timm") is not None,
+        )
+    )
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -254,10 +314,16 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
     for protocol in args.protocols:
         batch, warmup, iters = PROTOCOLS[protocol]
         precision = "fp32" if protocol == "paper" else args.precision
-        common_fields = dict(protocol=protocol, precision=precision, resolution=tuple(args.resolution),
-                             batch_requested=args.batch or batch, warmup=max(1, args.warmup or warmup),
-                             iters=max(1, args.iters or iters), compile_mode=args.compile_mode,
-                             optimizer=args.optimizer if args.train else None)
+        common_fields = dict(
+            protocol=protocol,
+            precision=precision,
+            resolution=tuple(args.resolution),
+            batch_requested=args.batch or batch,
+            warmup=max(1, args.warmup or warmup),
+            iters=max(1, args.iters or iters),
+            compile_mode=args.compile_mode,
+            optimizer=args.optimizer if args.train else None,
+        )
         for mode in modes:
             for name in args.models:
                 rows += [Row.from_label(name, b, mode=mode, **common_fields) for b in args.backends]
@@ -329,8 +395,9 @@ def time_steps(step: Callable[[], None], row: Row, device: torch.device, progres
     times = []
     t0 = time.perf_counter()
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(row.iters)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(row.iters)
+        ]
         for start, end in events:  # no host sync between iterations: the queue stays full
             start.record()
             step()
@@ -512,8 +579,10 @@ def _yes(flag: bool) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = (f"{'model':<30} {'backend':<10} {'compile':<7} {'protocol':<8} {'mode':<16} {'prec':<5} {'batch':>5} "
-              f"{'img/s med':>10} {'img/s mean':>10} {'speed-up':>8} {'peak MiB':>9} {'x floor':>7}  note")
+    header = (
+        f"{'model':<30} {'backend':<10} {'compile':<7} {'protocol':<8} {'mode':<16} {'prec':<5} {'batch':>5} "
+        f"{'img/s med':>10} {'img/s mean':>10} {'speed-up':>8} {'peak MiB':>9} {'x floor':>7}  note"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.status == "ok":
@@ -523,14 +592,18 @@ def format_table(rows: list[Row]) -> str:
             speed = f"{r.speedup:.2f}x" if r.speedup else "-"
             mem = f"{r.peak_mem_mib:.0f}" if r.peak_mem_mib is not None else "-"
             floor = f"{r.x_floor:.2f}" if r.x_floor else "-"
-            lines.append(f"{r.model:<30} {r.backend:<10} {_yes(r.compile):<7} {r.protocol:<8} {r.mode:<16} "
-                         f"{r.precision:<5} {r.batch:>5} "
-                         f"{r.ips_median:>10.1f} {r.ips_mean:>10.1f} {speed:>8} {mem:>9} {floor:>7}  {note}")
+            lines.append(
+                f"{r.model:<30} {r.backend:<10} {_yes(r.compile):<7} {r.protocol:<8} {r.mode:<16} "
+                f"{r.precision:<5} {r.batch:>5} "
+                f"{r.ips_median:>10.1f} {r.ips_mean:>10.1f} {speed:>8} {mem:>9} {floor:>7}  {note}"
+            )
         else:
             reason = (r.reason or "").splitlines()[0][:100]
-            lines.append(f"{r.model:<30} {r.backend:<10} {_yes(r.compile):<7} {r.protocol:<8} {r.mode:<16} "
-                         f"{r.precision:<5} {r.batch_requested:>5} {r.status.upper():>10} {'':>10} {'':>8} {'':>9} "
-                         f"{'':>7}  {reason}")
+            lines.append(
+                f"{r.model:<30} {r.backend:<10} {_yes(r.compile):<7} {r.protocol:<8} {r.mode:<16} "
+                f"{r.precision:<5} {r.batch_requested:>5} {r.status.upper():>10} {'':>10} {'':>8} {'':>9} "
+                f"{'':>7}  {reason}"
+            )
     return "\n".join(lines)
 
 
@@ -567,8 +640,11 @@ def plot(rows: list[Row], path: pathlib.Path, title: str) -> pathlib.Path | None
         ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("images/s (median)")
         batches = sorted({r.batch for r in sub if r.batch})
-        ax.set_title(f"{protocol} protocol, {mode}, {sub[0].precision}, "
-                     f"{sub[0].resolution[0]}x{sub[0].resolution[1]}, batch {batches or '-'}", fontsize=9)
+        ax.set_title(
+            f"{protocol} protocol, {mode}, {sub[0].precision}, "
+            f"{sub[0].resolution[0]}x{sub[0].resolution[1]}, batch {batches or '-'}",
+            fontsize=9,
+        )
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -580,7 +656,9 @@ def plot(rows: list[Row], path: pathlib.Path, title: str) -> pathlib.Path | None
     return path
 
 
-def make_progress(total: int) -> tuple[Callable[[Row], None], Callable[[str], None], Callable[[str], None], Callable[[], None]]:
+def make_progress(
+    total: int,
+) -> tuple[Callable[[Row], None], Callable[[str], None], Callable[[str], None], Callable[[], None]]:
     """(start row, show a step, print a line, close): a tqdm bar on a terminal, plain lines otherwise."""
     try:
         from tqdm import tqdm
@@ -631,17 +709,23 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cudnn.benchmark = True  # as timm's benchmark script: best conv algorithms per shape
     env = common.environment(device)
-    env.update(cudnn_benchmark=torch.backends.cudnn.benchmark,
-               float32_matmul_precision=torch.get_float32_matmul_precision(),
-               cudnn_allow_tf32=torch.backends.cudnn.allow_tf32)
+    env.update(
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+    )
     print(common.describe(env))
     if not cuda:
-        print(f"No CUDA GPU: {KERNELS_NEED_CUDA.split(' (')[0]}, so the kernel rows are skipped. "
-              "torch.compile on the CPU needs a C++ compiler; a failure is recorded on its row.")
+        print(
+            f"No CUDA GPU: {KERNELS_NEED_CUDA.split(' (')[0]}, so the kernel rows are skipped. "
+            "torch.compile on the CPU needs a C++ compiler; a failure is recorded on its row."
+        )
         if args.cpu_reduced:
-            print(f"Reduced CPU run (unless flags say otherwise): models {args.models}, backends {args.backends}, "
-                  f"batch {args.batch}, {args.resolution[0]}x{args.resolution[1]}, "
-                  f"{args.warmup} warm-up + {args.iters} timed iterations.")
+            print(
+                f"Reduced CPU run (unless flags say otherwise): models {args.models}, backends {args.backends}, "
+                f"batch {args.batch}, {args.resolution[0]}x{args.resolution[1]}, "
+                f"{args.warmup} warm-up + {args.iters} timed iterations."
+            )
 
     rows = plan_rows(args)
     todo = []
@@ -664,8 +748,10 @@ def main(argv: list[str] | None = None) -> int:
             start(row)
             run_row(row, device, step_text)
             if row.status == "ok":
-                write(f"{row.model} {row.label} {row.protocol} {row.mode}: {row.ips_median:.1f} img/s "
-                      f"(batch {row.batch}, first call {row.first_call_s:.1f}s)")
+                write(
+                    f"{row.model} {row.label} {row.protocol} {row.mode}: {row.ips_median:.1f} img/s "
+                    f"(batch {row.batch}, first call {row.first_call_s:.1f}s)"
+                )
             else:
                 write(f"{row.model} {row.label} {row.protocol} {row.mode}: ERROR {row.reason.splitlines()[0][:200]}")
     finally:
@@ -678,18 +764,27 @@ def main(argv: list[str] | None = None) -> int:
     print(common.describe(env))
     print(format_table(rows))
     if floor_rates:
-        measured = ", ".join(f"{p}: copy {r['copy_gbps']:.0f} GB/s, matmul {r['matmul_tflops']:.1f} TFLOP/s"
-                             for p, r in floor_rates.items())
-        print(f"x floor: median step time over the traffic model's floor (benchmarks/traffic.py: every op's bytes "
-              f"at the copy bandwidth, its matmul FLOPs at the matmul rate, both measured now: {measured}; "
-              "counted with the model in the row's dtype, which autocast exceeds; train rows: forward + backward, "
-              "no optimizer step)")
+        measured = ", ".join(
+            f"{p}: copy {r['copy_gbps']:.0f} GB/s, matmul {r['matmul_tflops']:.1f} TFLOP/s"
+            for p, r in floor_rates.items()
+        )
+        print(
+            f"x floor: median step time over the traffic model's floor (benchmarks/traffic.py: every op's bytes "
+            f"at the copy bandwidth, its matmul FLOPs at the matmul rate, both measured now: {measured}; "
+            "counted with the model in the row's dtype, which autocast exceeds; train rows: forward + backward, "
+            "no optimizer step)"
+        )
 
     json_path = common.results_path("throughput", "json", device=device, out_dir=args.out_dir, tag=args.tag)
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir",)}
-    config.update(out_dir=str(json_path.parent), device=str(device), run_s=run_s,
-                  protocol_defaults={k: dict(zip(("batch", "warmup", "iters"), v)) for k, v in PROTOCOLS.items()},
-                  peers_table=PEERS, floor_rates=floor_rates)
+    config.update(
+        out_dir=str(json_path.parent),
+        device=str(device),
+        run_s=run_s,
+        protocol_defaults={k: dict(zip(("batch", "warmup", "iters"), v)) for k, v in PROTOCOLS.items()},
+        peers_table=PEERS,
+        floor_rates=floor_rates,
+    )
     common.write_json(json_path, {"environment": env, "config": config, "rows": [r.to_dict() for r in rows]})
     print(f"\nraw timings: {json_path}")
     if not args.no_plot:

@@ -68,15 +68,37 @@ ASSUMED_TFLOPS = 989.0
 
 # No data moves: views, aliases and allocations.
 _FREE = {
-    aten._unsafe_view, aten.detach, aten.alias, aten.lift_fresh, aten._reshape_alias,
-    aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided,
-    aten.set_, aten.resize_,
+    aten._unsafe_view,
+    aten.detach,
+    aten.alias,
+    aten.lift_fresh,
+    aten._reshape_alias,
+    aten.empty,
+    aten.empty_strided,
+    aten.empty_like,
+    aten.new_empty,
+    aten.new_empty_strided,
+    aten.set_,
+    aten.resize_,
 }
 # Write their output without reading an input's values.
 _WRITE_ONLY = {
-    aten.zero_, aten.fill_, aten.zeros, aten.ones, aten.full, aten.zeros_like, aten.ones_like,
-    aten.full_like, aten.new_zeros, aten.new_ones, aten.new_full, aten.scalar_tensor,
-    aten.randint, aten.bernoulli_, aten.uniform_, aten.normal_,
+    aten.zero_,
+    aten.fill_,
+    aten.zeros,
+    aten.ones,
+    aten.full,
+    aten.zeros_like,
+    aten.ones_like,
+    aten.full_like,
+    aten.new_zeros,
+    aten.new_ones,
+    aten.new_full,
+    aten.scalar_tensor,
+    aten.randint,
+    aten.bernoulli_,
+    aten.uniform_,
+    aten.normal_,
 }
 
 
@@ -198,8 +220,17 @@ class TrafficMode(TorchDispatchMode):
         else:
             flops = 0
         where = self._where()
-        self.ops.append(OpCount(name, where, self.module_types.get(where, ""),
-                                "bwd" if self.tracker.is_bw else "fwd", read, written, flops))
+        self.ops.append(
+            OpCount(
+                name,
+                where,
+                self.module_types.get(where, ""),
+                "bwd" if self.tracker.is_bw else "fwd",
+                read,
+                written,
+                flops,
+            )
+        )
         return out
 
 
@@ -310,19 +341,26 @@ def rates_for(args: argparse.Namespace) -> dict:
     """Measured on a CUDA GPU (unless given), else the given or assumed rates."""
     if torch.cuda.is_available() and args.copy_gbps is None and args.tflops is None:
         return {**common.roofline_rates(torch.device("cuda"), DTYPES[args.dtype]), "source": "measured"}
-    return {"copy_gbps": args.copy_gbps or ASSUMED_COPY_GBPS, "matmul_tflops": args.tflops or ASSUMED_TFLOPS,
-            "source": "given" if (args.copy_gbps or args.tflops) else "assumed (H100 SXM)"}
+    return {
+        "copy_gbps": args.copy_gbps or ASSUMED_COPY_GBPS,
+        "matmul_tflops": args.tflops or ASSUMED_TFLOPS,
+        "source": "given" if (args.copy_gbps or args.tflops) else "assumed (H100 SXM)",
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="restv2_tiny", choices=sorted(MODELS))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--resolution", default="224x224", help="HxW or one side (default 224x224)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--backend", default="both", choices=("both", "reference", "triton"))
     p.add_argument("--train", action="store_true", help="forward + cross-entropy + backward")
-    p.add_argument("--copy-gbps", type=float, help=f"copy bandwidth, GB/s (default: measured, else {ASSUMED_COPY_GBPS})")
+    p.add_argument(
+        "--copy-gbps", type=float, help=f"copy bandwidth, GB/s (default: measured, else {ASSUMED_COPY_GBPS})"
+    )
     p.add_argument("--tflops", type=float, help=f"matmul rate, TFLOP/s (default: measured, else {ASSUMED_TFLOPS})")
     p.add_argument("--top", type=int, default=15, help="rows per table (0: totals only)")
     p.add_argument("--json", type=pathlib.Path, help="write totals, groups and ratios here")
@@ -351,16 +389,25 @@ def main(argv: list[str] | None = None) -> int:
     for c in counts:
         floor = c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"])
         ratio = f", {ratios[c.backend]:.3f}x the reference's bytes" if c.backend in ratios else ""
-        print(f"{c.backend:>10}: {c.bytes / 1e9:.2f} GB, floor {floor:.2f} ms "
-              f"({c.batch / floor * 1e3:.0f} images/s){ratio}")
+        print(
+            f"{c.backend:>10}: {c.bytes / 1e9:.2f} GB, floor {floor:.2f} ms "
+            f"({c.batch / floor * 1e3:.0f} images/s){ratio}"
+        )
     if args.json:
         report = {
             "config": {**vars(args), "json": str(args.json), "resolution": resolution},
             "rates": rates,
-            "counts": [{**{k: v for k, v in asdict(c).items() if k != "ops"}, "bytes": c.bytes, "flops": c.flops,
-                        "floor_ms": c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"]),
-                        "by_op": c.by(lambda o: o.op), "by_module_type": c.by(lambda o: o.module_type)}
-                       for c in counts],
+            "counts": [
+                {
+                    **{k: v for k, v in asdict(c).items() if k != "ops"},
+                    "bytes": c.bytes,
+                    "flops": c.flops,
+                    "floor_ms": c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"]),
+                    "by_op": c.by(lambda o: o.op),
+                    "by_module_type": c.by(lambda o: o.module_type),
+                }
+                for c in counts
+            ],
             "ratios": ratios,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")

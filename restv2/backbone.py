@@ -42,7 +42,9 @@ class Backbone(nn.Module):
         ]
         return self._backend
 
-    def _add_stages(self, depths: list[int], drop_path_rate: float, make_block: Callable[[int, float], nn.Module]) -> None:
+    def _add_stages(
+        self, depths: list[int], drop_path_rate: float, make_block: Callable[[int, float], nn.Module]
+    ) -> None:
         """``stage1``..``stage4``: ModuleLists of ``make_block(stage_index, drop_path)``, with
         drop-path rates rising linearly over all blocks."""
         rates = iter(drop_path_rates(drop_path_rate, sum(depths)))

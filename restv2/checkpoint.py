@@ -27,7 +27,7 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
             f"no state dict found: expected tensors, or a dict under one of {_WRAPPER_KEYS}; top-level keys: {found}"
         )
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -56,7 +56,11 @@ def load_checkpoint(
     ]
     if wrong_shape or (strict and (missing or unexpected)):
         lines = [f"checkpoint does not match {type(model).__name__}:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)):
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", wrong_shape),
+        ):
             if keys and (strict or title == "shape mismatches"):
                 lines.append(f"  {len(keys)} {title}:")
                 lines.extend(f"    {k}" for k in keys)

@@ -26,7 +26,7 @@ try:
     from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 except ImportError as e:  # torchvision is an optional dependency
     raise ImportError(
-        f"restv2.detection needs torchvision ({e}); install it with `pip install \"restv2[detection]\"` "
+        f'restv2.detection needs torchvision ({e}); install it with `pip install "restv2[detection]"` '
         "(a torchvision built for your torch: for a CPU build of torch, from PyTorch's CPU index)"
     ) from e
 
@@ -78,7 +78,11 @@ class BackboneWithFPN(nn.Module):
         super().__init__()
         if not isinstance(body, Backbone):
             raise TypeError(f"body must be a restv2 ResTV2 or ResT model, got {type(body).__name__}")
-        if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= 4:
+        if (
+            isinstance(trainable_stages, bool)
+            or not isinstance(trainable_stages, int)
+            or not 0 <= trainable_stages <= 4
+        ):
             raise ValueError(f"trainable_stages must be an int from 0 to 4, got {trainable_stages!r}")
         self.out_indices = body.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
         self.body = body

@@ -47,12 +47,17 @@ def cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> list[t
 def is_plain_layer_norm(norm: nn.Module) -> bool:
     """Whether ``norm`` is a LayerNorm the fused ``add_layer_norm`` computes: over the last dim,
     with weight and bias."""
-    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.weight is not None \
+    return (
+        isinstance(norm, nn.LayerNorm)
+        and len(norm.normalized_shape) == 1
+        and norm.weight is not None
         and norm.bias is not None
+    )
 
 
-def add_norm(ops: ModuleType, x: torch.Tensor, branch: torch.Tensor | None, norm: nn.Module,
-             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm(
+    ops: ModuleType, x: torch.Tensor, branch: torch.Tensor | None, norm: nn.Module, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + branch, norm(x + branch))``, fused on the kernel path when ``norm`` is a plain
     LayerNorm; ``branch`` None: ``(x, norm(x))``."""
     if ops is restv2_kernels and is_plain_layer_norm(norm):
@@ -275,8 +280,9 @@ def stage_indices(indices: int | list[int] | tuple[int, ...] | None, num_stages:
         if not 1 <= indices <= num_stages:
             raise ValueError(f"indices must be between 1 and {num_stages} (the last n stages), got {indices}")
         return list(range(num_stages - indices, num_stages))
-    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or not -num_stages <= i < num_stages
-                          for i in indices):
+    if not indices or any(
+        isinstance(i, bool) or not isinstance(i, int) or not -num_stages <= i < num_stages for i in indices
+    ):
         raise ValueError(f"stage indices must be ints in [-{num_stages}, {num_stages}), got {list(indices)}")
     out = sorted({i % num_stages for i in indices})
     if len(out) != len(indices):

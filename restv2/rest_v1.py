@@ -114,7 +114,9 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = EMSA(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, apply_transform, norm_layer, backend)
+        self.attn = EMSA(
+            dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio, apply_transform, norm_layer, backend
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, backend)
@@ -169,8 +171,18 @@ class ResT(Backbone):
             depths,
             drop_path_rate,
             lambda i, dp: Block(
-                embed_dims[i], num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                dp, norm_layer, sr_ratios[i], apply_transform, backend,
+                embed_dims[i],
+                num_heads[i],
+                mlp_ratios[i],
+                qkv_bias,
+                qk_scale,
+                drop_rate,
+                attn_drop_rate,
+                dp,
+                norm_layer,
+                sr_ratios[i],
+                apply_transform,
+                backend,
             ),
         )
 
@@ -195,7 +207,9 @@ def _init_weights(m: nn.Module) -> None:
 
 
 # The four released variants: qkv_bias, head transform, MLP ratio 4, sr 8/4/2/1, heads 1/2/4/8.
-_RELEASED = dict(num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=True, sr_ratios=[8, 4, 2, 1], apply_transform=True)
+_RELEASED = dict(
+    num_heads=[1, 2, 4, 8], mlp_ratios=[4, 4, 4, 4], qkv_bias=True, sr_ratios=[8, 4, 2, 1], apply_transform=True
+)
 
 #: The architectures of the four released ResTv1 models (``ResT`` keyword arguments).
 ARCHS = {

@@ -119,15 +119,26 @@ class OpCall:
         if self.op == "emsa_attention_mixed":
             q, k, v, weight, bias, scale, eps = self.args
             f32 = torch.float32
-            args = (*(_meta_like(t, DTYPES[dtype]) for t in (q, k, v)), _meta_like(weight, f32), _meta_like(bias, f32),
-                    scale, eps)
+            args = (
+                *(_meta_like(t, DTYPES[dtype]) for t in (q, k, v)),
+                _meta_like(weight, f32),
+                _meta_like(bias, f32),
+                scale,
+                eps,
+            )
             return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
         if self.op != "add_layer_norm" or self.args[1] is None:
             return None
         x, branch, weight, bias, eps, _ = self.args
         f32 = torch.float32
-        args = (_meta_like(x, f32), _meta_like(branch, DTYPES[dtype]), _meta_like(weight, f32), _meta_like(bias, f32),
-                eps, DTYPES[dtype])
+        args = (
+            _meta_like(x, f32),
+            _meta_like(branch, DTYPES[dtype]),
+            _meta_like(weight, f32),
+            _meta_like(bias, f32),
+            eps,
+            DTYPES[dtype],
+        )
         return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
 
     @property
@@ -244,8 +255,16 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
         elif call.op == "add_layer_norm":
             saved = x if branch is None else residual
             second = None if branch is None or branch.dtype == x.dtype else branch.dtype
-            kernels._bwd(_grad_of(normed), None if branch is None else _grad_of(residual), saved, mean, rstd,
-                         weight, x.dtype, second)
+            kernels._bwd(
+                _grad_of(normed),
+                None if branch is None else _grad_of(residual),
+                saved,
+                mean,
+                rstd,
+                weight,
+                x.dtype,
+                second,
+            )
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias)
         elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre); the rest is cuBLAS
@@ -285,9 +304,11 @@ def run_check(
     t0 = time.perf_counter()
     calls = zoo_calls(models, dtypes, inputs)
     launches = {target: record_launches(calls, target) for target in targets}
-    log(f"{len(calls)} distinct op calls ({len(models)} models x {len(dtypes)} dtypes x {len(inputs)} inputs), "
+    log(
+        f"{len(calls)} distinct op calls ({len(models)} models x {len(dtypes)} dtypes x {len(inputs)} inputs), "
         f"{sum(map(len, launches.values()))} launches on {len(targets)} targets "
-        f"({time.perf_counter() - t0:.1f}s)")
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
 
     def progress(done: int, total: int, job) -> None:
         if done == total or done % 50 == 0:
@@ -318,26 +339,40 @@ def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGE
                 continue
             mma = "/".join(sorted({tensor_core_label(r).split(" ")[0] for r in rs}))
             local = [r.local_bytes for r in rs]
-            cells.append(f"{span([r.registers for r in rs])} regs, {span([round(r.shared_bytes / 1024) for r in rs])} KB"
-                         + (f", {span(local)} B local" if any(local) else "") + ("" if mma == "-" else f", {mma}"))
+            cells.append(
+                f"{span([r.registers for r in rs])} regs, {span([round(r.shared_bytes / 1024) for r in rs])} KB"
+                + (f", {span(local)} B local" if any(local) else "")
+                + ("" if mma == "-" else f", {mma}")
+            )
         lines.append(f"| {kernel} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m restv2.targets", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default=",".join(CHECKED_TARGETS + INFO_TARGETS),
-                        help=f"comma-separated, of {', '.join(TARGETS)}; failures count on {', '.join(CHECKED_TARGETS)} "
-                             "(and sm_86) only (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m restv2.targets",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(CHECKED_TARGETS + INFO_TARGETS),
+        help=f"comma-separated, of {', '.join(TARGETS)}; failures count on {', '.join(CHECKED_TARGETS)} "
+        "(and sm_86) only (default: %(default)s)",
+    )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
     parser.add_argument("--json", type=str, default=None, help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="also print the per-kernel summary table")
-    parser.add_argument("--force", action="append", default=[], metavar="FAMILY.FIELD=INT",
-                        help="override a plan-table field, e.g. attn_bwd.num_stages=1 (see plans.forced); repeatable")
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="FAMILY.FIELD=INT",
+        help="override a plan-table field, e.g. attn_bwd.num_stages=1 (see plans.forced); repeatable",
+    )
     args = parser.parse_args(argv)
     overrides: dict[str, dict[str, int]] = {}
     for item in args.force:
@@ -367,12 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_summary(rows, targets))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets}, "rows": to_json(rows)}, f,
-                      indent=1)
+            json.dump(
+                {"targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets}, "rows": to_json(rows)}, f, indent=1
+            )
     failing = [r for r in rows if r.problems and r.target not in INFO_TARGETS]  # fp32 spills are no problem
     spilling = [r for r in rows if r.dtype == "fp32" and r.local_bytes and r.target not in INFO_TARGETS]
-    print(f"\n{len(rows)} compiled plans on {', '.join(targets)}: {len(failing)} with problems"
-          + (f", {len(spilling)} fp32 plans with local memory (reported, not failed)" if spilling else ""))
+    print(
+        f"\n{len(rows)} compiled plans on {', '.join(targets)}: {len(failing)} with problems"
+        + (f", {len(spilling)} fp32 plans with local memory (reported, not failed)" if spilling else "")
+    )
     for r in failing:
         print(f"  {r.kernel} {r.dtype} {r.target} {r.plan}: {'; '.join(r.problems)} (e.g. {r.uses[0]})")
     return 1 if failing else 0

@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", default="in1k", choices=sorted(RECIPES))
     g.add_argument("--output-dir", default="output")
     g.add_argument("--resume", help="a checkpoint-last.pth to continue, or 'auto' (the output dir's, if any)")
-    g.add_argument("--finetune", help="initial weights: a released file or one of ours; a head of another size is re-initialised")
+    g.add_argument(
+        "--finetune", help="initial weights: a released file or one of ours; a head of another size is re-initialised"
+    )
     g.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     g.add_argument("--amp", choices=sorted(AMP_DTYPES), help="default: bf16 on CUDA, off on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -275,7 +277,9 @@ class Run:
         self.is_main = rank() == 0
         self.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
         train_dir, val_dir = (os.path.join(args.data_dir, split) for split in ("train", "val"))
-        self.train_set = image_folder(train_dir, train_transform(args.img_size, args.aa, args.color_jitter, args.reprob))
+        self.train_set = image_folder(
+            train_dir, train_transform(args.img_size, args.aa, args.color_jitter, args.reprob)
+        )
         classes = self.train_set.classes
         self.val_loader = val_loader(
             val_dir, eval_transform(args.model, args.img_size), args.batch_size, args.workers, classes,
@@ -284,7 +288,9 @@ class Run:
         if args.num_classes is None:
             args.num_classes = len(classes)
         elif args.num_classes < len(classes):
-            raise ValueError(f"--num-classes {args.num_classes} is fewer than the {len(classes)} class folders of {train_dir}")
+            raise ValueError(
+                f"--num-classes {args.num_classes} is fewer than the {len(classes)} class folders of {train_dir}"
+            )
 
         self.sampler = torch.utils.data.DistributedSampler(
             self.train_set, num_replicas=world_size(), rank=rank(), shuffle=True, seed=args.seed, drop_last=True
@@ -319,8 +325,12 @@ class Run:
         mixing = args.mixup > 0 or args.cutmix > 0
         self.mixup = (
             Mixup(
-                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, switch_prob=args.mixup_switch_prob, mode="batch",
-                label_smoothing=args.smoothing, num_classes=args.num_classes,
+                mixup_alpha=args.mixup,
+                cutmix_alpha=args.cutmix,
+                switch_prob=args.mixup_switch_prob,
+                mode="batch",
+                label_smoothing=args.smoothing,
+                num_classes=args.num_classes,
             )  # fmt: skip
             if mixing
             else None

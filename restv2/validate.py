@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = MODELS[name](num_classes=num_classes, backend=args.backend)
         model.load_state_dict(state_dict)  # strict, as restv2.load_checkpoint
         model.to(device)
-        root = os.path.join(args.data_dir, "val") if os.path.isdir(os.path.join(args.data_dir, "val")) else args.data_dir
+        root = (
+            os.path.join(args.data_dir, "val") if os.path.isdir(os.path.join(args.data_dir, "val")) else args.data_dir
+        )
         loader = val_loader(
             root, eval_transform(name, img_size, args.crop_pct), args.batch_size, args.workers,
             pin_memory=device.type == "cuda",

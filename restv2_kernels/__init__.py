@@ -16,7 +16,17 @@ import importlib
 
 from . import backend, reference
 
-__all__ = ["emsa_attention", "emsa_attention_mixed", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp", "reference", "backend"]
+__all__ = [
+    "emsa_attention",
+    "emsa_attention_mixed",
+    "upsample_add",
+    "add_layer_norm",
+    "linear_gelu",
+    "pixel_attention",
+    "mlp",
+    "reference",
+    "backend",
+]
 
 _LAZY = {
     "emsa_attention": "restv2_kernels.attention.triton",

@@ -86,8 +86,19 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         # Triton 3.2+ lowers tl.dot to FMA on Volta: no tensor cores there.
-        Target("sm_70", 70, "Tesla V100-SXM2", 80, 98304, 98304, 2048, 32, smem_reserved=0, tensor_cores="fma",
-               tables="sm_70"),
+        Target(
+            "sm_70",
+            70,
+            "Tesla V100-SXM2",
+            80,
+            98304,
+            98304,
+            2048,
+            32,
+            smem_reserved=0,
+            tensor_cores="fma",
+            tables="sm_70",
+        ),
         Target("sm_80", 80, "A100-SXM4", 108, 166912, 167936, 2048, 32),
         Target("sm_86", 86, "GeForce RTX 3090", 82, 101376, 102400, 1536, 16),
         Target("sm_89", 89, "GeForce RTX 4090", 128, 101376, 102400, 1536, 24, tables="sm_89"),
@@ -118,8 +129,14 @@ def _cuda_target(index: int) -> Target:
     smem = getattr(props, "shared_memory_per_block_optin", 0) or base.smem_per_block
     smem_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or base.smem_per_sm
     return dataclasses.replace(
-        base, name=f"sm_{arch}", arch=arch, gpu=props.name, sm_count=props.multi_processor_count,
-        smem_per_block=smem, smem_per_sm=smem_sm, tables=base.name if base.tables == "default" else base.tables,
+        base,
+        name=f"sm_{arch}",
+        arch=arch,
+        gpu=props.name,
+        sm_count=props.multi_processor_count,
+        smem_per_block=smem,
+        smem_per_sm=smem_sm,
+        tables=base.name if base.tables == "default" else base.tables,
     )
 
 
@@ -222,7 +239,9 @@ def launch(fn: Any, plan: Launch, *args: Any) -> None:
 # Table overrides (tests, sweeps)
 # ---------------------------------------------------------------------------------------
 
-_forced: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar("restv2_forced", default=None)
+_forced: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar(
+    "restv2_forced", default=None
+)
 
 
 # kernel family -> the fields ``forced`` may override; each section below adds its own
@@ -338,7 +357,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _attn_blocks(table: dict, family: str, D: int, M: int, dtype: torch.dtype, target: Target) -> tuple[AttnBlocks, int]:
+def _attn_blocks(
+    table: dict, family: str, D: int, M: int, dtype: torch.dtype, target: Target
+) -> tuple[AttnBlocks, int]:
     """The table's blocks for (dtype, D), forced fields applied, BLOCK_M clipped to M."""
     block_d = max(16, next_power_of_2(D))
     d_class = "d<=64" if block_d <= 64 else f"d{block_d}"
@@ -351,10 +372,17 @@ def attention_fwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtyp
     """``_attn_fwd_kernel``: one program per (query block, batch * head), folded into x."""
     blocks, block_d = _attn_blocks(_ATTN_FWD, "attn_fwd", D, M, dtype, target)
     return Launch(
-        "attn_fwd", (cdiv(N, blocks.block_n) * B * H,),
-        (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
-         ("ONE_BLOCK", M <= blocks.block_m), ("DOT_PRECISION", dot_precision(dtype))),
-        blocks.num_warps, blocks.num_stages,
+        "attn_fwd",
+        (cdiv(N, blocks.block_n) * B * H,),
+        (
+            ("BLOCK_N", blocks.block_n),
+            ("BLOCK_M", blocks.block_m),
+            ("BLOCK_D", block_d),
+            ("ONE_BLOCK", M <= blocks.block_m),
+            ("DOT_PRECISION", dot_precision(dtype)),
+        ),
+        blocks.num_warps,
+        blocks.num_stages,
     )
 
 
@@ -374,8 +402,15 @@ class AttentionBwdPlan:
         return self.dq is None
 
 
-def attention_splits(n_qblocks: int, n_kblocks: int, bh: int, M: int, D: int, target: Target,
-                     min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT) -> int:
+def attention_splits(
+    n_qblocks: int,
+    n_kblocks: int,
+    bh: int,
+    M: int,
+    D: int,
+    target: Target,
+    min_blocks_per_split: int = MIN_BLOCKS_PER_SPLIT,
+) -> int:
     """Query splits S of the dk/dv pass: about 4 programs per SM, each split at least
     ``min_blocks_per_split`` query blocks long, fp32 partials at most ``PARTIAL_BYTES_CAP``."""
     splits = 4 * target.sm_count // max(1, n_kblocks * bh)
@@ -391,12 +426,21 @@ def attention_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtyp
     n_qblocks, n_kblocks = cdiv(N, blocks.block_n), cdiv(M, blocks.block_m)
     min_per_split = _forced_fields("attn_bwd").get("min_blocks_per_split", MIN_BLOCKS_PER_SPLIT)
     splits = attention_splits(n_qblocks, n_kblocks, B * H, M, D, target, min_per_split)
-    meta = (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
-            ("DOT_PRECISION", dot_precision(dtype)))
+    meta = (
+        ("BLOCK_N", blocks.block_n),
+        ("BLOCK_M", blocks.block_m),
+        ("BLOCK_D", block_d),
+        ("DOT_PRECISION", dot_precision(dtype)),
+    )
     fuse_dq = n_kblocks == 1
     dq = None if fuse_dq else Launch("attn_bwd_dq", (n_qblocks * B * H,), meta, blocks.num_warps, blocks.num_stages)
-    dkdv = Launch("attn_bwd_dkdv", (n_kblocks * splits * B * H,), meta + (("FUSE_DQ", fuse_dq),),
-                  blocks.num_warps, blocks.num_stages)
+    dkdv = Launch(
+        "attn_bwd_dkdv",
+        (n_kblocks * splits * B * H,),
+        meta + (("FUSE_DQ", fuse_dq),),
+        blocks.num_warps,
+        blocks.num_stages,
+    )
     return AttentionBwdPlan(dq, dkdv, splits, cdiv(n_qblocks, splits))
 
 
@@ -434,8 +478,9 @@ _MIXED_BWD["sm_70"] = _fma_rows(_MIXED_BWD)
 # sm_89/sm_90: at d <= 64 the 16-bit 32 x 32 tiles of dq and dk/dv spill 8-24 B under Triton 3.6
 # (the GPU image's; ptxas holds them to 168 registers), 32 x 16 fit under 3.6 and 3.9; on sm_80
 # it is the other way round (32 x 16 spill 8 B under both).
-_MIXED_BWD.update({name: {**_MIXED_BWD["default"], ("16bit", "d<=64"): AttnBlocks(32, 16, 4, 2)}
-                   for name in ("sm_89", "sm_90")})
+_MIXED_BWD.update(
+    {name: {**_MIXED_BWD["default"], ("16bit", "d<=64"): AttnBlocks(32, 16, 4, 2)} for name in ("sm_89", "sm_90")}
+)
 # The interpreter pays per op and per program, and each program here loops over heads twice
 # over: 64 x 64 blocks for every dtype (tests force small blocks where they want many).
 _MIXED_INTERPRETER = AttnBlocks(64, 64, 4, 1)
@@ -459,14 +504,24 @@ class AttentionMixedFwdPlan:
     n_qblocks: int
 
 
-def attention_mixed_fwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype,
-                             target: Target) -> AttentionMixedFwdPlan:
+def attention_mixed_fwd_plan(
+    B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype, target: Target
+) -> AttentionMixedFwdPlan:
     blocks, block_d = _mixed_blocks(_MIXED_FWD, "mixed_fwd", D, M, dtype, target)
     n_qblocks = cdiv(N, blocks.block_n)
-    main = Launch("mixed_fwd", (n_qblocks * H * B,),
-                  (("BLOCK_N", blocks.block_n), ("BLOCK_M", blocks.block_m), ("BLOCK_D", block_d),
-                   ("ONE_BLOCK", M <= blocks.block_m), ("DOT_PRECISION", dot_precision(dtype))),
-                  blocks.num_warps, blocks.num_stages)
+    main = Launch(
+        "mixed_fwd",
+        (n_qblocks * H * B,),
+        (
+            ("BLOCK_N", blocks.block_n),
+            ("BLOCK_M", blocks.block_m),
+            ("BLOCK_D", block_d),
+            ("ONE_BLOCK", M <= blocks.block_m),
+            ("DOT_PRECISION", dot_precision(dtype)),
+        ),
+        blocks.num_warps,
+        blocks.num_stages,
+    )
     block = _MIXED_NORM_BLOCK_INTERPRETER if target.interpreter else _MIXED_NORM_BLOCK
     block = min(block, max(128, next_power_of_2(B * N * H * D)))
     norm = Launch("mixed_norm", (cdiv(B * N * H * D, block),), (("BLOCK", block),), 4, 1)
@@ -488,8 +543,9 @@ class AttentionMixedBwdPlan:
     n_stats_blocks: int
 
 
-def attention_mixed_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype,
-                             target: Target) -> AttentionMixedBwdPlan:
+def attention_mixed_bwd_plan(
+    B: int, N: int, M: int, H: int, D: int, dtype: torch.dtype, target: Target
+) -> AttentionMixedBwdPlan:
     blocks, block_d = _mixed_blocks(_MIXED_BWD, "mixed_bwd", D, M, dtype, target)
     block_n, block_m = blocks.block_n, blocks.block_m
     meta = (("BLOCK_N", block_n), ("BLOCK_M", block_m), ("BLOCK_D", block_d), ("DOT_PRECISION", dot_precision(dtype)))
@@ -501,14 +557,19 @@ def attention_mixed_bwd_plan(B: int, N: int, M: int, H: int, D: int, dtype: torc
         Launch("mixed_bwd_stats", (n_qblocks * H * B,), meta, warps, stages),
         Launch("mixed_bwd_dq", (n_qblocks * H * B,), meta + (("HEADS_P2", next_power_of_2(H)),), warps, stages),
         Launch("mixed_bwd_dkdv", (n_kblocks * splits * H * B,), meta, warps, stages),
-        splits, cdiv(n_qblocks, splits), n_qblocks, n_qblocks,
+        splits,
+        cdiv(n_qblocks, splits),
+        n_qblocks,
+        n_qblocks,
     )
 
 
-_FAMILIES.update({
-    "mixed_fwd": _fields(AttnBlocks),
-    "mixed_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
-})
+_FAMILIES.update(
+    {
+        "mixed_fwd": _fields(AttnBlocks),
+        "mixed_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,8 +625,13 @@ def upsample_fwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dt
     NP = B * Hr * Wr
     _check_pixels(NP)
     block_p, block_c, num_warps, stages = _upsample_tile("upsample_fwd", _UPSAMPLE_FWD, C, NP, target)
-    return Launch("upsample_fwd", (cdiv(NP, block_p),), (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c)),
-                  num_warps, stages)
+    return Launch(
+        "upsample_fwd",
+        (cdiv(NP, block_p),),
+        (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c)),
+        num_warps,
+        stages,
+    )
 
 
 @dataclass(frozen=True)
@@ -595,26 +661,36 @@ def upsample_bwd_plan(B: int, Hr: int, Wr: int, C: int, sr: int, dtype: torch.dt
     split = cdiv(n_blocks, per_split)  # no empty split
     dv_p, _, dv_warps, dv_stages = _upsample_tile("upsample_bwd_dv", _UPSAMPLE_BWD_DV, C, NP, target)
     return UpsampleBwdPlan(
-        Launch("upsample_bwd_g", (S * split,), (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c)),
-               num_warps, stages),
-        Launch("upsample_bwd_dv", (cdiv(NP, dv_p),), (("SR", sr), ("BLOCK_P", dv_p), ("BLOCK_C", block_c)),
-               dv_warps, dv_stages),
-        split, per_split,
+        Launch(
+            "upsample_bwd_g", (S * split,), (("SR", sr), ("BLOCK_P", block_p), ("BLOCK_C", block_c)), num_warps, stages
+        ),
+        Launch(
+            "upsample_bwd_dv",
+            (cdiv(NP, dv_p),),
+            (("SR", sr), ("BLOCK_P", dv_p), ("BLOCK_C", block_c)),
+            dv_warps,
+            dv_stages,
+        ),
+        split,
+        per_split,
     )
 
 
-_FAMILIES.update({
-    "attn_fwd": _fields(AttnBlocks),
-    "attn_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
-    "upsample_fwd": _fields(UpsampleTile),
-    "upsample_bwd": _fields(UpsampleTile) | {"programs"},
-    "upsample_bwd_dv": _fields(UpsampleTile),
-})
+_FAMILIES.update(
+    {
+        "attn_fwd": _fields(AttnBlocks),
+        "attn_bwd": _fields(AttnBlocks) | {"min_blocks_per_split"},
+        "upsample_fwd": _fields(UpsampleTile),
+        "upsample_bwd": _fields(UpsampleTile) | {"programs"},
+        "upsample_bwd_dv": _fields(UpsampleTile),
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
 # Residual add + LayerNorm (restv2_kernels/layernorm/triton.py)
 # ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AddLayerNormTile:
@@ -661,8 +737,9 @@ def _add_ln_tile(family: str, table: dict, R: int, C: int, target: Target) -> tu
 def add_layer_norm_fwd_plan(R: int, C: int, dtype: torch.dtype, target: Target) -> Launch:
     """``_add_ln_fwd_kernel``: one program per BLOCK_R rows."""
     block_r, block_c, num_warps, stages = _add_ln_tile("add_ln_fwd", _ADD_LN_FWD, R, C, target)
-    return Launch("add_ln_fwd", (cdiv(max(R, 1), block_r),), (("BLOCK_R", block_r), ("BLOCK_C", block_c)),
-                  num_warps, stages)
+    return Launch(
+        "add_ln_fwd", (cdiv(max(R, 1), block_r),), (("BLOCK_R", block_r), ("BLOCK_C", block_c)), num_warps, stages
+    )
 
 
 @dataclass(frozen=True)
@@ -685,14 +762,17 @@ def add_layer_norm_bwd_plan(R: int, C: int, dtype: torch.dtype, target: Target) 
     split = cdiv(n_blocks, per_split)  # no empty split
     return AddLayerNormBwdPlan(
         Launch("add_ln_bwd", (split,), (("BLOCK_R", block_r), ("BLOCK_C", block_c)), num_warps, stages),
-        split, per_split,
+        split,
+        per_split,
     )
 
 
-_FAMILIES.update({
-    "add_ln_fwd": _fields(AddLayerNormTile),
-    "add_ln_bwd": _fields(AddLayerNormTile) | {"programs"},
-})
+_FAMILIES.update(
+    {
+        "add_ln_fwd": _fields(AddLayerNormTile),
+        "add_ln_bwd": _fields(AddLayerNormTile) | {"programs"},
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -737,9 +817,7 @@ def _pa_tile(family: str, table: dict, C: int, NP: int, target: Target) -> tuple
     num_warps = tile.num_warps or max(1, min(8, block_p * block_c // (32 * tile.per_thread)))
     # pixel indices are int32 in the kernels, the last block's padding included
     if NP >= 2**31 or cdiv(NP, block_p) * block_p >= 2**31:
-        raise ValueError(
-            f"pixel_attention: {NP} pixels (B * H * W) do not fit 32-bit pixel indices; split the batch"
-        )
+        raise ValueError(f"pixel_attention: {NP} pixels (B * H * W) do not fit 32-bit pixel indices; split the batch")
     return block_p, block_c, num_warps, tile.num_stages
 
 
@@ -747,8 +825,9 @@ def pixel_attention_fwd_plan(B: int, H: int, W: int, C: int, dtype: torch.dtype,
     """``_pa_fwd_kernel``: one program per BLOCK_P pixels (flattened over (b, y, x)) x all C."""
     NP = B * H * W
     block_p, block_c, num_warps, stages = _pa_tile("pixel_attention_fwd", _PA_FWD, C, NP, target)
-    return Launch("pixel_attention_fwd", (cdiv(NP, block_p),), (("BLOCK_P", block_p), ("BLOCK_C", block_c)),
-                  num_warps, stages)
+    return Launch(
+        "pixel_attention_fwd", (cdiv(NP, block_p),), (("BLOCK_P", block_p), ("BLOCK_C", block_c)), num_warps, stages
+    )
 
 
 @dataclass(frozen=True)
@@ -763,13 +842,15 @@ class PixelAttentionBwdPlan:
     blocks_per_program: int
 
 
-def pixel_attention_bwd_plan(B: int, H: int, W: int, C: int, dtype: torch.dtype, target: Target
-                             ) -> PixelAttentionBwdPlan:
+def pixel_attention_bwd_plan(
+    B: int, H: int, W: int, C: int, dtype: torch.dtype, target: Target
+) -> PixelAttentionBwdPlan:
     NP = B * H * W
     block_p, block_c, num_warps, stages = _pa_tile("pixel_attention_bwd", _PA_BWD, C, NP, target)
     n_blocks = cdiv(NP, block_p)
-    programs = (PIXEL_ATTENTION_INTERPRETER_PROGRAMS if target.interpreter
-                else PIXEL_ATTENTION_BWD_PROGRAMS * target.sm_count)
+    programs = (
+        PIXEL_ATTENTION_INTERPRETER_PROGRAMS if target.interpreter else PIXEL_ATTENTION_BWD_PROGRAMS * target.sm_count
+    )
     programs = _forced_fields("pixel_attention_bwd").get("programs", programs)
     programs = max(1, min(n_blocks, programs))
     per_program = cdiv(n_blocks, programs)
@@ -779,15 +860,18 @@ def pixel_attention_bwd_plan(B: int, H: int, W: int, C: int, dtype: torch.dtype,
     return PixelAttentionBwdPlan(
         Launch("pixel_attention_bwd_g", (programs,), (("BLOCK_P", block_p),) + meta, num_warps, stages),
         Launch("pixel_attention_bwd_dx", (cdiv(NP, dx_p),), (("BLOCK_P", dx_p),) + meta, dx_warps, dx_stages),
-        programs, per_program,
+        programs,
+        per_program,
     )
 
 
-_FAMILIES.update({
-    "pixel_attention_fwd": _fields(PixelAttnTile),
-    "pixel_attention_bwd": _fields(PixelAttnTile) | {"programs"},
-    "pixel_attention_bwd_dx": _fields(PixelAttnTile),
-})
+_FAMILIES.update(
+    {
+        "pixel_attention_fwd": _fields(PixelAttnTile),
+        "pixel_attention_bwd": _fields(PixelAttnTile) | {"programs"},
+        "pixel_attention_bwd_dx": _fields(PixelAttnTile),
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -835,13 +919,17 @@ def linear_dot_precision(dtype: torch.dtype, allow_tf32: bool, target: Target) -
     return "tf32"
 
 
-def linear_gelu_bwd_plan(M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool = False) -> Launch:
+def linear_gelu_bwd_plan(
+    M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool = False
+) -> Launch:
     """The MLP backward's ``d_pre = (dy @ fc2.weight) * gelu'(pre)``: the same GEMM kernel (and
     tiles) in its GELU_GRAD mode, over [M, K=C] @ [K, N=4C]."""
     return _linear_plan("linear_gelu_bwd", M, N, K, dtype, target, allow_tf32)
 
 
-def linear_gelu_fwd_plan(M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool = False) -> Launch:
+def linear_gelu_fwd_plan(
+    M: int, N: int, K: int, dtype: torch.dtype, target: Target, allow_tf32: bool = False
+) -> Launch:
     """``_linear_gelu_fwd_kernel``: see ``_linear_plan``."""
     return _linear_plan("linear_gelu_fwd", M, N, K, dtype, target, allow_tf32)
 
@@ -871,12 +959,17 @@ def _linear_plan(family: str, M: int, N: int, K: int, dtype: torch.dtype, target
     stage_bytes = (block_m + block_n) * block_k * dtype.itemsize
     num_stages = max(1, min(tile.num_stages, target.smem_per_block // stage_bytes))
     num_warps = max(1, min(tile.num_warps, block_m * block_n // 256))  # 16x16: 1 warp, 64x64: up to 8
-    meta = (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k), ("GROUP_M", tile.group_m),
-            ("EVEN_K", K % block_k == 0), ("DOT_PRECISION", linear_dot_precision(dtype, allow_tf32, target)))
+    meta = (
+        ("BLOCK_M", block_m),
+        ("BLOCK_N", block_n),
+        ("BLOCK_K", block_k),
+        ("GROUP_M", tile.group_m),
+        ("EVEN_K", K % block_k == 0),
+        ("DOT_PRECISION", linear_dot_precision(dtype, allow_tf32, target)),
+    )
     if family == "linear_gelu_bwd":
         meta += (("GELU_GRAD", True),)
     return Launch(family, (cdiv(M, block_m) * cdiv(N, block_n),), meta, num_warps, num_stages)
 
 
 _FAMILIES.update({"linear_gelu_fwd": _fields(LinearTile), "linear_gelu_bwd": _fields(LinearTile)})
-

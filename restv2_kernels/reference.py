@@ -7,4 +7,12 @@ from .layernorm.reference import add_layer_norm
 from .pa.reference import pixel_attention
 from .upsample.reference import upsample_add
 
-__all__ = ["emsa_attention", "emsa_attention_mixed", "upsample_add", "add_layer_norm", "linear_gelu", "pixel_attention", "mlp"]
+__all__ = [
+    "emsa_attention",
+    "emsa_attention_mixed",
+    "upsample_add",
+    "add_layer_norm",
+    "linear_gelu",
+    "pixel_attention",
+    "mlp",
+]

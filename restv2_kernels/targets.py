@@ -115,8 +115,10 @@ class CompileJob:
 
     @property
     def key(self) -> str:
-        return json.dumps([self.module, self.qualname, self.arch, self.signature, self.constexprs, self.attrs,
-                           self.options], default=str)
+        return json.dumps(
+            [self.module, self.qualname, self.arch, self.signature, self.constexprs, self.attrs, self.options],
+            default=str,
+        )
 
     @property
     def dtype(self) -> str:
@@ -133,11 +135,18 @@ class CompileJob:
         index = {name: i for i, (name, _) in enumerate(self.signature)}
         constexprs = dict(self.constexprs)
         attrs = dict(self.attrs)
-        ones = [name for name, ty in self.signature
-                if ty == "constexpr" and name not in plan_names and constexprs.get((index[name],)) == 1]
-        odd = [name for name, ty in self.signature
-               if ty.startswith(("*", "i")) and name not in self.unspecialized
-               and not any(a[0] == "tt.divisibility" for a in attrs.get((index[name],), ()))]
+        ones = [
+            name
+            for name, ty in self.signature
+            if ty == "constexpr" and name not in plan_names and constexprs.get((index[name],)) == 1
+        ]
+        odd = [
+            name
+            for name, ty in self.signature
+            if ty.startswith(("*", "i"))
+            and name not in self.unspecialized
+            and not any(a[0] == "tt.divisibility" for a in attrs.get((index[name],), ()))
+        ]
         other = {}  # pointers of another dtype than the data's (fp32 scratch, lse, partial sums)
         for name, ty in self.signature:
             if ty.startswith("*") and ty[1:] != self.dtype:
@@ -180,8 +189,14 @@ def specialize(rec: Recorded, target: Target) -> CompileJob:
         raise RuntimeError(f"{rec.plan.kernel}: Triton did not reach its compile step")
     options = captured["options"]
     return CompileJob(
-        module=fn.fn.__module__, qualname=fn.fn.__qualname__, kernel=rec.plan.kernel, plan=rec.plan.describe(),
-        num_warps=rec.plan.num_warps, num_stages=rec.plan.num_stages, target=target.name, arch=target.arch,
+        module=fn.fn.__module__,
+        qualname=fn.fn.__qualname__,
+        kernel=rec.plan.kernel,
+        plan=rec.plan.describe(),
+        num_warps=rec.plan.num_warps,
+        num_stages=rec.plan.num_stages,
+        target=target.name,
+        arch=target.arch,
         signature=tuple(captured["signature"].items()),
         constexprs=tuple(sorted(captured["constexprs"].items())),
         attrs=tuple(sorted((k, tuple(tuple(a) for a in v)) for k, v in captured["attrs"].items())),
@@ -240,8 +255,9 @@ def _tool(name: str) -> str:
 
 
 def _res_usage(cubin: pathlib.Path, kernel: str) -> dict[str, int]:
-    out = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
     match = re.search(r"Function " + re.escape(kernel) + r":\s*\n\s*(.*)", out)
     fields = dict(re.findall(r"(\w+):(\d+)", match.group(1) if match else out))
     return {k: int(v) for k, v in fields.items()}
@@ -252,8 +268,7 @@ def _sass_counts(cubin: pathlib.Path) -> dict[str, int]:
 
     Raises ``subprocess.CalledProcessError`` where this cuobjdump cannot disassemble the target
     (CUDA 13's tools refuse sm_70)."""
-    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.MULTILINE)
 
     def count(prefix: str) -> int:
@@ -378,8 +393,9 @@ def check(
     jobs_list = [job for job, _ in by_key.values()]
     results: dict[str, dict] = {}
     ctx = multiprocessing.get_context("spawn")  # a clean process: no interpreter, no inherited MLIR state
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1, mp_context=ctx,
-                                                initializer=_worker_init) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs or os.cpu_count() or 1, mp_context=ctx, initializer=_worker_init
+    ) as pool:
         futures = {pool.submit(compile_job, job): job for job in jobs_list}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             job = futures[future]
@@ -389,12 +405,22 @@ def check(
     rows = []
     for key, (job, uses) in by_key.items():
         target = TARGETS[job.target]
-        row = Row(kernel=job.kernel, dtype=job.dtype, plan=job.plan, target=job.target, num_warps=job.num_warps,
-                  num_stages=job.num_stages, specialization=job.specialization, uses=uses,
-                  shared_limit=target.smem_per_block, **results[key])
+        row = Row(
+            kernel=job.kernel,
+            dtype=job.dtype,
+            plan=job.plan,
+            target=job.target,
+            num_warps=job.num_warps,
+            num_stages=job.num_stages,
+            specialization=job.specialization,
+            uses=uses,
+            shared_limit=target.smem_per_block,
+            **results[key],
+        )
         if row.error is None:
-            row.programs_per_sm, row.occupancy_limit = programs_per_sm(target, row.registers, row.shared_bytes,
-                                                                       row.num_warps)
+            row.programs_per_sm, row.occupancy_limit = programs_per_sm(
+                target, row.registers, row.shared_bytes, row.num_warps
+            )
         row.problems = problems(row)
         rows.append(row)
     rows.sort(key=lambda r: (r.kernel, r.dtype, r.target, r.plan))
@@ -404,21 +430,27 @@ def check(
 def format_table(rows: Sequence[Row]) -> str:
     """One line per row: kernel, dtype, plan, target, registers, local bytes, shared vs limit,
     tensor-core instructions, programs per SM, and the problems."""
-    head = (f"{'kernel':<16} {'dtype':<5} {'target':<6} {'regs':>4} {'local':>6} {'shared KB':>12} "
-            f"{'mma':>11} {'prog/SM':>9}  plan / problems")
+    head = (
+        f"{'kernel':<16} {'dtype':<5} {'target':<6} {'regs':>4} {'local':>6} {'shared KB':>12} "
+        f"{'mma':>11} {'prog/SM':>9}  plan / problems"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.error:
-            lines.append(f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {'':>4} {'':>6} {'':>12} {'':>11} {'':>9}  "
-                         f"{r.plan} [{r.specialization}]  !! COMPILE ERROR {r.error}")
+            lines.append(
+                f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {'':>4} {'':>6} {'':>12} {'':>11} {'':>9}  "
+                f"{r.plan} [{r.specialization}]  !! COMPILE ERROR {r.error}"
+            )
             continue
         mma = tensor_core_label(r)
         shared = f"{r.shared_bytes / 1024:.0f}/{r.shared_limit / 1024:.0f}"
         occ = f"{r.programs_per_sm} {r.occupancy_limit[:4]}"
         flag = ("  !! " + "; ".join(r.problems)) if r.problems else ""
         spec = f" [{r.specialization}]" if r.specialization else ""
-        lines.append(f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {r.registers:>4} {r.local_bytes:>6} {shared:>12} "
-                     f"{mma:>11} {occ:>9}  {r.plan}{spec}{flag}")
+        lines.append(
+            f"{r.kernel:<16} {r.dtype:<5} {r.target:<6} {r.registers:>4} {r.local_bytes:>6} {shared:>12} "
+            f"{mma:>11} {occ:>9}  {r.plan}{spec}{flag}"
+        )
     return "\n".join(lines)
 
 

@@ -105,7 +105,9 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, produc
         return json.loads(path.read_text())
 
 
-def nan_buffers_for(monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def nan_buffers_for(
+    monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """Makes every buffer ``kernels._empty`` allocates start as NaN, so that an element a kernel
     leaves unwritten fails the test; returns the list of ``(shape, dtype)`` allocated."""
     allocated = []

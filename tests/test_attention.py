@@ -190,6 +190,7 @@ def test_non_unit_last_stride(device, monkeypatch):
 def test_expanded_grad(device):
     """out.sum().backward() hands the kernel a stride-0 upstream gradient."""
     q, k, v, _ = _inputs(2, 30, 9, 2, 32, FP32, device, seed=10)
+
     def summed(fn):
         return lambda *t: fn(*t).sum()
 
@@ -227,9 +228,7 @@ def test_random_shapes(B, N, M, h, d, fp16, small_blocks, seed, device):
         _check_parity(q, k, v, grad)
 
 
-@pytest.mark.parametrize(
-    "N, M", [pytest.param(300, 40, id="fused-dq"), pytest.param(300, 100, id="separate-dq")]
-)
+@pytest.mark.parametrize("N, M", [pytest.param(300, 40, id="fused-dq"), pytest.param(300, 100, id="separate-dq")])
 def test_backward_deterministic(N, M, device):
     """Bitwise-identical gradients run to run and under torch.use_deterministic_algorithms."""
     q, k, v, grad = _inputs(1, N, M, 2, 32, FP32, device, seed=5)

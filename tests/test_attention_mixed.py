@@ -52,8 +52,7 @@ def _check_parity(q, k, v, weight, bias, grad, scale=None, eps=1e-5):
         return lambda *t: op(*t, scale=scale, eps=eps)
 
     kernel = _run(fn(emsa_attention_mixed), inputs, grad)
-    ref64 = _run(fn(reference.emsa_attention_mixed), [None if t is None else t.double() for t in inputs],
-                 grad.double())
+    ref64 = _run(fn(reference.emsa_attention_mixed), [None if t is None else t.double() for t in inputs], grad.double())
     eager = _run(fn(reference.emsa_attention_mixed), inputs, grad)
     assert kernel[0].is_contiguous()
     for name, a, r, e in zip(NAMES, kernel, ref64, eager):
@@ -139,8 +138,9 @@ def test_near_uniform_attention(M, dtype, device):
     far below eps and 1/sqrt(var + eps) ~ 316 amplifies every rounding of p - mean. Centring
     on 1/M keeps the kernel as exact as eager (see the module docstring)."""
     q, k, v, weight, bias, grad = _inputs(2, 40, M, 2, 32, FP32, device, seed=5)
-    _check_parity((0.01 * q).to(dtype), (0.01 * k).to(dtype), v.to(dtype), weight.to(dtype), bias.to(dtype),
-                  grad.to(dtype))
+    _check_parity(
+        (0.01 * q).to(dtype), (0.01 * k).to(dtype), v.to(dtype), weight.to(dtype), bias.to(dtype), grad.to(dtype)
+    )
 
 
 @pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
@@ -149,8 +149,15 @@ def test_large_scores(M, dtype, device):
     """Large mixed scores (|t| ~ 60) over padded key blocks: exp over- / underflows unless the
     row max is subtracted, and a padded key must get no weight."""
     q, k, v, weight, bias, grad = _inputs(1, 40, M, 2, 32, FP32, device, seed=6)
-    _check_parity((2.0 + 0.1 * q).to(dtype), (1.0 + 0.1 * k).to(dtype), v.to(dtype), weight.to(dtype),
-                  bias.to(dtype), grad.to(dtype), scale=1.0)
+    _check_parity(
+        (2.0 + 0.1 * q).to(dtype),
+        (1.0 + 0.1 * k).to(dtype),
+        v.to(dtype),
+        weight.to(dtype),
+        bias.to(dtype),
+        grad.to(dtype),
+        scale=1.0,
+    )
 
 
 def test_one_key_gives_zeros(device):
@@ -190,8 +197,9 @@ def test_linear_views(B, N, M, h, d, dtype, device, monkeypatch):
     q_lin, kv_lin, conv = torch.nn.Linear(C, C), torch.nn.Linear(C, 2 * C), torch.nn.Conv2d(h, h, 1)
 
     def run(attn, dt):
-        ql, kvl, cv = (type(m)(*args).to(device, dt) for m, args in
-                       ((q_lin, (C, C)), (kv_lin, (C, 2 * C)), (conv, (h, h, 1))))
+        ql, kvl, cv = (
+            type(m)(*args).to(device, dt) for m, args in ((q_lin, (C, C)), (kv_lin, (C, 2 * C)), (conv, (h, h, 1)))
+        )
         for new, old in ((ql, q_lin), (kvl, kv_lin), (cv, conv)):
             new.load_state_dict(old.state_dict())
         xs = x.to(device, dt).detach().requires_grad_()
@@ -208,8 +216,16 @@ def test_linear_views(B, N, M, h, d, dtype, device, monkeypatch):
     assert copies and not any(copies), "a strided view with unit stride on d was copied"
     ref64 = run(reference.emsa_attention_mixed, torch.float64)
     eager = run(reference.emsa_attention_mixed, dtype)
-    names = ["out", "q.weight.grad", "kv.weight.grad", "kv.bias.grad", "conv.weight.grad", "conv.bias.grad",
-             "x.grad", "x_reduced.grad"]
+    names = [
+        "out",
+        "q.weight.grad",
+        "kv.weight.grad",
+        "kv.bias.grad",
+        "conv.weight.grad",
+        "conv.bias.grad",
+        "x.grad",
+        "x_reduced.grad",
+    ]
     for name, a, r, e in zip(names, kernel, ref64, eager):
         assert_close(name, a, r, e)
 
@@ -282,8 +298,15 @@ def test_backward_deterministic(N, M, device):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def _bad(shape_q=(1, 8, 2, 16), shape_k=(1, 4, 2, 16), weight_shape=(2, 2, 1, 1), bias_shape=(2,), dtype=FP32,
-         weight_dtype=None, weight_device="cpu"):
+def _bad(
+    shape_q=(1, 8, 2, 16),
+    shape_k=(1, 4, 2, 16),
+    weight_shape=(2, 2, 1, 1),
+    bias_shape=(2,),
+    dtype=FP32,
+    weight_dtype=None,
+    weight_device="cpu",
+):
     """CPU arguments (fine but for what the arguments change)."""
     q = torch.ones(shape_q, dtype=dtype)
     k = torch.ones(shape_k, dtype=dtype)
@@ -393,7 +416,8 @@ def test_torch_compile_inductor():
     inputs = (q, k, v, weight, bias)
     compiled = _run(torch.compile(fn, fullgraph=True), inputs, grad)
     eager = _run(fn, inputs, grad)
-    ref64 = _run(lambda *t: fn(*t, attention=reference.emsa_attention_mixed), [t.double() for t in inputs],
-                 grad.double())
+    ref64 = _run(
+        lambda *t: fn(*t, attention=reference.emsa_attention_mixed), [t.double() for t in inputs], grad.double()
+    )
     for name, a, r, e in zip(NAMES, compiled, ref64, eager):
         assert_close(name, a, r, e, dtype=FP16)

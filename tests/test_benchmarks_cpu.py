@@ -132,8 +132,9 @@ def test_roofline_floor(attention):
 def test_roofline_rates_measure_fp32_without_tf32(attention, monkeypatch):
     common = attention.common
     seen = []
-    monkeypatch.setattr(common, "matmul_tflops",
-                        lambda device, dtype: seen.append(torch.backends.cuda.matmul.allow_tf32) or 50.0)
+    monkeypatch.setattr(
+        common, "matmul_tflops", lambda device, dtype: seen.append(torch.backends.cuda.matmul.allow_tf32) or 50.0
+    )
     monkeypatch.setattr(common, "copy_bandwidth_gbps", lambda device: 3000.0)
     before = torch.backends.cuda.matmul.allow_tf32
     rates = common.roofline_rates("cpu", torch.float32)
@@ -174,7 +175,9 @@ def _fake_gpu_run(module, monkeypatch, tmp_path, shapes, argv):
     env = {**common.environment("cpu"), "device": "cuda"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, return_mode="mean": common.time_ms(fn, "cpu", reps=2, warmup=0))
+    monkeypatch.setattr(
+        triton_testing, "do_bench", lambda fn, return_mode="mean": common.time_ms(fn, "cpu", reps=2, warmup=0)
+    )
     monkeypatch.setattr(common, "environment", lambda device=None: env)
     monkeypatch.setattr(common, "roofline_rates", lambda device, dtype: {"copy_gbps": 100.0, "matmul_tflops": 1.0})
     monkeypatch.setattr(module, "SHAPES", shapes)
@@ -186,8 +189,13 @@ def _fake_gpu_run(module, monkeypatch, tmp_path, shapes, argv):
 
 def test_attention_loop_on_cpu(attention, monkeypatch, tmp_path, capsys):
     shapes = {"small-a": (2, 20, 6, 2, 16), "small-b": (1, 9, 9, 1, 16)}
-    data = _fake_gpu_run(attention, monkeypatch, tmp_path, shapes,
-                         ["--dtype", "fp32", "--impls", "eager", "sdpa-math", "--shapes", "small"])
+    data = _fake_gpu_run(
+        attention,
+        monkeypatch,
+        tmp_path,
+        shapes,
+        ["--dtype", "fp32", "--impls", "eager", "sdpa-math", "--shapes", "small"],
+    )
     rows = data["rows"]
     assert len(rows) == 2 * 2 * 3
     for row in rows:
@@ -203,24 +211,31 @@ def test_attention_loop_on_cpu(attention, monkeypatch, tmp_path, capsys):
 
 def test_format_speedups(attention):
     common = attention.common
-    rows = [{"shape": "s", "mode": "fwd", "impl": "triton", "ms": 2.0},
-            {"shape": "s", "mode": "fwd", "impl": "eager", "ms": 5.0},
-            {"shape": "s", "mode": "bwd", "impl": "triton", "error": "x"},
-            {"shape": "s", "mode": "bwd", "impl": "eager", "ms": 1.0},
-            {"shape": "t", "mode": "fwd", "impl": "eager", "ms": 9.0}]
+    rows = [
+        {"shape": "s", "mode": "fwd", "impl": "triton", "ms": 2.0},
+        {"shape": "s", "mode": "fwd", "impl": "eager", "ms": 5.0},
+        {"shape": "s", "mode": "bwd", "impl": "triton", "error": "x"},
+        {"shape": "s", "mode": "bwd", "impl": "eager", "ms": 1.0},
+        {"shape": "t", "mode": "fwd", "impl": "eager", "ms": 9.0},
+    ]
     (line,) = common.format_speedups(rows, "s")
     assert line.split() == ["fwd", "triton", "speed-up", "vs", "eager", "2.50x"]
     assert common.format_speedups(rows, "t") == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels on CPU tensors need the interpreter, which "
-                    "a GPU machine does not run (gpu_suite.py's kernels phase runs this script there, on the GPU)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the Triton kernels on CPU tensors need the interpreter, which "
+    "a GPU machine does not run (gpu_suite.py's kernels phase runs this script there, on the GPU)",
+)
 def test_mixed_loop_on_cpu(mixed, monkeypatch, tmp_path):
     """The timing loop over the kernel (Triton's interpreter here) and eager, every mode."""
     shapes = {"tiny": (1, 20, 6, 2, 16)}
     data = _fake_gpu_run(mixed, monkeypatch, tmp_path, shapes, ["--dtype", "fp32", "--impls", "triton", "eager"])
     rows = data["rows"]
-    assert [(r["impl"], r["mode"]) for r in rows] == [(i, m) for i in ("triton", "eager") for m in ("fwd", "bwd", "fwd+bwd")]
+    assert [(r["impl"], r["mode"]) for r in rows] == [
+        (i, m) for i in ("triton", "eager") for m in ("fwd", "bwd", "fwd+bwd")
+    ]
     assert all("error" not in r and r["ms"] > 0 and r["flops"] == mixed.flops(*r["dims"], r["mode"]) for r in rows)
 
 

@@ -12,7 +12,9 @@ from restv2 import ResT, ResTV2
 
 MINI = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1], num_classes=10)
 # Dynamic sides start at 33: at exactly 32 the reduced maps are 1x1, and export specialises sizes of 1.
-DYNAMIC = {"x": {0: Dim("batch", min=1, max=512), 2: Dim("height", min=33, max=8192), 3: Dim("width", min=33, max=8192)}}
+DYNAMIC = {
+    "x": {0: Dim("batch", min=1, max=512), 2: Dim("height", min=33, max=8192), 3: Dim("width", min=33, max=8192)}
+}
 KERNEL_OPS = {"add_layer_norm_fwd", "emsa_attention_fwd", "linear_gelu_fwd", "pixel_attention_fwd", "upsample_add_fwd"}
 
 
@@ -40,8 +42,9 @@ def test_export_with_kernels(cls, config, ops, device):
             torch.testing.assert_close(program.module()(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls, config", [(ResTV2, MINI), (ResT, dict(MINI, qkv_bias=True, apply_transform=True))],
-                         ids=["v2", "v1-transform"])
+@pytest.mark.parametrize(
+    "cls, config", [(ResTV2, MINI), (ResT, dict(MINI, qkv_bias=True, apply_transform=True))], ids=["v2", "v1-transform"]
+)
 def test_export_reference_dynamic_matches_eager_exactly(cls, config):
     """Sides that do not divide by 32 stay dynamic: the upsample crop is a gather under export,
     so the graph does not specialise on whether the upsampled map needs cropping."""

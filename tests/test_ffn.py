@@ -147,8 +147,12 @@ def test_inference_writes_no_pre(ctx, device, nan_buffers):
         out = linear_gelu(x, weight, bias)
     assert nan_buffers == [((37, 48), FP32)], nan_buffers
     assert not out.requires_grad
-    assert_close("out", out, reference.linear_gelu(*(t.double() for t in tensors[:3])),
-                 reference.linear_gelu(*(t.float() for t in tensors[:3])))
+    assert_close(
+        "out",
+        out,
+        reference.linear_gelu(*(t.double() for t in tensors[:3])),
+        reference.linear_gelu(*(t.float() for t in tensors[:3])),
+    )
 
 
 def test_grad_only_x(device):
@@ -219,13 +223,24 @@ def test_plan_clips_and_precision():
     sm80, sm70 = plans.TARGETS["sm_80"], plans.TARGETS["sm_70"]
     meta = dict(plans.linear_gelu_fwd_plan(5, 24, 10, FP16, sm80).constexprs)
     assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["EVEN_K"]) == (16, 32, 16, False)
-    blocks_k = {K: dict(plans.linear_gelu_fwd_plan(4096, 256, K, FP16, sm80).constexprs)["BLOCK_K"]
-                for K in (24, 48, 96, 1000, 2048)}
+    blocks_k = {
+        K: dict(plans.linear_gelu_fwd_plan(4096, 256, K, FP16, sm80).constexprs)["BLOCK_K"]
+        for K in (24, 48, 96, 1000, 2048)
+    }
     assert blocks_k == {24: 32, 48: 16, 96: 32, 1000: 64, 2048: 64}
-    prec = {(t.name, tf32): dict(plans.linear_gelu_fwd_plan(64, 64, 64, FP32, t, tf32).constexprs)["DOT_PRECISION"]
-            for t in (sm80, sm70, plans.INTERPRETER) for tf32 in (False, True)}
-    assert prec == {("sm_80", False): "ieee", ("sm_80", True): "tf32", ("sm_70", False): "ieee",
-                    ("sm_70", True): "ieee", ("interpreter", False): "ieee", ("interpreter", True): "ieee"}
+    prec = {
+        (t.name, tf32): dict(plans.linear_gelu_fwd_plan(64, 64, 64, FP32, t, tf32).constexprs)["DOT_PRECISION"]
+        for t in (sm80, sm70, plans.INTERPRETER)
+        for tf32 in (False, True)
+    }
+    assert prec == {
+        ("sm_80", False): "ieee",
+        ("sm_80", True): "tf32",
+        ("sm_70", False): "ieee",
+        ("sm_70", True): "ieee",
+        ("interpreter", False): "ieee",
+        ("interpreter", True): "ieee",
+    }
     with pytest.raises(ValueError, match="grid dimension x"):
         plans.linear_gelu_fwd_plan(2**40, 4096, 1024, FP16, sm80)
 
@@ -262,7 +277,11 @@ def test_tf32_flag_reaches_the_kernel(api):
     the legacy ``allow_tf32`` after the new ``fp32_precision`` API set it raises a RuntimeError
     (mixed APIs): a launcher that read it would fail in the backward."""
     x, w = torch.empty(64, 32, device="meta"), torch.empty(128, 32, device="meta")
-    dy, w2, pre = torch.empty(64, 32, device="meta"), torch.empty(32, 128, device="meta"), torch.empty(64, 128, device="meta")
+    dy, w2, pre = (
+        torch.empty(64, 32, device="meta"),
+        torch.empty(32, 128, device="meta"),
+        torch.empty(64, 128, device="meta"),
+    )
     seen_prec = []
     for allowed in (False, True):
         with _allow_tf32(allowed, api), plans.recording() as seen, plans.using_target("sm_80"):
@@ -290,9 +309,17 @@ def _tf32_reference(t):
 def test_tf32_reference_rounds():
     """The test's yardstick on known cases: ties away from zero, subnormals, overflow, NaN."""
     one = 1.0
-    cases = {one + 2**-11: one + 2**-10, one + 2**-11 - 2**-23: one, -(one + 2**-11): -(one + 2**-10),
-             one + 3 * 2**-11: one + 2**-9, 2.0**-137: 2.0**-136, 2.0**-138: 0.0, 3.4028234663852886e38: math.inf,
-             -3.4028234663852886e38: -math.inf, 2.0**-126 * (1 + 2**-11): 2.0**-126 * (1 + 2**-10)}
+    cases = {
+        one + 2**-11: one + 2**-10,
+        one + 2**-11 - 2**-23: one,
+        -(one + 2**-11): -(one + 2**-10),
+        one + 3 * 2**-11: one + 2**-9,
+        2.0**-137: 2.0**-136,
+        2.0**-138: 0.0,
+        3.4028234663852886e38: math.inf,
+        -3.4028234663852886e38: -math.inf,
+        2.0**-126 * (1 + 2**-11): 2.0**-126 * (1 + 2**-10),
+    }
     got = _tf32_reference(torch.tensor(list(cases), dtype=torch.float32))
     assert got.tolist() == list(cases.values())
     assert _tf32_reference(torch.tensor([math.nan])).isnan().all()
@@ -309,9 +336,23 @@ def test_round_to_tf32(device):
     """The kernels' bit trick against the float64 yardstick, bit for bit: signed zeros, ties,
     subnormals, the largest finite values (to inf), infinities, NaN and 2**16 random bit patterns
     (every exponent)."""
-    special = torch.tensor([0.0, -0.0, 1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 2.0**-137, 2.0**-149,
-                            2.0**-126 - 2.0**-149, 3.4028234663852886e38, -3.4028234663852886e38,
-                            math.inf, -math.inf, math.nan])
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1 + 2**-11,
+            -(1 + 2**-11),
+            1 + 2**-11 - 2**-23,
+            2.0**-137,
+            2.0**-149,
+            2.0**-126 - 2.0**-149,
+            3.4028234663852886e38,
+            -3.4028234663852886e38,
+            math.inf,
+            -math.inf,
+            math.nan,
+        ]
+    )
     bits = torch.randint(-(2**31), 2**31, (2**16,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
     x = torch.cat([special, bits.to(torch.int32).view(torch.float32)])
     y = torch.empty_like(x, device=device)
@@ -397,8 +438,11 @@ def test_torch_compile_trace(device):
 
 
 def _good(device, dtype=FP32):
-    return dict(x=torch.randn(3, 16, device=device, dtype=dtype), weight=torch.randn(32, 16, device=device, dtype=dtype),
-                bias=torch.randn(32, device=device, dtype=dtype))
+    return dict(
+        x=torch.randn(3, 16, device=device, dtype=dtype),
+        weight=torch.randn(32, 16, device=device, dtype=dtype),
+        bias=torch.randn(32, device=device, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize(
@@ -431,8 +475,9 @@ def test_error_cpu_without_interpreter(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("lead,K", [((2, 3136), 96), ((2, 784), 192), ((4, 196), 384), ((3, 49), 768),
-                                    ((2, 49), 1024), ((5, 37), 64)])
+@pytest.mark.parametrize(
+    "lead,K", [((2, 3136), 96), ((2, 784), 192), ((4, 196), 384), ((3, 49), 768), ((2, 49), 1024), ((5, 37), 64)]
+)
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32], ids=["bf16", "fp16", "fp32"])
 def test_parity_compiled(lead, K, dtype, device):
     """Compiled kernel at the model's widths (N = 4K), bf16 included (the interpreter gets bf16 wrong)."""
@@ -476,13 +521,17 @@ def test_int64_offsets(device):
         pytest.skip("not enough GPU memory")
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(M, K, device=device, dtype=FP16, generator=g)
-    w = (torch.randn(N, K, device=device, dtype=FP16, generator=g) / K**0.5)
+    w = torch.randn(N, K, device=device, dtype=FP16, generator=g) / K**0.5
     b = torch.randn(N, device=device, dtype=FP16, generator=g)
     with torch.no_grad():
         out = linear_gelu(x, w, b)
     tail = slice(M - 64, M)
-    assert_close("out[-64:]", out[tail], reference.linear_gelu(x[tail].double(), w.double(), b.double()),
-                 reference.linear_gelu(x[tail], w, b))
+    assert_close(
+        "out[-64:]",
+        out[tail],
+        reference.linear_gelu(x[tail].double(), w.double(), b.double()),
+        reference.linear_gelu(x[tail], w, b),
+    )
 
 
 # ----------------------------------------------------------------------------- the whole MLP

@@ -25,9 +25,25 @@ from helpers import load_benchmark
 
 PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-COMMON_KEYS = {"suite", "phase", "tag", "dry_run", "status", "command", "argv", "started", "wall_s", "budget_s",
-               "git_commit", "git_changed", "tree_sha256", "environment", "files", "work", "summary"}
-
+COMMON_KEYS = {
+    "suite",
+    "phase",
+    "tag",
+    "dry_run",
+    "status",
+    "command",
+    "argv",
+    "started",
+    "wall_s",
+    "budget_s",
+    "git_commit",
+    "git_changed",
+    "tree_sha256",
+    "environment",
+    "files",
+    "work",
+    "summary",
+}
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +117,41 @@ def test_dry_run_phase_contents(dry_runs):
 
     kernels = load("kernels")
     assert [r["id"] for r in kernels["runs"]][:4] == [
-        "attention/bf16/224", "upsample/bf16/224", "attention_mixed/bf16/224", "attention/bf16/det"]
+        "attention/bf16/224",
+        "upsample/bf16/224",
+        "attention_mixed/bf16/224",
+        "attention/bf16/det",
+    ]
     assert len(kernels["runs"]) == 3 * 3 * 2 and kernels["rows"] == []
     assert {r["dtype"] for r in kernels["runs"]} == {"bf16", "fp16", "fp32"}
 
     e2e = load("e2e")
     ids = [f"{r['mode']}/{r['model']}/{r['label']}" for r in e2e["rows"]]
-    assert ids[:4] == [f"infer/restv2_tiny/{b}" for b in ("reference", "kernels", "reference+compile", "kernels+compile")]
-    assert {"train/restv2_tiny/kernels", "features-fwd/restv2_tiny/kernels", "infer/convnext_tiny/timm+compile"} <= set(ids)
+    assert ids[:4] == [
+        f"infer/restv2_tiny/{b}" for b in ("reference", "kernels", "reference+compile", "kernels+compile")
+    ]
+    assert {"train/restv2_tiny/kernels", "features-fwd/restv2_tiny/kernels", "infer/convnext_tiny/timm+compile"} <= set(
+        ids
+    )
     assert all(r["status"] == "planned" and r["images_per_s_median"] is None for r in e2e["rows"])
     assert "skip (budget)" in results["e2e"][1]  # the compile rows past the budget are listed, not dropped
 
     sweep = load("sweep")
-    families = {"attn_fwd", "attn_bwd", "upsample_fwd", "upsample_bwd", "upsample_bwd_dv", "linear_gelu_fwd",
-                "linear_gelu_bwd", "add_ln_fwd", "add_ln_bwd"}
+    families = {
+        "attn_fwd",
+        "attn_bwd",
+        "upsample_fwd",
+        "upsample_bwd",
+        "upsample_bwd_dv",
+        "linear_gelu_fwd",
+        "linear_gelu_bwd",
+        "add_ln_fwd",
+        "add_ln_bwd",
+    }
     assert {b["family"] for b in sweep["best"]} == families
-    assert len(sweep["best"]) == len(families) * 5 and all(b["current_ms"] is None and b["current_plan"] for b in sweep["best"])
+    assert len(sweep["best"]) == len(families) * 5 and all(
+        b["current_ms"] is None and b["current_plan"] for b in sweep["best"]
+    )
     assert {c["cid"] for c in sweep["candidates"] if c["family"] == "attn_fwd"} >= {"current", "n128.m64.w8.s3"}
     assert sweep["dry_run_counts"]["upsample_fwd/tiny-s4-224-b256"]["pruned"] > 0
     assert "family          | shape" in results["sweep"][1]
@@ -124,8 +159,12 @@ def test_dry_run_phase_contents(dry_runs):
     profile = load("profile")
     ids = [r["id"] for r in profile["rows"]]
     assert ids[:2] == ["infer/restv2_tiny/reference", "infer/restv2_tiny/kernels"]
-    assert {"train/restv2_tiny/kernels", "features-fwd+bwd/restv2_tiny/kernels", "op/attention/tiny-s1-224-b256",
-            "infer/restv2_tiny/kernels+compile"} <= set(ids)
+    assert {
+        "train/restv2_tiny/kernels",
+        "features-fwd+bwd/restv2_tiny/kernels",
+        "op/attention/tiny-s1-224-b256",
+        "infer/restv2_tiny/kernels+compile",
+    } <= set(ids)
     assert all(r["status"] == "planned" and r["result"] is None for r in profile["rows"])
     assert "restv2_tiny train bf16 batch 128 224x224: not profiled" in results["profile"][1]
 
@@ -147,7 +186,9 @@ def test_kernel_items_select_their_scripts_shapes(suite):
             assert all(name.startswith("det") and dims[0] == 2 for name, dims in chosen.items()), item["id"]
         else:
             assert all(name.endswith("-224") and dims[0] == 128 for name, dims in chosen.items()), item["id"]
-    mixed = common.select_shapes(load_benchmark("bench_attention_mixed").SHAPES, suite.KERNEL_SHAPES["attention_mixed", "224"])
+    mixed = common.select_shapes(
+        load_benchmark("bench_attention_mixed").SHAPES, suite.KERNEL_SHAPES["attention_mixed", "224"]
+    )
     assert len(mixed) == 6  # rest_small's and rest_large's three mixed stages
 
 
@@ -181,7 +222,8 @@ def test_parse_junit(suite, tmp_path):
         f'<failure message="assert 1 == 2">{long_text}</failure></testcase>'
         '<testcase classname="tests.test_upsample" name="test_err"><error message="fixture broke">tb</error></testcase>'
         '<testcase classname="tests.test_upsample" name="test_skip"><skipped message="needs a GPU"/></testcase>'
-        "</testsuite></testsuites>")
+        "</testsuite></testsuites>"
+    )
     parsed = suite.parse_junit(tmp_path / "j.xml")
     assert parsed["counts"] == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1, "total": 4}
     fail, err = parsed["failures"]
@@ -198,7 +240,8 @@ def test_plan_budget(suite):
 
 def test_supervise_recovers_from_crash_and_hang(suite, monkeypatch, tmp_path):
     fake = tmp_path / "fake_worker.py"
-    fake.write_text(textwrap.dedent("""\
+    fake.write_text(
+        textwrap.dedent("""\
         import json, sys, time
         spec = json.load(open(sys.argv[1]))
         events = open(spec["events"], "a")
@@ -210,11 +253,14 @@ def test_supervise_recovers_from_crash_and_hang(suite, monkeypatch, tmp_path):
                 time.sleep(60)
             events.write(json.dumps({"event": "done", "id": item["id"], "status": "ok", "result": 1,
                                      "wall_s": 0.0}) + "\\n"); events.flush()
-        """))
+        """)
+    )
 
     def start(kind, shared, items, deadline, tmp, index, echo):
         spec, events = tmp / f"w{index}.json", tmp / f"w{index}.events"
-        spec.write_text(json.dumps({"events": str(events), "items": [{"id": i["id"], "spec": i["spec"]} for i in items]}))
+        spec.write_text(
+            json.dumps({"events": str(events), "items": [{"id": i["id"], "spec": i["spec"]} for i in items]})
+        )
         proc, thread, _ = suite.spawn([sys.executable, str(fake), str(spec)], echo)
         return proc, thread, events
 
@@ -237,8 +283,11 @@ def sweep_on_device(suite, monkeypatch, device):
     import triton.testing
 
     monkeypatch.setattr(suite, "DEVICE", device)
-    monkeypatch.setattr(triton.testing, "do_bench",
-                        lambda fn, warmup=0, rep=0, return_mode="mean": suite.common.time_ms(fn, device, reps=1, warmup=0))
+    monkeypatch.setattr(
+        triton.testing,
+        "do_bench",
+        lambda fn, warmup=0, rep=0, return_mode="mean": suite.common.time_ms(fn, device, reps=1, warmup=0),
+    )
 
 
 def test_sweep_worker_times_candidates(suite, monkeypatch, sweep_on_device):
@@ -248,8 +297,9 @@ def test_sweep_worker_times_candidates(suite, monkeypatch, sweep_on_device):
     handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
 
     def shape(family, fields, dtype="fp32"):
-        status, result, _ = handle({"family": family, "dtype": dtype, "cid": suite.cid(fields), "fields": fields,
-                                    "shapes": ["tiny-x"]})
+        status, result, _ = handle(
+            {"family": family, "dtype": dtype, "cid": suite.cid(fields), "fields": fields, "shapes": ["tiny-x"]}
+        )
         assert status == "ok"
         return result["shapes"]["tiny-x"]
 
@@ -268,12 +318,23 @@ def test_sweep_worker_times_candidates(suite, monkeypatch, sweep_on_device):
     assert "eager_ms" not in current  # no eager twin in the attention and upsample sweeps (the kernels phase has them)
 
 
-@pytest.mark.parametrize(("family", "shape", "fields"), [
-    ("linear_gelu_fwd", (48, 64, 32), {"block_m": 16, "block_n": 32, "block_k": 16, "num_warps": 1, "num_stages": 1}),
-    ("linear_gelu_bwd", (48, 64, 32), {"block_m": 32, "block_n": 16, "block_k": 16, "num_warps": 1, "num_stages": 2}),
-    ("add_ln_fwd", (37, 24), {"block_r": 2, "num_warps": 1}),
-    ("add_ln_bwd", (37, 24), {"block_r": 4, "num_warps": 2, "num_stages": 1}),
-])
+@pytest.mark.parametrize(
+    ("family", "shape", "fields"),
+    [
+        (
+            "linear_gelu_fwd",
+            (48, 64, 32),
+            {"block_m": 16, "block_n": 32, "block_k": 16, "num_warps": 1, "num_stages": 1},
+        ),
+        (
+            "linear_gelu_bwd",
+            (48, 64, 32),
+            {"block_m": 32, "block_n": 16, "block_k": 16, "num_warps": 1, "num_stages": 2},
+        ),
+        ("add_ln_fwd", (37, 24), {"block_r": 2, "num_warps": 1}),
+        ("add_ln_bwd", (37, 24), {"block_r": 4, "num_warps": 2, "num_stages": 1}),
+    ],
+)
 def test_sweep_worker_mlp_and_layernorm(suite, monkeypatch, sweep_on_device, family, shape, fields):
     """The MLP GEMM and add + LayerNorm families: the current plan with its eager twin timed, and a
     forced candidate whose launch differs and whose result matches the current plan's."""
@@ -281,8 +342,9 @@ def test_sweep_worker_mlp_and_layernorm(suite, monkeypatch, sweep_on_device, fam
     handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
 
     def run(fields):
-        status, result, _ = handle({"family": family, "dtype": "fp32", "cid": suite.cid(fields), "fields": fields,
-                                    "shapes": ["tiny-x"]})
+        status, result, _ = handle(
+            {"family": family, "dtype": "fp32", "cid": suite.cid(fields), "fields": fields, "shapes": ["tiny-x"]}
+        )
         assert status == "ok"
         return result["shapes"]["tiny-x"]
 
@@ -348,15 +410,25 @@ def test_profile_worker_and_tables(suite, monkeypatch, device, tmp_path):
     assert zipfile.ZipFile(tmp_path / "small.zip").namelist() == kept and (tmp_path / "small.zip").stat().st_size == one
 
     report = suite.load_script("report")
-    skipped = {**items[0], "id": "infer/restv2_tiny/kernels", "status": "skipped", "result": None,
-               "spec": {**items[0]["spec"], "backend": "kernels"}}
+    skipped = {
+        **items[0],
+        "id": "infer/restv2_tiny/kernels",
+        "status": "skipped",
+        "result": None,
+        "spec": {**items[0]["spec"], "backend": "kernels"},
+    }
     rows = [{k: it[k] for k in ("id", "status", "reason", "spec", "result")} for it in [items[0], skipped, items[1]]]
     groups = report.profile_groups(rows)
     assert list(groups) == ["restv2_tiny infer fp32 batch 1 32x32", "attention tiny-x fp32 fwd+bwd"]
     assert list(groups["restv2_tiny infer fp32 batch 1 32x32"]) == ["reference"]  # the skipped row adds none
     assert list(groups["attention tiny-x fp32 fwd+bwd"]) == ["triton"]
-    record = {"suite": report.SUITE, "phase": "profile", "dry_run": False, "started": "2026-11-24T12:00:00",
-              "_file": str(tmp_path / "profile.json"), "profile": {"rows": rows}}
+    record = {
+        "suite": report.SUITE,
+        "phase": "profile",
+        "dry_run": False,
+        "started": "2026-11-24T12:00:00",
+        "_file": str(tmp_path / "profile.json"),
+        "profile": {"rows": rows},
+    }
     text = report.markdown(report.collect([record]), [])
     assert "### Profiles" in text and "**attention tiny-x fp32 fwd+bwd**" in text and "| host wall |" in text
-

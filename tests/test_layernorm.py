@@ -67,10 +67,12 @@ def _run(fn, tensors, dtypes, device, layout="contig", use=("residual", "normed"
     None, weight/bias, out_dtype or None); float64 everywhere when all are float64."""
     x_dt, b_dt, w_dt, out_dt = dtypes
     x, branch, weight, bias, d_res, d_normed = tensors
-    leaves = [x.to(device=device, dtype=x_dt, copy=True).requires_grad_(),
-              None if b_dt is None else branch.to(device=device, dtype=b_dt, copy=True).requires_grad_(),
-              weight.to(device=device, dtype=w_dt, copy=True).requires_grad_(),
-              bias.to(device=device, dtype=w_dt, copy=True).requires_grad_()]
+    leaves = [
+        x.to(device=device, dtype=x_dt, copy=True).requires_grad_(),
+        None if b_dt is None else branch.to(device=device, dtype=b_dt, copy=True).requires_grad_(),
+        weight.to(device=device, dtype=w_dt, copy=True).requires_grad_(),
+        bias.to(device=device, dtype=w_dt, copy=True).requires_grad_(),
+    ]
     xv = _layout(leaves[0], layout)
     bv = None if b_dt is None else _layout(leaves[1], layout)
     residual, normed = fn(xv, bv, leaves[2], leaves[3], 1e-6, out_dt)
@@ -96,8 +98,14 @@ def _round(tensors, dtypes):
     x, branch, weight, bias, d_res, d_normed = tensors
     res_dt = x_dt if b_dt is None else torch.promote_types(x_dt, b_dt)
     out_dt = dtypes[3] or res_dt
-    return [x.to(x_dt).double(), branch.to(b_dt or x_dt).double(), weight.to(w_dt).double(), bias.to(w_dt).double(),
-            d_res.to(res_dt).double(), d_normed.to(out_dt).double()]
+    return [
+        x.to(x_dt).double(),
+        branch.to(b_dt or x_dt).double(),
+        weight.to(w_dt).double(),
+        bias.to(w_dt).double(),
+        d_res.to(res_dt).double(),
+        d_normed.to(out_dt).double(),
+    ]
 
 
 def _check_parity(shape, dtypes, device, layout="contig", seed=0, use=("residual", "normed")):
@@ -210,8 +218,12 @@ def test_strided_grads(device):
         (normed.sum() + (res * tensors[4].to(res)).sum()).backward()
         return [t.grad for t in leaves]
 
-    for name, a, r, e in zip(GRAD_NAMES, grads(add_layer_norm, FP32, device), grads(reference.add_layer_norm, torch.float64, "cpu"),
-                             grads(reference.add_layer_norm, FP32, device)):
+    for name, a, r, e in zip(
+        GRAD_NAMES,
+        grads(add_layer_norm, FP32, device),
+        grads(reference.add_layer_norm, torch.float64, "cpu"),
+        grads(reference.add_layer_norm, FP32, device),
+    ):
         assert_close(name, a, r, e)
 
 
@@ -338,27 +350,39 @@ def test_custom_ops_opcheck(device):
 
 
 def _good(device, C=16):
-    return dict(x=torch.randn(2, 3, C, device=device), branch=torch.randn(2, 3, C, device=device),
-                weight=torch.ones(C, device=device), bias=torch.zeros(C, device=device))
+    return dict(
+        x=torch.randn(2, 3, C, device=device),
+        branch=torch.randn(2, 3, C, device=device),
+        weight=torch.ones(C, device=device),
+        bias=torch.zeros(C, device=device),
+    )
 
 
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        pytest.param(lambda a: a.update(x=a["x"].double(), branch=a["branch"].double()), TypeError,
-                     "fp16/bf16/fp32", id="fp64"),
-        pytest.param(lambda a: a.update(weight=a["weight"].double()), TypeError, "weight in torch.float64",
-                     id="weight-fp64"),
+        pytest.param(
+            lambda a: a.update(x=a["x"].double(), branch=a["branch"].double()), TypeError, "fp16/bf16/fp32", id="fp64"
+        ),
+        pytest.param(
+            lambda a: a.update(weight=a["weight"].double()), TypeError, "weight in torch.float64", id="weight-fp64"
+        ),
         pytest.param(lambda a: a.update(out_dtype=torch.float64), TypeError, "out_dtype", id="out-fp64"),
         pytest.param(lambda a: a.update(out_dtype="float16"), TypeError, "out_dtype", id="out-str"),
         pytest.param(lambda a: a.update(x=a["x"].int()), TypeError, "x has dtype", id="x-int"),
         pytest.param(lambda a: a.update(x=a["x"].tolist()), TypeError, "x must be a torch.Tensor", id="not-tensor"),
         pytest.param(lambda a: a.update(branch=a["branch"][:1]), ValueError, "branch .* must have", id="branch-shape"),
-        pytest.param(lambda a: a.update(weight=a["weight"][:3]), ValueError, "weight must have shape", id="weight-shape"),
+        pytest.param(
+            lambda a: a.update(weight=a["weight"][:3]), ValueError, "weight must have shape", id="weight-shape"
+        ),
         pytest.param(lambda a: a.update(bias=a["bias"][None]), ValueError, "bias must have shape", id="bias-shape"),
         pytest.param(lambda a: a.update(eps=-1.0), ValueError, "eps", id="eps-negative"),
-        pytest.param(lambda a: a.update(x=torch.tensor(1.0, device=a["x"].device)), ValueError,
-                     "at least one dimension", id="x-0d"),
+        pytest.param(
+            lambda a: a.update(x=torch.tensor(1.0, device=a["x"].device)),
+            ValueError,
+            "at least one dimension",
+            id="x-0d",
+        ),
     ],
 )
 def test_errors(change, error, match, device):
@@ -411,6 +435,7 @@ def test_torch_compile_inductor(device):
         def g(x, branch, weight, bias):
             res, normed = fn(x * 0.5, branch, weight, bias, 1e-6, out_dtype)
             return F.gelu(normed.to(res.dtype)) + res
+
         return g
 
     def grads(fn, dtypes, dev):

@@ -104,9 +104,18 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
         model(torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize(("triton", "numpy", "refused"), [
-    ("3.6.0", "2.4.6", True), ("3.5.1+git9a1b2c3", "2.5.2", True), ("3.6.0", "2.3.5", False),
-    ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.2", False), (None, "2.4.6", False), ("3.6.0", None, False)])
+@pytest.mark.parametrize(
+    ("triton", "numpy", "refused"),
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.5.1+git9a1b2c3", "2.5.2", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.4.6", False),
+        ("3.9.0", "2.5.2", False),
+        (None, "2.4.6", False),
+        ("3.6.0", None, False),
+    ],
+)
 def test_interpreter_problem_names_the_broken_pair(monkeypatch, triton, numpy, refused):
     """Triton < 3.7's interpreter fails inside every kernel under NumPy >= 2.4 (triton-lang/triton#9171)."""
     versions = {"triton": triton, "numpy": numpy}
@@ -125,7 +134,9 @@ def test_interpreter_problem_names_the_broken_pair(monkeypatch, triton, numpy, r
 
 def test_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(backend_choice, "_INTERPRETER_PROBLEM", "Triton 3.6.0's CPU interpreter cannot run with NumPy 2.4.6")
+    monkeypatch.setattr(
+        backend_choice, "_INTERPRETER_PROBLEM", "Triton 3.6.0's CPU interpreter cannot run with NumPy 2.4.6"
+    )
     model = ResTV2(**MINI_V2, backend="triton")
     with pytest.raises(RuntimeError, match="cannot run with NumPy 2.4.6"):
         model(torch.randn(1, 3, 64, 64))

@@ -179,7 +179,9 @@ def _stage_sizes(H: int, W: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("config", [MINI_V2, MINI_V1], ids=["v2", "v1"])
-@pytest.mark.parametrize("size", [(225, 225), (97, 131), (800, 1333), (32, 32), (33, 47)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "size", [(225, 225), (97, 131), (800, 1333), (32, 32), (33, 47)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
 def test_any_size_forward_backward(config, size):
     cls = ResTV2 if "apply_transform" not in config else ResT
     # Eval mode so one image suffices (BatchNorm in training needs two); gradients still flow.
@@ -404,8 +406,10 @@ def test_import_without_timm_imports_nothing_optional(tmp_path):
     """Without timm nothing optional is imported; a timm that fails to import (a torchvision
     built for another torch) gives a warning, and restv2 still works. timm is hidden where it is
     installed (``sys.modules["timm"] = None`` reads as not installed)."""
-    check = ("import sys\nsys.modules['timm'] = None\nimport restv2\n"
-             "assert not {'torchvision', 'triton'} & set(sys.modules), sorted(sys.modules)\n")
+    check = (
+        "import sys\nsys.modules['timm'] = None\nimport restv2\n"
+        "assert not {'torchvision', 'triton'} & set(sys.modules), sorted(sys.modules)\n"
+    )
     subprocess.run([sys.executable, "-c", check], check=True)
     broken = tmp_path / "timm"
     broken.mkdir()

@@ -32,8 +32,9 @@ def _small_tiles(programs=5):
     """4-pixel tiles and several reduction programs: program boundaries inside rows and images,
     each reduction program over several blocks, on small shapes."""
     tile = dict(block_p=4, num_warps=1)
-    return plans.forced(pixel_attention_fwd=tile, pixel_attention_bwd=dict(tile, programs=programs),
-                        pixel_attention_bwd_dx=tile)
+    return plans.forced(
+        pixel_attention_fwd=tile, pixel_attention_bwd=dict(tile, programs=programs), pixel_attention_bwd_dx=tile
+    )
 
 
 def _inputs(B, C, H, W, seed=0):
@@ -142,7 +143,9 @@ def test_parity_small_tiles(shape, programs, device):
         _check_parity(shape, FP32, device, "cl-crop")
 
 
-@pytest.mark.parametrize("shape", [pytest.param((2, 96, 5, 7), id="C96-5x7"), pytest.param((1, 1024, 2, 3), id="C1024-2x3")])
+@pytest.mark.parametrize(
+    "shape", [pytest.param((2, 96, 5, 7), id="C96-5x7"), pytest.param((1, 1024, 2, 3), id="C1024-2x3")]
+)
 def test_parity_gpu_tiles(shape, device):
     """The tile sizes and program counts a GPU would pick (BLOCK_P 2 at C = 1024)."""
     with plans.using_target("sm_90"):
@@ -285,7 +288,11 @@ def test_launchers_record_on_meta():
     assert [r.plan for r in seen] == [plans.pixel_attention_fwd_plan(B, H, W, C, BF16, target), bwd.g, bwd.dx]
     block_p = dict(bwd.g.constexprs)["BLOCK_P"]
     assert bwd.g.grid == (bwd.programs,) and bwd.programs <= 2 * target.sm_count
-    assert (bwd.programs - 1) * bwd.blocks_per_program * block_p < B * H * W <= bwd.programs * bwd.blocks_per_program * block_p
+    assert (
+        (bwd.programs - 1) * bwd.blocks_per_program * block_p
+        < B * H * W
+        <= bwd.programs * bwd.blocks_per_program * block_p
+    )
     assert out.shape == dx.shape == (B, H, W, C) and dw.shape == weight.shape and db.shape == bias.shape
 
 
@@ -304,12 +311,22 @@ def _good(device, dtype=FP32, C=16):
         pytest.param(lambda a: a.update(bias=a["bias"].half()), TypeError, "bias has dtype", id="dtype-mismatch"),
         pytest.param(lambda a: a.update(x=a["x"].tolist()), TypeError, "x must be a torch.Tensor", id="not-tensor"),
         pytest.param(lambda a: a.update(x=a["x"][0]), ValueError, "4-D", id="x-3d"),
-        pytest.param(lambda a: a.update(weight=a["weight"][:8]), ValueError, "weight must have shape", id="weight-shape"),
-        pytest.param(lambda a: a.update(weight=a["weight"].view(16, 9, 1, 1)), ValueError, "weight must have shape",
-                     id="weight-1x1"),
+        pytest.param(
+            lambda a: a.update(weight=a["weight"][:8]), ValueError, "weight must have shape", id="weight-shape"
+        ),
+        pytest.param(
+            lambda a: a.update(weight=a["weight"].view(16, 9, 1, 1)),
+            ValueError,
+            "weight must have shape",
+            id="weight-1x1",
+        ),
         pytest.param(lambda a: a.update(bias=a["bias"][:5]), ValueError, "bias must have shape", id="bias-shape"),
-        pytest.param(lambda a: a.update(x=a["x"][:, :0], weight=a["weight"][:0], bias=a["bias"][:0]),
-                     ValueError, "channels", id="C0"),
+        pytest.param(
+            lambda a: a.update(x=a["x"][:, :0], weight=a["weight"][:0], bias=a["bias"][:0]),
+            ValueError,
+            "channels",
+            id="C0",
+        ),
     ],
 )
 def test_errors(change, error, match, device):

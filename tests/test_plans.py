@@ -39,8 +39,11 @@ def _within_limits(launch):
     return len(launch.grid) <= 3 and all(1 <= g <= limit for g, limit in zip(launch.grid, MAX_GRID))
 
 
-@pytest.mark.parametrize("B, H", [(1, 1), (8192, 16), (65536, 1), (4096, 32), (1 << 17, 8)],
-                         ids=["1x1", "8192x16", "65536x1", "4096x32", "131072x8"])
+@pytest.mark.parametrize(
+    "B, H",
+    [(1, 1), (8192, 16), (65536, 1), (4096, 32), (1 << 17, 8)],
+    ids=["1x1", "8192x16", "65536x1", "4096x32", "131072x8"],
+)
 def test_grids_within_cuda_limits_for_any_batch(B, H):
     """B * heads far above CUDA's 65,535 cap on grid y/z: every grid is 1-D and within limits."""
     for dtype, target in itertools.product(DTYPES, ALL_TARGETS):
@@ -77,7 +80,10 @@ def test_launchers_record_what_the_plans_say():
     B, Hr, Wr, C, sr = 70000, 7, 7, 96, 8
     x = torch.empty(B, Hr * sr, Wr * sr, C, device="meta", dtype=torch.bfloat16)
     v = torch.empty(B, Hr, Wr, 2 * C, device="meta", dtype=torch.bfloat16)[..., C:]
-    params = [torch.empty(s, device="meta", dtype=torch.bfloat16) for s in ((sr * sr * C, 1, 3, 3), (sr * sr * C,), (C,), (C,))]
+    params = [
+        torch.empty(s, device="meta", dtype=torch.bfloat16)
+        for s in ((sr * sr * C, 1, 3, 3), (sr * sr * C,), (C,), (C,))
+    ]
     with plans.using_target(target), plans.recording() as seen:
         out = upsample._fwd(x, v, *params, sr, 1e-6)
         upsample._bwd(torch.empty_like(out), v, *params, sr, 1e-6)
@@ -108,8 +114,12 @@ def test_interpreter_many_heads_and_batches(device):
         plan = plans.attention_bwd_plan(B, N, M, H, D, torch.float32, plans.INTERPRETER)
         assert plan.splits == 3 and not plan.fuse_dq  # 3 query blocks in 3 splits, 2 key blocks, 40 (b, h)
         kernel = run(emsa_attention, torch.float32, device)
-    for name, a, r, e in zip(("out", "dq", "dk", "dv"), kernel, run(reference.emsa_attention, torch.float64, "cpu"),
-                             run(reference.emsa_attention, torch.float32, "cpu")):
+    for name, a, r, e in zip(
+        ("out", "dq", "dk", "dv"),
+        kernel,
+        run(reference.emsa_attention, torch.float64, "cpu"),
+        run(reference.emsa_attention, torch.float32, "cpu"),
+    ):
         assert_close(name, a, r, e)
 
 
@@ -133,8 +143,10 @@ def test_gpu_plans_in_the_interpreter(target, dtype, device):
     attn = [torch.randn(2, L, 2, 64, generator=g).to(dtype).double() for L in (150, 70, 70)]
     attn_grad = torch.randn(2, 150, 2, 64, generator=g).to(dtype).double()
     B, Hr, Wr, C, sr = 2, 3, 4, 96, 4
-    up = [torch.randn(*shape, generator=g).to(dtype).double() / 2 for shape in (
-        (B, Hr * sr - 1, Wr * sr, C), (B, Hr, Wr, C), (sr * sr * C, 1, 3, 3), (sr * sr * C,), (C,), (C,))]
+    up = [
+        torch.randn(*shape, generator=g).to(dtype).double() / 2
+        for shape in ((B, Hr * sr - 1, Wr * sr, C), (B, Hr, Wr, C), (sr * sr * C, 1, 3, 3), (sr * sr * C,), (C,), (C,))
+    ]
     up_grad = torch.randn(B, Hr * sr - 1, Wr * sr, C, generator=g).to(dtype).double()
 
     def upsample(fn):
@@ -155,7 +167,12 @@ def test_gpu_plans_in_the_interpreter(target, dtype, device):
 def test_targets_table():
     """The opt-in shared memory per block of each target, as CUDA documents it."""
     assert {n: t.smem_per_block for n, t in TARGETS.items()} == {
-        "sm_70": 98304, "sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+        "sm_70": 98304,
+        "sm_80": 166912,
+        "sm_86": 101376,
+        "sm_89": 101376,
+        "sm_90": 232448,
+    }
     assert plans.known_target(89) is TARGETS["sm_89"]
     assert plans.known_target(120) is TARGETS["sm_90"]  # a newer GPU takes the newest tables
     assert plans.known_target(75) is TARGETS["sm_70"]
@@ -168,15 +185,27 @@ def test_device_target():
     with plans.using_target("sm_80") as t:
         assert plans.device_target(torch.device("cpu")) is t is TARGETS["sm_80"]
     assert plans.device_target(torch.device("cpu")) is plans.INTERPRETER
-    props = SimpleNamespace(major=8, minor=6, multi_processor_count=84, name="NVIDIA RTX A6000",
-                            shared_memory_per_block_optin=101376, shared_memory_per_multiprocessor=102400)
+    props = SimpleNamespace(
+        major=8,
+        minor=6,
+        multi_processor_count=84,
+        name="NVIDIA RTX A6000",
+        shared_memory_per_block_optin=101376,
+        shared_memory_per_multiprocessor=102400,
+    )
     plans._cuda_target.cache_clear()
     try:
         with mock.patch.object(torch.cuda, "get_device_properties", lambda index: props):
             t = plans.device_target(torch.device("cuda", 0))
     finally:
         plans._cuda_target.cache_clear()
-    assert (t.name, t.sm_count, t.gpu, t.smem_per_block, t.max_threads_per_sm) == ("sm_86", 84, props.name, 101376, 1536)
+    assert (t.name, t.sm_count, t.gpu, t.smem_per_block, t.max_threads_per_sm) == (
+        "sm_86",
+        84,
+        props.name,
+        101376,
+        1536,
+    )
 
 
 def test_forced_rejects_unknown_names():
@@ -187,5 +216,11 @@ def test_forced_rejects_unknown_names():
         with plans.forced(attn_fwd=dict(block_p=16)):
             pass
     with plans.forced(attn_fwd=dict(block_n=32)):
-        assert plans.attention_fwd_plan(1, 100, 49, 1, 64, torch.float16, TARGETS["sm_90"]).constexprs[0] == ("BLOCK_N", 32)
-    assert plans.attention_fwd_plan(1, 100, 49, 1, 64, torch.float16, TARGETS["sm_90"]).constexprs[0] == ("BLOCK_N", 128)
+        assert plans.attention_fwd_plan(1, 100, 49, 1, 64, torch.float16, TARGETS["sm_90"]).constexprs[0] == (
+            "BLOCK_N",
+            32,
+        )
+    assert plans.attention_fwd_plan(1, 100, 49, 1, 64, torch.float16, TARGETS["sm_90"]).constexprs[0] == (
+        "BLOCK_N",
+        128,
+    )

@@ -33,10 +33,24 @@ def benches():
 
 
 def record(phase: str, started: str, body: dict, commit: str = "abc1234def") -> dict:
-    env = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "torch": "2.11.0+cu130", "triton": "3.6.0",
-           "cuda": "13.0", "date": started}
-    return {"suite": "benchmarks/gpu_suite.py", "phase": phase, "dry_run": False, "started": started, "git_commit": commit,
-            "git_changed": [], "environment": env, phase: body}
+    env = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "driver": "580.159.04",
+        "torch": "2.11.0+cu130",
+        "triton": "3.6.0",
+        "cuda": "13.0",
+        "date": started,
+    }
+    return {
+        "suite": "benchmarks/gpu_suite.py",
+        "phase": phase,
+        "dry_run": False,
+        "started": started,
+        "git_commit": commit,
+        "git_changed": [],
+        "environment": env,
+        phase: body,
+    }
 
 
 def kernel_rows(benches, bench: str, shape: str, dtype: str, speeds: dict) -> list[dict]:
@@ -48,8 +62,16 @@ def kernel_rows(benches, bench: str, shape: str, dtype: str, speeds: dict) -> li
     rows = []
     for (mode, impl), pct in speeds.items():
         nbytes, nflops = module.minimal_bytes(*dims, 2, mode), module.flops(*dims, mode)
-        row = {"bench": bench, "dtype": dtype, "shape": shape, "dims": dims, "mode": mode, "impl": impl,
-               "bytes": nbytes, "flops": nflops}
+        row = {
+            "bench": bench,
+            "dtype": dtype,
+            "shape": shape,
+            "dims": dims,
+            "mode": mode,
+            "impl": impl,
+            "bytes": nbytes,
+            "flops": nflops,
+        }
         if pct is None:
             row["error"] = "RuntimeError: No available kernel. Aborting execution."
         else:
@@ -81,16 +103,37 @@ def e2e_rows(suite, ips: dict, mem: dict | None = None, status: dict | None = No
 
 # attention: triton at 80% of copy fwd (sdpa-flash errors, sdpa-efficient takes 0.9x its time); bwd at
 # 60%, 1.2x the best SDPA. upsample: fwd 75% (eager 5x slower, compile 1.25x slower), bwd 71%, eager 3x, compile 2x
-ATTN = {("fwd", "triton"): 80.0, ("fwd", "sdpa-flash"): None, ("fwd", "sdpa-efficient"): 80.0 / 0.9,
-        ("fwd", "eager"): 10.0, ("bwd", "triton"): 60.0, ("bwd", "sdpa-flash"): 50.0, ("bwd", "sdpa-math"): 5.0}
-UPS = {("fwd", "triton"): 75.0, ("fwd", "eager"): 15.0, ("fwd", "compile"): 60.0,
-       ("bwd", "triton"): 71.0, ("bwd", "eager"): 71.0 / 3, ("bwd", "compile"): 35.5}
-IPS = {"infer/restv2_tiny/reference": 4000.0, "infer/restv2_tiny/kernels": 5600.0,
-       "infer/restv2_tiny/reference+compile": 5000.0, "infer/restv2_tiny/kernels+compile": 6500.0,
-       "infer/convnext_tiny/timm": 5000.0, "infer/swin_tiny_patch4_window7_224/timm": 3000.0,
-       "infer/convnext_tiny/timm+compile": 5000.0, "infer/swin_tiny_patch4_window7_224/timm+compile": 4000.0,
-       "train/restv2_tiny/reference": 1000.0, "train/restv2_tiny/kernels": 1400.0,
-       "features-fwd+bwd/restv2_tiny/reference": 10.0, "features-fwd+bwd/restv2_tiny/kernels": 12.0}
+ATTN = {
+    ("fwd", "triton"): 80.0,
+    ("fwd", "sdpa-flash"): None,
+    ("fwd", "sdpa-efficient"): 80.0 / 0.9,
+    ("fwd", "eager"): 10.0,
+    ("bwd", "triton"): 60.0,
+    ("bwd", "sdpa-flash"): 50.0,
+    ("bwd", "sdpa-math"): 5.0,
+}
+UPS = {
+    ("fwd", "triton"): 75.0,
+    ("fwd", "eager"): 15.0,
+    ("fwd", "compile"): 60.0,
+    ("bwd", "triton"): 71.0,
+    ("bwd", "eager"): 71.0 / 3,
+    ("bwd", "compile"): 35.5,
+}
+IPS = {
+    "infer/restv2_tiny/reference": 4000.0,
+    "infer/restv2_tiny/kernels": 5600.0,
+    "infer/restv2_tiny/reference+compile": 5000.0,
+    "infer/restv2_tiny/kernels+compile": 6500.0,
+    "infer/convnext_tiny/timm": 5000.0,
+    "infer/swin_tiny_patch4_window7_224/timm": 3000.0,
+    "infer/convnext_tiny/timm+compile": 5000.0,
+    "infer/swin_tiny_patch4_window7_224/timm+compile": 4000.0,
+    "train/restv2_tiny/reference": 1000.0,
+    "train/restv2_tiny/kernels": 1400.0,
+    "features-fwd+bwd/restv2_tiny/reference": 10.0,
+    "features-fwd+bwd/restv2_tiny/kernels": 12.0,
+}
 MEM = {"features-fwd+bwd/restv2_tiny/reference": 9000.0, "features-fwd+bwd/restv2_tiny/kernels": 5400.0}
 EXPECTED = {  # target name: (value, status, shortfall)
     "attention tiny-s1-224 fwd: % of copy bandwidth": (80.0, "met", None),
@@ -106,9 +149,17 @@ EXPECTED = {  # target name: (value, status, shortfall)
     "restv2_tiny bf16 b256 inference: kernels vs reference": (1.4, "missed", 0.1 / 1.5),
     "restv2_tiny bf16 b256 inference: kernels+compile vs reference+compile": (1.3, "met", None),
     "restv2_tiny bf16 b256 inference, eager: best restv2_tiny path vs convnext_tiny": (1.12, "missed", 0.08 / 1.2),
-    "restv2_tiny bf16 b256 inference, eager: best restv2_tiny path vs swin_tiny_patch4_window7_224": (5600 / 3000, "met", None),
+    "restv2_tiny bf16 b256 inference, eager: best restv2_tiny path vs swin_tiny_patch4_window7_224": (
+        5600 / 3000,
+        "met",
+        None,
+    ),
     "restv2_tiny bf16 b256 inference, compiled: best restv2_tiny path vs convnext_tiny": (1.3, "met", None),
-    "restv2_tiny bf16 b256 inference, compiled: best restv2_tiny path vs swin_tiny_patch4_window7_224": (6500 / 4000, "met", None),
+    "restv2_tiny bf16 b256 inference, compiled: best restv2_tiny path vs swin_tiny_patch4_window7_224": (
+        6500 / 4000,
+        "met",
+        None,
+    ),
     "restv2_tiny bf16 b128 training step: kernels vs reference": (1.4, "met", None),
     "restv2_tiny 800x1333 b2 features fwd+bwd: peak memory, kernels / reference": (0.6, "met", None),
     "restv2_tiny 800x1333 b2 features fwd+bwd: kernels vs reference": (1.2, "missed", 0.1 / 1.3),
@@ -116,9 +167,11 @@ EXPECTED = {  # target name: (value, status, shortfall)
 
 
 def measured_run(report, suite, benches, tmp_path, **e2e) -> list[pathlib.Path]:
-    kernels = [*kernel_rows(benches, "attention", "tiny-s1-224", "bf16", ATTN),
-               *kernel_rows(benches, "upsample", "tiny-s1-224", "bf16", UPS),
-               *kernel_rows(benches, "attention", "tiny-s1-224", "fp16", {("fwd", "triton"): 10.0})]
+    kernels = [
+        *kernel_rows(benches, "attention", "tiny-s1-224", "bf16", ATTN),
+        *kernel_rows(benches, "upsample", "tiny-s1-224", "bf16", UPS),
+        *kernel_rows(benches, "attention", "tiny-s1-224", "fp16", {("fwd", "triton"): 10.0}),
+    ]
     files = []
     for phase, body in (("kernels", {"rows": kernels}), ("e2e", {"rows": e2e_rows(suite, IPS, MEM, **e2e)})):
         path = tmp_path / phase / f"{phase}.json"
@@ -136,8 +189,17 @@ def test_targets_name_what_the_runner_measures(report, suite, benches):
         assert report.STAGE1 in common.select_shapes(benches[bench].SHAPES, suite.KERNEL_SHAPES[bench, "224"])
     tp = suite.load_script("throughput")
     items = suite.e2e_items("core", tp)
-    spec_keys = [(s["model"], s["backend"] + ("+compile" if s["compile"] else ""), s["mode"], s["batch_requested"],
-                  tuple(s["resolution"]), s["precision"]) for s in (it["spec"] for it in items)]
+    spec_keys = [
+        (
+            s["model"],
+            s["backend"] + ("+compile" if s["compile"] else ""),
+            s["mode"],
+            s["batch_requested"],
+            tuple(s["resolution"]),
+            s["precision"],
+        )
+        for s in (it["spec"] for it in items)
+    ]
     needed = set()
     for t in report.TARGETS:
         if t.phase != "e2e":
@@ -145,7 +207,9 @@ def test_targets_name_what_the_runner_measures(report, suite, benches):
         base = (t.mode, t.batch, tuple(t.resolution), "bf16")
         if t.against in (report.CONVNEXT, report.SWIN):
             suffix = "+compile" if t.label.endswith("+compile") else ""
-            keys = [(report.TINY, b + suffix, *base) for b in ("reference", "kernels")] + [(t.against, "timm" + suffix, *base)]
+            keys = [(report.TINY, b + suffix, *base) for b in ("reference", "kernels")] + [
+                (t.against, "timm" + suffix, *base)
+            ]
         else:
             keys = [(report.TINY, t.label, *base), (report.TINY, t.against, *base)]
         assert set(keys) <= set(spec_keys), t.name
@@ -166,13 +230,17 @@ def test_scorecard_of_a_measured_run(report, suite, benches, tmp_path, capsys):
         assert c["shortfall"] == (pytest.approx(shortfall, rel=1e-9) if shortfall is not None else None), c
     by_name = {c["name"]: c for c in checks}
     assert by_name["attention tiny-s1-224 fwd: vs the best SDPA backend"]["detail"].startswith("sdpa-efficient ")
-    assert "kernels+compile 6500 / timm+compile 5000" in by_name[
-        "restv2_tiny bf16 b256 inference, compiled: best restv2_tiny path vs convnext_tiny"]["detail"]
+    assert (
+        "kernels+compile 6500 / timm+compile 5000"
+        in by_name["restv2_tiny bf16 b256 inference, compiled: best restv2_tiny path vs convnext_tiny"]["detail"]
+    )
 
     out = capsys.readouterr().out
     assert "| attention tiny-s1-224 bwd: % of copy bandwidth | 60.0% | >= 70.0% | missed by 14% |" in out
-    assert "Measured on NVIDIA H100 80GB HBM3, driver 580.159.04, torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0; " \
-           "2026-12-01, commit abc1234 (kernels.json)." in out
+    assert (
+        "Measured on NVIDIA H100 80GB HBM3, driver 580.159.04, torch 2.11.0+cu130, triton 3.6.0, CUDA 13.0; "
+        "2026-12-01, commit abc1234 (kernels.json)." in out
+    )
     # the kernel table: triton's columns, and its speed-up over eager and over the fastest other impl
     assert "| attention | tiny-s1-224 | bf16 | fwd | " in out and "| 8.00x | 0.90x sdpa-efficient |" in out
     assert "| attention | tiny-s1-224 | fp16 | fwd | " in out
@@ -203,7 +271,9 @@ def test_absent_measurements_are_not_judged(report, suite, benches, tmp_path):
     # kernels row is the earlier run's, so the ratio would mix two runs
     later = e2e_rows(suite, {"infer/restv2_tiny/reference": 4100.0})
     (tmp_path / "e2e-again").mkdir()
-    (tmp_path / "e2e-again" / "e2e.json").write_text(json.dumps(record("e2e", "2026-12-02T09:00:00+00:00", {"rows": later})))
+    (tmp_path / "e2e-again" / "e2e.json").write_text(
+        json.dumps(record("e2e", "2026-12-02T09:00:00+00:00", {"rows": later}))
+    )
     checks = {c.target.name: c for c in report.scorecard(report.load([tmp_path]))}
     mixed = checks["restv2_tiny bf16 b256 inference: kernels vs reference"]
     assert mixed.status == "not measured" and mixed.detail.startswith("not from one run: ")
@@ -213,10 +283,13 @@ def test_absent_measurements_are_not_judged(report, suite, benches, tmp_path):
 
 def test_a_later_kernel_run_replaces_the_whole_group(report, suite, benches, tmp_path):
     measured_run(report, suite, benches, tmp_path)
-    again = kernel_rows(benches, "attention", "tiny-s1-224", "bf16", {("fwd", "triton"): 90.0, ("fwd", "sdpa-math"): 9.0})
+    again = kernel_rows(
+        benches, "attention", "tiny-s1-224", "bf16", {("fwd", "triton"): 90.0, ("fwd", "sdpa-math"): 9.0}
+    )
     (tmp_path / "kernels-again").mkdir()
     (tmp_path / "kernels-again" / "kernels.json").write_text(
-        json.dumps(record("kernels", "2026-12-02T09:00:00+00:00", {"rows": again})))
+        json.dumps(record("kernels", "2026-12-02T09:00:00+00:00", {"rows": again}))
+    )
     checks = {c.target.name: c for c in report.scorecard(report.load([tmp_path]), phases=["kernels"])}
     assert checks["attention tiny-s1-224 fwd: % of copy bandwidth"].value == pytest.approx(90.0)
     assert checks["attention tiny-s1-224 fwd: vs the best SDPA backend"].value == pytest.approx(10.0)

@@ -29,12 +29,37 @@ from restv2_kernels.plans import TARGETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKED = ("sm_80", "sm_89", "sm_90")
-KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "mixed_fwd", "mixed_norm", "mixed_bwd_stats", "mixed_bwd_dq",
-           "mixed_bwd_dkdv", "upsample_fwd", "upsample_bwd_g", "upsample_bwd_dv", "add_ln_fwd", "add_ln_bwd",
-           "linear_gelu_fwd", "linear_gelu_bwd", "pixel_attention_fwd", "pixel_attention_bwd_g",
-           "pixel_attention_bwd_dx")
-DOT_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "mixed_fwd", "mixed_bwd_stats", "mixed_bwd_dq",
-               "mixed_bwd_dkdv", "linear_gelu_fwd", "linear_gelu_bwd")
+KERNELS = (
+    "attn_fwd",
+    "attn_bwd_dq",
+    "attn_bwd_dkdv",
+    "mixed_fwd",
+    "mixed_norm",
+    "mixed_bwd_stats",
+    "mixed_bwd_dq",
+    "mixed_bwd_dkdv",
+    "upsample_fwd",
+    "upsample_bwd_g",
+    "upsample_bwd_dv",
+    "add_ln_fwd",
+    "add_ln_bwd",
+    "linear_gelu_fwd",
+    "linear_gelu_bwd",
+    "pixel_attention_fwd",
+    "pixel_attention_bwd_g",
+    "pixel_attention_bwd_dx",
+)
+DOT_KERNELS = (
+    "attn_fwd",
+    "attn_bwd_dq",
+    "attn_bwd_dkdv",
+    "mixed_fwd",
+    "mixed_bwd_stats",
+    "mixed_bwd_dq",
+    "mixed_bwd_dkdv",
+    "linear_gelu_fwd",
+    "linear_gelu_bwd",
+)
 
 # The documented exception: fp32 attention dots are IEEE, which Triton lowers to FMA with large
 # per-thread operand arrays; on the several-key-block path (inputs of 384 px and more) at
@@ -69,11 +94,21 @@ def check(tmp_path_factory):
     def run() -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        proc = subprocess.run([sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED),
-                               "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(
+            [sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED), "--json", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         rows = json.loads(out.read_text())["rows"] if out.exists() else []
-        return {"returncode": proc.returncode, "stdout": proc.stdout[-4000:], "stderr": proc.stderr[-4000:],
-                "rows": rows}
+        return {
+            "returncode": proc.returncode,
+            "stdout": proc.stdout[-4000:],
+            "stderr": proc.stderr[-4000:],
+            "rows": rows,
+        }
 
     result = once_per_session(tmp_path_factory, "targets-check", run)
     return types.SimpleNamespace(**result), result["rows"]
@@ -101,8 +136,9 @@ def test_tf32_plans_are_compiled(check):
     operands rounded first), forward and backward, on every checked target, and only those."""
     _, rows = check
     tf32 = [r for r in rows if _tf32(r)]
-    assert {(r["kernel"], r["target"]) for r in tf32} == set(itertools.product(("linear_gelu_fwd", "linear_gelu_bwd"),
-                                                                             CHECKED))
+    assert {(r["kernel"], r["target"]) for r in tf32} == set(
+        itertools.product(("linear_gelu_fwd", "linear_gelu_bwd"), CHECKED)
+    )
     assert all(u.endswith("TF32 allowed") for r in tf32 for u in r["uses"])
     assert not [r for r in rows if not _tf32(r) and any(u.endswith("TF32 allowed") for u in r["uses"])]
 
@@ -130,9 +166,23 @@ def test_every_plan_fits_its_gpu(check):
 
 
 def _row(**fields):
-    base = dict(kernel="attn_fwd", dtype="bf16", plan="BLOCK_N=128", target="sm_89", num_warps=8, num_stages=3,
-                registers=128, local_bytes=0, spill_instructions=0, shared_bytes=64 << 10, shared_limit=101376,
-                dots=2, hmma=12, hgmma=0, programs_per_sm=1)
+    base = dict(
+        kernel="attn_fwd",
+        dtype="bf16",
+        plan="BLOCK_N=128",
+        target="sm_89",
+        num_warps=8,
+        num_stages=3,
+        registers=128,
+        local_bytes=0,
+        spill_instructions=0,
+        shared_bytes=64 << 10,
+        shared_limit=101376,
+        dots=2,
+        hmma=12,
+        hgmma=0,
+        programs_per_sm=1,
+    )
     return targets.Row(**{**base, **fields})
 
 
@@ -159,10 +209,15 @@ def test_markdown_summary_lists_tf32_plans_apart():
     from restv2.targets import markdown_summary
 
     plain = dict(kernel="linear_gelu_fwd", dtype="fp32", target="sm_80", shared_bytes=16 << 10)
-    rows = [_row(**plain, plan="BLOCK_M=64 DOT_PRECISION=ieee w8 s3", registers=106, hmma=0, ptx_mma=0),
-            _row(**plain, plan="BLOCK_M=64 DOT_PRECISION=tf32 w8 s3", registers=62, hmma=8)]
+    rows = [
+        _row(**plain, plan="BLOCK_M=64 DOT_PRECISION=ieee w8 s3", registers=106, hmma=0, ptx_mma=0),
+        _row(**plain, plan="BLOCK_M=64 DOT_PRECISION=tf32 w8 s3", registers=62, hmma=8),
+    ]
     table = markdown_summary(rows, ["sm_80"]).splitlines()
-    assert table[2:] == ["| linear_gelu_fwd | fp32 | 106 regs, 16 KB, FMA |", "| linear_gelu_fwd | tf32 | 62 regs, 16 KB, HMMA |"]
+    assert table[2:] == [
+        "| linear_gelu_fwd | fp32 | 106 regs, 16 KB, FMA |",
+        "| linear_gelu_fwd | tf32 | 62 regs, 16 KB, HMMA |",
+    ]
 
 
 def test_occupancy_estimate():

@@ -19,9 +19,28 @@ def throughput():
 
 
 def test_tiny_run_writes_json(throughput, tmp_path, capsys):
-    argv = ["--models", "restv2_tiny", "--backends", "reference", "kernels", "--protocol", "paper",
-            "--batch", "1", "--resolution", "64x64", "--warmup", "1", "--iters", "2",
-            "--no-peers", "--out-dir", str(tmp_path), "--tag", "smoke"]
+    argv = [
+        "--models",
+        "restv2_tiny",
+        "--backends",
+        "reference",
+        "kernels",
+        "--protocol",
+        "paper",
+        "--batch",
+        "1",
+        "--resolution",
+        "64x64",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--no-peers",
+        "--out-dir",
+        str(tmp_path),
+        "--tag",
+        "smoke",
+    ]
     assert throughput.main(argv) == 0
     out = capsys.readouterr().out
     assert "restv2_tiny" in out and "img/s" in out
@@ -52,9 +71,25 @@ def test_tiny_run_writes_json(throughput, tmp_path, capsys):
 
 
 def test_features_rows(throughput, tmp_path):
-    argv = ["--models", "restv2_tiny", "--backends", "reference", "--features", "--batch", "1",
-            "--resolution", "32x48", "--warmup", "1", "--iters", "1", "--no-peers", "--no-plot",
-            "--out-dir", str(tmp_path)]
+    argv = [
+        "--models",
+        "restv2_tiny",
+        "--backends",
+        "reference",
+        "--features",
+        "--batch",
+        "1",
+        "--resolution",
+        "32x48",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--no-peers",
+        "--no-plot",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert throughput.main(argv) == 0
     (path,) = tmp_path.glob("throughput_*.json")
     rows = json.loads(path.read_text())["rows"]
@@ -64,12 +99,26 @@ def test_features_rows(throughput, tmp_path):
 
 def test_plan_puts_peers_after_their_model(throughput):
     args = throughput.build_parser().parse_args(
-        ["--models", "restv2_tiny", "restv2_base", "--backends", "reference", "reference+compile",
-         "--protocol", "both", "--peers"])
+        [
+            "--models",
+            "restv2_tiny",
+            "restv2_base",
+            "--backends",
+            "reference",
+            "reference+compile",
+            "--protocol",
+            "both",
+            "--peers",
+        ]
+    )
     rows = throughput.plan_rows(throughput.resolve(args, cuda=True))
     first = [(r.model, r.label) for r in rows if r.protocol == "paper"]
-    assert first[:4] == [("restv2_tiny", "reference"), ("restv2_tiny", "reference+compile"),
-                         ("swin_tiny_patch4_window7_224", "timm"), ("swin_tiny_patch4_window7_224", "timm+compile")]
+    assert first[:4] == [
+        ("restv2_tiny", "reference"),
+        ("restv2_tiny", "reference+compile"),
+        ("swin_tiny_patch4_window7_224", "timm"),
+        ("swin_tiny_patch4_window7_224", "timm+compile"),
+    ]
     assert {r.protocol for r in rows} == {"paper", "modern"}
     paper, modern = rows[0], next(r for r in rows if r.protocol == "modern")
     assert (paper.precision, paper.batch_requested, paper.warmup, paper.iters) == ("fp32", 64, 50, 30)
@@ -134,8 +183,24 @@ def _fake_timm() -> types.ModuleType:
 def test_peers_run_and_record_errors(throughput, tmp_path, monkeypatch, features):
     monkeypatch.setitem(sys.modules, "timm", _fake_timm())
     # kernels: skipped without CUDA, so only the stand-in peers run here (their speed-up is against timm eager)
-    argv = ["--models", "restv2_tiny", "--backends", "kernels", "--peers", "--batch", "1",
-            "--resolution", "64x64", "--warmup", "1", "--iters", "1", "--no-plot", "--out-dir", str(tmp_path)]
+    argv = [
+        "--models",
+        "restv2_tiny",
+        "--backends",
+        "kernels",
+        "--peers",
+        "--batch",
+        "1",
+        "--resolution",
+        "64x64",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--no-plot",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert throughput.main(argv + (["--features"] if features else [])) == 0
     (path,) = tmp_path.glob("throughput_*.json")
     rows = json.loads(path.read_text())["rows"]
@@ -160,8 +225,19 @@ def test_oom_halves_the_batch(throughput, monkeypatch):
 
     monkeypatch.setattr(throughput, "attempt", fake_attempt)
     monkeypatch.setattr(throughput, "free_memory", lambda device: None)
-    row = throughput.Row("restv2_tiny", "restv2", "reference", False, "modern", "infer", "bf16", (224, 224),
-                         batch_requested=64, warmup=1, iters=1)
+    row = throughput.Row(
+        "restv2_tiny",
+        "restv2",
+        "reference",
+        False,
+        "modern",
+        "infer",
+        "bf16",
+        (224, 224),
+        batch_requested=64,
+        warmup=1,
+        iters=1,
+    )
     throughput.run_row(row, torch.device("cuda"), lambda text: None)
     assert tried == [64, 32, 16] and row.oom_batches == [64, 32]
     assert row.status == "ok" and row.batch == 16 and row.ips_median == 32

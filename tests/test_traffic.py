@@ -36,7 +36,10 @@ def test_arithmetic_by_hand():
     add = (2 * 8 + 8) * f + 2 * 8 * f  # reads x and the [8] bias once; writes [2, 8]
     relu_ = 2 * (2 * 8 * f)  # in place: reads and writes
     assert [(o.op, o.bytes) for o in c.ops] == [
-        ("aten::addmm", addmm), ("aten::gelu", gelu), ("aten::add", add), ("aten::relu_", relu_),
+        ("aten::addmm", addmm),
+        ("aten::gelu", gelu),
+        ("aten::add", add),
+        ("aten::relu_", relu_),
     ]
     assert c.bytes == 992
     assert c.flops == 2 * 2 * 12 * 8  # the matmul only

@@ -267,8 +267,12 @@ def _good(device, dtype=FP32, C=16, sr=2):
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        pytest.param(lambda a: a.update({k: t.double() for k, t in a.items() if torch.is_tensor(t)}),
-                     TypeError, "fp16/bf16/fp32", id="fp64"),
+        pytest.param(
+            lambda a: a.update({k: t.double() for k, t in a.items() if torch.is_tensor(t)}),
+            TypeError,
+            "fp16/bf16/fp32",
+            id="fp64",
+        ),
         pytest.param(lambda a: a.update(v=a["v"].half()), TypeError, "v has dtype", id="dtype-mismatch"),
         pytest.param(lambda a: a.update(x=a["x"].tolist()), TypeError, "x must be a torch.Tensor", id="not-tensor"),
         pytest.param(lambda a: a.update(x=a["x"][0]), ValueError, "4-D", id="x-3d"),
@@ -276,10 +280,16 @@ def _good(device, dtype=FP32, C=16, sr=2):
         pytest.param(lambda a: a.update(sr=0), ValueError, "sr must be a positive int", id="sr0"),
         pytest.param(lambda a: a.update(sr=2.0), ValueError, "sr must be a positive int", id="sr-float"),
         pytest.param(lambda a: a.update(sr=1), ValueError, "smaller than x", id="crop-too-small"),
-        pytest.param(lambda a: a.update(weight=a["weight"][:16]), ValueError, "weight must have shape", id="weight-vs-sr"),
+        pytest.param(
+            lambda a: a.update(weight=a["weight"][:16]), ValueError, "weight must have shape", id="weight-vs-sr"
+        ),
         pytest.param(lambda a: a.update(bias=a["bias"][:5]), ValueError, "bias must have shape", id="bias-shape"),
-        pytest.param(lambda a: a.update(norm_weight=a["norm_weight"][:3]), ValueError, "norm_weight must have shape",
-                     id="norm-shape"),
+        pytest.param(
+            lambda a: a.update(norm_weight=a["norm_weight"][:3]),
+            ValueError,
+            "norm_weight must have shape",
+            id="norm-shape",
+        ),
         pytest.param(lambda a: a.update(eps=-1.0), ValueError, "eps", id="eps-negative"),
     ],
 )
@@ -345,8 +355,11 @@ def test_torch_compile_inductor(device):
     compiled = grads(torch.compile(f, fullgraph=True))
     eager = grads(f)
     tensors = [t.double() for t in tensors]
-    ref64 = grads(lambda x, kv, *p: torch.nn.functional.gelu(
-        reference.upsample_add(x * 0.5, kv.view(B, Hr, Wr, 2, C)[..., 1, :], *p, sr)))
+    ref64 = grads(
+        lambda x, kv, *p: torch.nn.functional.gelu(
+            reference.upsample_add(x * 0.5, kv.view(B, Hr, Wr, 2, C)[..., 1, :], *p, sr)
+        )
+    )
     for name, a, r, e in zip(("out", "dx", "dkv", *GRAD_NAMES[2:]), compiled, ref64, eager):
         assert_close(name, a, r, e)
 
@@ -376,7 +389,9 @@ def test_int64_offsets(device):
     dout = torch.ones_like(out)
     (dv,) = torch.autograd.grad(out, v, dout)
     tail = slice(B - 2, B)
-    ref_out = reference.upsample_add(*(t[tail].double() for t in (x, v)), *(t.double() for t in (weight, bias, nw, nb)), sr)
+    ref_out = reference.upsample_add(
+        *(t[tail].double() for t in (x, v)), *(t.double() for t in (weight, bias, nw, nb)), sr
+    )
     eager_out = reference.upsample_add(x[tail], v[tail], weight, bias, nw, nb, sr)
     assert_close("out[-2:]", out[tail], ref_out, eager_out)
     vt = v[tail].detach().double().requires_grad_()

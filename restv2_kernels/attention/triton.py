@@ -87,7 +87,7 @@ def _attn_fwd_kernel(
     qk_scale,  # scale * log2(e)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """o[b, n, h] = softmax(q k^T * scale) v over keys m < M; lse[b, h, n] in natural log.
 
     Q: [B, N, H, D], K, V: [B, M, H, D], O: [B, N, H, D] (any strides, unit on D);
@@ -108,8 +108,9 @@ def _attn_fwd_kernel(
 
     q_base = Q + b * stride_qb + h * stride_qh + start_n.to(tl.int64) * stride_qn
     # rows of q stay in registers for the whole key loop
-    q = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_base + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+    )
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_km + offs_d[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_m[:, None] * stride_vm + offs_d[None, :]
 
@@ -147,8 +148,11 @@ def _attn_fwd_kernel(
 
     acc = acc / l_i[:, None]
     o_base = O + b * stride_ob + h * stride_oh + start_n.to(tl.int64) * stride_on
-    tl.store(o_base + offs_n[:, None] * stride_on + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(
+        o_base + offs_n[:, None] * stride_on + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=mask_n[:, None] & mask_d[None, :],
+    )
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
     tl.store(LSE + bh * N + start_n + offs_n, lse, mask=mask_n)
 
@@ -166,7 +170,7 @@ def _attn_bwd_dq_kernel(
     sm_scale, qk_scale,  # scale, scale * log2(e)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """dq = scale * dS k over all keys; also stores delta = rowsum(dO * o) for the dk/dv pass.
 
     Q, O, DO, DQ: [B, N, H, D]; K, V: [B, M, H, D]; LSE, DELTA: [B, H, N] fp32.
@@ -188,12 +192,21 @@ def _attn_bwd_dq_kernel(
     mask_d = offs_d < D
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + start_n64 * stride_qn
-                + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_nd, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + start_n64 * stride_don
-                 + offs_n[:, None] * stride_don + offs_d[None, :], mask=mask_nd, other=0.0)
-    o = tl.load(O + b * stride_ob + h * stride_oh + start_n64 * stride_on
-                + offs_n[:, None] * stride_on + offs_d[None, :], mask=mask_nd, other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + start_n64 * stride_qn + offs_n[:, None] * stride_qn + offs_d[None, :],
+        mask=mask_nd,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + start_n64 * stride_don + offs_n[:, None] * stride_don + offs_d[None, :],
+        mask=mask_nd,
+        other=0.0,
+    )
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + start_n64 * stride_on + offs_n[:, None] * stride_on + offs_d[None, :],
+        mask=mask_nd,
+        other=0.0,
+    )
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * N + start_n + offs_n, delta, mask=mask_n)
     lse2 = tl.load(LSE + bh * N + start_n + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
@@ -215,8 +228,11 @@ def _attn_bwd_dq_kernel(
         v_ptrs += BLOCK_M * stride_vm
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + start_n64 * stride_dqn
-             + offs_n[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_nd)
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + start_n64 * stride_dqn + offs_n[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=mask_nd,
+    )
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "NUM_SPLITS", "BLOCKS_PER_SPLIT"])
@@ -233,7 +249,7 @@ def _attn_bwd_dkdv_kernel(
     NUM_SPLITS, BLOCKS_PER_SPLIT,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Partial dk, dv of one key block over one split's share of the queries.
 
     Q, DO, DQ: [B, N, H, D]; K, V: [B, M, H, D]; LSE, DELTA: [B, H, N] fp32;
@@ -262,10 +278,16 @@ def _attn_bwd_dkdv_kernel(
 
     start_m64 = start_m.to(tl.int64)
     # this key block stays in registers while the program walks its queries
-    k = tl.load(K + b * stride_kb + h * stride_kh + start_m64 * stride_km
-                + offs_m[:, None] * stride_km + offs_d[None, :], mask=mask_md, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + start_m64 * stride_vm
-                + offs_m[:, None] * stride_vm + offs_d[None, :], mask=mask_md, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + start_m64 * stride_km + offs_m[:, None] * stride_km + offs_d[None, :],
+        mask=mask_md,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + start_m64 * stride_vm + offs_m[:, None] * stride_vm + offs_d[None, :],
+        mask=mask_md,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -279,10 +301,12 @@ def _attn_bwd_dkdv_kernel(
         start_n64 = start_n.to(tl.int64)
         mask_n = start_n + offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        q = tl.load(q_base + start_n64 * stride_qn + offs_n[:, None] * stride_qn + offs_d[None, :],
-                    mask=mask_nd, other=0.0)
-        do = tl.load(do_base + start_n64 * stride_don + offs_n[:, None] * stride_don + offs_d[None, :],
-                     mask=mask_nd, other=0.0)
+        q = tl.load(
+            q_base + start_n64 * stride_qn + offs_n[:, None] * stride_qn + offs_d[None, :], mask=mask_nd, other=0.0
+        )
+        do = tl.load(
+            do_base + start_n64 * stride_don + offs_n[:, None] * stride_don + offs_d[None, :], mask=mask_nd, other=0.0
+        )
         # transposed scores [BLOCK_M, BLOCK_N]: keys on rows, so dk/dv accumulate without transposes
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -307,8 +331,11 @@ def _attn_bwd_dkdv_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         if FUSE_DQ:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
-            tl.store(dq_base + start_n64 * stride_dqn + offs_n[:, None] * stride_dqn + offs_d[None, :],
-                     dq.to(DQ.dtype.element_ty), mask=mask_nd)
+            tl.store(
+                dq_base + start_n64 * stride_dqn + offs_n[:, None] * stride_dqn + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty),
+                mask=mask_nd,
+            )
 
     dk = dk * sm_scale
     part = split.to(tl.int64) * stride_ps + b * stride_pb + h * stride_ph + start_m64 * stride_pm
@@ -355,12 +382,17 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             N, M, H, D, scale * _LOG2E,
-        )
+        )  # fmt: skip
     return o, lse
 
 
 def attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward. do, q, o: [B, N, H, D]; k, v: [B, M, H, D]; lse: [B, H, N] fp32.
@@ -379,8 +411,10 @@ def attention_bwd(
     part_dtype = dtype if plan.splits == 1 else torch.float32
     dk_part = _empty((plan.splits, B, M, H, D), part_dtype, device)
     dv_part = _empty((plan.splits, B, M, H, D), part_dtype, device)
-    strides = {name: (t.stride(0), t.stride(1), t.stride(2)) for name, t in
-               (("q", q), ("k", k), ("v", v), ("o", o), ("do", do), ("dq", dq))}
+    strides = {
+        name: (t.stride(0), t.stride(1), t.stride(2))
+        for name, t in (("q", q), ("k", k), ("v", v), ("o", o), ("do", do), ("dq", dq))
+    }
     with _device_guard(q):
         if plan.fuse_dq:
             delta = lse  # unused: the fused pass computes delta itself
@@ -391,14 +425,14 @@ def attention_bwd(
                 q, k, v, o, do, lse, delta, dq,
                 *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
                 N, M, H, D, scale, scale * _LOG2E,
-            )
+            )  # fmt: skip
         plans.launch(
             _attn_bwd_dkdv_kernel, plan.dkdv,
             q, k, v, do, lse, delta, dq, dk_part, dv_part,
             *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
             dk_part.stride(0), dk_part.stride(1), dk_part.stride(2), dk_part.stride(3),
             N, M, H, D, scale, scale * _LOG2E, plan.splits, plan.blocks_per_split,
-        )
+        )  # fmt: skip
     if plan.splits == 1:
         return dq, dk_part[0], dv_part[0]
     # second pass: a deterministic fp32 sum over the splits, then one rounding to the input dtype
@@ -421,7 +455,12 @@ def _(q, k, v, scale):
 
 @torch.library.custom_op("restv2::emsa_attention_bwd", mutates_args=())
 def _emsa_attention_bwd_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(do, q, k, v, o, lse, scale)

@@ -99,7 +99,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _mixed_scores(A, B, W_g, a_off, b_off, mask_a, mask_b, stride_ah, stride_bh, stride_wh, H, qk_scale,
-                  ROWS: tl.constexpr, COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  ROWS: tl.constexpr, COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Head g's mixed scores of a [ROWS, COLS] tile in log2 units, without the conv's bias:
     ``sum_h W[g, h] * dot(a_h, b_h^T) * scale * log2(e)``.
 
@@ -126,7 +126,7 @@ def _mixed_fwd_kernel(
     qk_scale, center,  # scale * log2(e); c = 1/M
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """o[b, n, g] = sum_m (p - c) v_g; rows[:, b, g, n]; part[b, g, query block]; vsum[b, g].
 
     Grid: (cdiv(N, BLOCK_N) * H * B,), query block fastest, then head g.
@@ -162,8 +162,23 @@ def _mixed_fwd_kernel(
         mask_m = offs_m < M
         mask_k = mask_m[:, None] & mask_d[None, :]
         v = tl.load(v_ptrs, mask=mask_k, other=0.0)
-        t = _mixed_scores(Q_b, K_b, W_g, q_off, k_off, mask_q, mask_k, stride_qh, stride_kh, stride_wh, H,
-                          qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+        t = _mixed_scores(
+            Q_b,
+            K_b,
+            W_g,
+            q_off,
+            k_off,
+            mask_q,
+            mask_k,
+            stride_qh,
+            stride_kh,
+            stride_wh,
+            H,
+            qk_scale,
+            BLOCK_N,
+            BLOCK_M,
+            DOT_PRECISION,
+        )
         t = tl.where(mask_m[None, :], t, float("-inf"))
         m_i = tl.max(t, 1)
         e = tl.exp2(t - m_i[:, None])
@@ -179,9 +194,23 @@ def _mixed_fwd_kernel(
         l_i = tl.zeros([BLOCK_N], tl.float32)
         for start_m in range(0, M, BLOCK_M):
             mask_m = start_m + offs_m < M
-            t = _mixed_scores(Q_b, K_b + start_m * stride_km, W_g, q_off, k_off, mask_q,
-                              mask_m[:, None] & mask_d[None, :], stride_qh, stride_kh, stride_wh, H,
-                              qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+            t = _mixed_scores(
+                Q_b,
+                K_b + start_m * stride_km,
+                W_g,
+                q_off,
+                k_off,
+                mask_q,
+                mask_m[:, None] & mask_d[None, :],
+                stride_qh,
+                stride_kh,
+                stride_wh,
+                H,
+                qk_scale,
+                BLOCK_N,
+                BLOCK_M,
+                DOT_PRECISION,
+            )
             t = tl.where(mask_m[None, :], t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), 1)
@@ -191,8 +220,23 @@ def _mixed_fwd_kernel(
             mask_m = start_m + offs_m < M
             mask_k = mask_m[:, None] & mask_d[None, :]
             v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_k, other=0.0)
-            t = _mixed_scores(Q_b, K_b + start_m * stride_km, W_g, q_off, k_off, mask_q, mask_k,
-                              stride_qh, stride_kh, stride_wh, H, qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+            t = _mixed_scores(
+                Q_b,
+                K_b + start_m * stride_km,
+                W_g,
+                q_off,
+                k_off,
+                mask_q,
+                mask_k,
+                stride_qh,
+                stride_kh,
+                stride_wh,
+                H,
+                qk_scale,
+                BLOCK_N,
+                BLOCK_M,
+                DOT_PRECISION,
+            )
             p = tl.exp2(t - m_i[:, None]) / l_i[:, None]
             pc = tl.where(mask_n[:, None] & mask_m[None, :], p - center, 0.0)
             acc += tl.dot(pc.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -200,8 +244,11 @@ def _mixed_fwd_kernel(
             row_sq += tl.sum(pc * pc, 1)
             vsum += tl.sum(v.to(tl.float32), 0)
 
-    tl.store(O + b * stride_ob + g * stride_oh + n_idx[:, None].to(tl.int64) * stride_on + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=mask_q)
+    tl.store(
+        O + b * stride_ob + g * stride_oh + n_idx[:, None].to(tl.int64) * stride_on + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=mask_q,
+    )
     rows = ROWS + bg * N + n_idx
     tl.store(rows, m_i, mask=mask_n)
     tl.store(rows + PLANE, l_i, mask=mask_n)
@@ -251,7 +298,7 @@ def _mixed_bwd_stats_kernel(
     N, M, H, D, PLANE,
     qk_scale, center,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """The backward's statistics of a query block and head g, from the very p, a and dA the
     other two kernels rebuild: GROWS[0 / 1, b, g, n] = sum_m p dA / sum_m p and
     sum_m p a / sum_m p; G2_PART[b, g, query block] = sum dA * a over the block.
@@ -294,8 +341,23 @@ def _mixed_bwd_stats_kernel(
         mask_m = start_m + offs_m < M
         mask_k = mask_m[:, None] & mask_d[None, :]
         v = tl.load(v_ptrs + start_m * stride_vm, mask=mask_k, other=0.0)
-        t = _mixed_scores(Q_b, K_b + start_m * stride_km, W_g, q_off, k_off, mask_q, mask_k, stride_qh, stride_kh,
-                          stride_wh, H, qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+        t = _mixed_scores(
+            Q_b,
+            K_b + start_m * stride_km,
+            W_g,
+            q_off,
+            k_off,
+            mask_q,
+            mask_k,
+            stride_qh,
+            stride_kh,
+            stride_wh,
+            H,
+            qk_scale,
+            BLOCK_N,
+            BLOCK_M,
+            DOT_PRECISION,
+        )
         p, a = _p_and_a(t, m2[:, None], l_i[:, None], mask_n[:, None] & mask_m[None, :], center, shift, rstd)
         dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p_dpv += tl.sum(p * dpv, 1)
@@ -322,7 +384,7 @@ def _mixed_bwd_dq_kernel(
     sm_scale, qk_scale, center,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_P2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """dq of head h over a query block, and the block's partial dW[:, h] (without the scale):
     DW_PART [B, query blocks, H, H]. Per key block, every head g's dt_g is rebuilt and mixed
     into ds_h = sum_g W[g, h] dt_g; then dq_h += ds_h k_h.
@@ -368,8 +430,23 @@ def _mixed_bwd_dq_kernel(
         ds = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for g in range(H):
             bg = b * H + g
-            t = _mixed_scores(Q_b, K_m, W + g * stride_wg, q_off, k_off, mask_q, mask_k, stride_qh, stride_kh,
-                              stride_wh, H, qk_scale, BLOCK_N, BLOCK_M, DOT_PRECISION)
+            t = _mixed_scores(
+                Q_b,
+                K_m,
+                W + g * stride_wg,
+                q_off,
+                k_off,
+                mask_q,
+                mask_k,
+                stride_qh,
+                stride_kh,
+                stride_wh,
+                H,
+                qk_scale,
+                BLOCK_N,
+                BLOCK_M,
+                DOT_PRECISION,
+            )
             rstd = tl.load(NORM + bg * 2)
             m2 = tl.load(ROWS + bg * N + n_idx, mask=mask_n, other=0.0)
             l_i = tl.load(ROWS + PLANE + bg * N + n_idx, mask=mask_n, other=1.0)
@@ -384,8 +461,11 @@ def _mixed_bwd_dq_kernel(
             dw += tl.where(heads == g, tl.sum(tl.sum(dt * s_h, 1), 0), 0.0)
         dq += tl.dot(ds.to(k_h.dtype), k_h, input_precision=DOT_PRECISION)
 
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_q)
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=mask_q,
+    )
     tl.store(DW_PART + ((b * n_qblocks + qblock) * H + heads) * H + h, dw, mask=heads < H)
 
 
@@ -402,7 +482,7 @@ def _mixed_bwd_dkdv_kernel(
     sm_scale, qk_scale, center,
     NUM_SPLITS, BLOCKS_PER_SPLIT,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Partial dk, dv of head h over one key block and one split's share of the queries, on
     transposed [BLOCK_M, BLOCK_N] tiles (keys on rows): ds_h^T = sum_g W[g, h] dt_g^T,
     dk_h += ds_h^T q_h, dv_h += a_h^T dO_h.
@@ -452,8 +532,23 @@ def _mixed_bwd_dkdv_kernel(
         a_h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for g in range(H):
             bg = b * H + g
-            t = _mixed_scores(K_b, Q_b, W + g * stride_wg, k_off, q_off, mask_k, mask_q, stride_kh, stride_qh,
-                              stride_wh, H, qk_scale, BLOCK_M, BLOCK_N, DOT_PRECISION)
+            t = _mixed_scores(
+                K_b,
+                Q_b,
+                W + g * stride_wg,
+                k_off,
+                q_off,
+                mask_k,
+                mask_q,
+                stride_kh,
+                stride_qh,
+                stride_wh,
+                H,
+                qk_scale,
+                BLOCK_M,
+                BLOCK_N,
+                DOT_PRECISION,
+            )
             rstd = tl.load(NORM + bg * 2)
             m2 = tl.load(ROWS + bg * N + n_idx, mask=mask_n, other=0.0)
             l_i = tl.load(ROWS + PLANE + bg * N + n_idx, mask=mask_n, other=1.0)
@@ -501,7 +596,12 @@ def _norm_stats(part: torch.Tensor, L: int, eps: float) -> torch.Tensor:
 
 
 def attention_mixed_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, scale: float, eps: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the forward (the conv's bias is not an argument: it never changes the result).
     Returns (o [B, N, H, D], rows [2, B, H, N], norm [B, H, 2]); rows and norm are fp32, saved
@@ -528,15 +628,21 @@ def attention_mixed_fwd(
             o.stride(0), o.stride(1), o.stride(2),
             w.stride(0), w.stride(1),
             N, M, H, D, B * H * N, scale * _LOG2E, 1.0 / M,
-        )
+        )  # fmt: skip
         norm = _norm_stats(part, N * M, eps)
         plans.launch(_mixed_norm_kernel, plan.norm, o, norm, vsum, o.numel(), N * H * D, H, D)
     return o, rows, norm
 
 
 def attention_mixed_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
-    norm: torch.Tensor, scale: float,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the backward. Returns contiguous (dq, dk, dv) in q's dtype and dweight in
     weight's shape and dtype (the bias's gradient is exactly 0, see ``_EmsaAttentionMixed``)."""
@@ -563,18 +669,18 @@ def attention_mixed_bwd(
             _mixed_bwd_stats_kernel, plan.stats,
             q, k, v, w, do, rows, norm, grows, g2_part, *qkvdo, w.stride(0), w.stride(1),
             *shape, scale * _LOG2E, 1.0 / M,
-        )
+        )  # fmt: skip
         g2 = g2_part.sum(-1) / (N * M)  # G2_g = mean(dA * a): a deterministic sum over the query blocks
         plans.launch(
             _mixed_bwd_dq_kernel, plan.dq,
             q, k, v, w, do, rows, norm, grows, g2, dq, dw_part, *qkvdo, *dq.stride()[:3],
             w.stride(0), w.stride(1), *shape, scale, scale * _LOG2E, 1.0 / M,
-        )
+        )  # fmt: skip
         plans.launch(
             _mixed_bwd_dkdv_kernel, plan.dkdv,
             q, k, v, w, do, rows, norm, grows, g2, dk_part, dv_part, *qkvdo, w.stride(0), w.stride(1),
             *dk_part.stride()[:4], *shape, scale, scale * _LOG2E, 1.0 / M, plan.splits, plan.blocks_per_split,
-        )
+        )  # fmt: skip
     dweight = (dw_part.sum((0, 1)) * scale).to(weight.dtype).reshape(weight.shape)
     if plan.splits == 1:
         return dq, dk_part[0], dv_part[0], dweight
@@ -583,7 +689,12 @@ def attention_mixed_bwd(
 
 @torch.library.custom_op("restv2::emsa_attention_mixed_fwd", mutates_args=())
 def _emsa_attention_mixed_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, scale: float, eps: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    scale: float,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_mixed_fwd(q, k, v, weight, scale, eps)
 
@@ -591,14 +702,23 @@ def _emsa_attention_mixed_fwd_op(
 @_emsa_attention_mixed_fwd_op.register_fake
 def _(q, k, v, weight, scale, eps):
     B, N, H, D = q.shape
-    return q.new_empty((B, N, H, D)), q.new_empty((2, B, H, N), dtype=torch.float32), q.new_empty(
-        (B, H, 2), dtype=torch.float32)
+    return (
+        q.new_empty((B, N, H, D)),
+        q.new_empty((2, B, H, N), dtype=torch.float32),
+        q.new_empty((B, H, 2), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("restv2::emsa_attention_mixed_bwd", mutates_args=())
 def _emsa_attention_mixed_bwd_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
-    norm: torch.Tensor, scale: float,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_mixed_bwd(do, q, k, v, weight, rows, norm, scale)
 

@@ -85,7 +85,7 @@ def _linear_gelu_fwd_kernel(
     HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, GELU_GRAD: tl.constexpr = False,
-):
+):  # fmt: skip
     """x: [M, K] (strides sxm, sxk), w: [N, K] (strides swn, swk), b: [N] -> act (and pre when
     STORE_PRE): [M, N] contiguous, x's dtype. act = gelu(pre), pre = x @ w^T + b.
 
@@ -178,8 +178,9 @@ def _rows(x: torch.Tensor, M: int, K: int) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 or K <= 1 else x2.contiguous()
 
 
-def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         store_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store_pre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(act, pre): [..., N] contiguous, x's dtype; pre is empty ([0]) unless ``store_pre``."""
     K = x.shape[-1]
     N = weight.shape[0]
@@ -198,7 +199,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 M, N, K,
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
                 bias is not None, store_pre,
-            )
+            )  # fmt: skip
     return act.view(*lead, N), (pre.view(*lead, N) if store_pre else pre)
 
 
@@ -222,7 +223,7 @@ def _gelu_grad(dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor) -> to
                 M, N, C,
                 dy2.stride(0), dy2.stride(1), w.stride(0), w.stride(1),
                 False, False,
-            )
+            )  # fmt: skip
     return d_pre.view(*lead, N)
 
 
@@ -230,8 +231,9 @@ def _gelu_grad(dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor) -> to
 
 
 @torch.library.custom_op("restv2::linear_gelu_fwd", mutates_args=())
-def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    store_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_gelu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store_pre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd(x, weight, bias, store_pre)
 
 
@@ -319,8 +321,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     check_linear_gelu_inputs(x, weight, bias)
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"linear_gelu: the Triton kernel takes fp16/bf16/fp32, got {x.dtype} "
-                        "(use restv2_kernels.reference.linear_gelu for fp64)")
+        raise TypeError(
+            f"linear_gelu: the Triton kernel takes fp16/bf16/fp32, got {x.dtype} "
+            "(use restv2_kernels.reference.linear_gelu for fp64)"
+        )
     tensors = (x, weight) if bias is None else (x, weight, bias)
     check_kernel_device(*tensors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -328,8 +332,13 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.restv2.linear_gelu_fwd(x, weight, bias, False)[0]
 
 
-def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor | None) -> torch.Tensor:
+def mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+) -> torch.Tensor:
     """The MLP ``fc2(gelu(fc1(x)))`` (exact GELU) with fc1 + GELU in one Triton GEMM
     (``linear_gelu``) and, in the backward, fc2's input gradient and the GELU derivative in one
     Triton GEMM (d_act = dy @ fc2_weight is never stored). fc2 and the weight gradients are
@@ -338,8 +347,9 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None
     """
     check_linear_gelu_inputs(x, fc1_weight, fc1_bias)
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"mlp: the Triton kernels take fp16/bf16/fp32, got {x.dtype} "
-                        "(use restv2_kernels.reference.mlp for fp64)")
+        raise TypeError(
+            f"mlp: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use restv2_kernels.reference.mlp for fp64)"
+        )
     for name, t in (("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)):
         if t is None and name == "fc2_bias":
             continue
@@ -349,7 +359,9 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None
             raise TypeError(f"mlp: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; all must match")
     hidden = fc1_weight.shape[0]
     if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden:
-        raise ValueError(f"mlp: fc2_weight must be (C_out, {hidden}) to take fc1's output, got {tuple(fc2_weight.shape)}")
+        raise ValueError(
+            f"mlp: fc2_weight must be (C_out, {hidden}) to take fc1's output, got {tuple(fc2_weight.shape)}"
+        )
     if fc2_bias is not None and tuple(fc2_bias.shape) != (fc2_weight.shape[0],):
         raise ValueError(f"mlp: fc2_bias must have shape ({fc2_weight.shape[0]},), got {tuple(fc2_bias.shape)}")
     tensors = [t for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) if t is not None]

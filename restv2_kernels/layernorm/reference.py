@@ -27,7 +27,9 @@ def check_add_layer_norm_inputs(
         raise ValueError(f"add_layer_norm: branch {tuple(branch.shape)} must have x's shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (C,):
-            raise ValueError(f"add_layer_norm: {name} must have shape ({C},) for x {tuple(x.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"add_layer_norm: {name} must have shape ({C},) for x {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"add_layer_norm: eps must be a non-negative number, got {eps!r}")
 

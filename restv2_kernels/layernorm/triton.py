@@ -57,7 +57,7 @@ def _add_ln_fwd_kernel(
     R, C, sxr, sbr,
     eps,
     HAS_BRANCH: tl.constexpr, SAVE_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """x, branch: [R, C] with row strides sxr, sbr (unit channel stride); weight, bias: [C]
     -> residual (HAS_BRANCH), normed: [R, C] contiguous; mean, rstd: [R] fp32 (SAVE_STATS)."""
     pid = tl.program_id(0)
@@ -92,7 +92,7 @@ def _add_ln_bwd_kernel(
     R, C, BLOCKS_PER_SPLIT, sdy, sdres, sres,
     HAS_DRES: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DX2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """d_normed, d_residual (HAS_DRES), residual: [R, C] with row strides sdy, sdres, sres;
     mean, rstd: [R] fp32; weight: [C] -> dx (WRITE_DX), dx2 (WRITE_DX2): [R, C] contiguous,
     the same value in two dtypes; part: [n_programs, 2, C] fp32 (dweight, dbias partials).
@@ -167,9 +167,15 @@ def _n_rows(shape) -> int:
     return math.prod(shape[:-1])
 
 
-def _fwd(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-         out_dtype: torch.dtype | None, save_stats: bool
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None,
+    save_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (residual, normed, mean, rstd). residual and normed have x's shape, contiguous;
     residual is an empty (0,) tensor when branch is None (the residual is x itself); mean
     and rstd are [R] fp32, or empty (0,) tensors unless save_stats."""
@@ -195,13 +201,20 @@ def _fwd(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bia
             R, C, x2.stride(0), b2.stride(0),
             float(eps),
             branch is not None, bool(save_stats),
-        )
+        )  # fmt: skip
     return residual, normed, mean, rstd
 
 
-def _bwd(d_normed: torch.Tensor, d_residual: torch.Tensor | None, residual: torch.Tensor, mean: torch.Tensor,
-         rstd: torch.Tensor, weight: torch.Tensor, dx_dtype: torch.dtype | None,
-         dx2_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd(
+    d_normed: torch.Tensor,
+    d_residual: torch.Tensor | None,
+    residual: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor,
+    dx_dtype: torch.dtype | None,
+    dx2_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dx2, dweight, dbias): ``d_residual + LN_backward(d_normed)`` in dx_dtype and in
     dx2_dtype (contiguous, the residual's shape; an empty (0,) tensor where the dtype is
     None), and dweight, dbias as fp32 [C]."""
@@ -226,7 +239,7 @@ def _bwd(d_normed: torch.Tensor, d_residual: torch.Tensor | None, residual: torc
             dx if dx_dtype is not None else part, dx2 if dx2_dtype is not None else part, part,
             R, C, plan.blocks_per_split, dy2.stride(0), dres2.stride(0), res2.stride(0),
             d_residual is not None, dx_dtype is not None, dx2_dtype is not None,
-        )
+        )  # fmt: skip
     # the second stage of the reduction; two separate sums, so the outputs do not alias
     return dx, dx2, part[:, 0].sum(0), part[:, 1].sum(0)
 
@@ -235,9 +248,15 @@ def _bwd(d_normed: torch.Tensor, d_residual: torch.Tensor | None, residual: torc
 
 
 @torch.library.custom_op("restv2::add_layer_norm_fwd", mutates_args=())
-def add_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float, out_dtype: torch.dtype | None, save_stats: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_layer_norm_fwd(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None,
+    save_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd(x, branch, weight, bias, eps, out_dtype, save_stats)
 
 
@@ -246,25 +265,37 @@ def _(x, branch, weight, bias, eps, out_dtype, save_stats):
     res_dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
     R = _n_rows(x.shape)
     stats = (R,) if save_stats else (0,)
-    return (x.new_empty(x.shape if branch is not None else (0,), dtype=res_dtype),
-            x.new_empty(x.shape, dtype=out_dtype or res_dtype),
-            x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32))
+    return (
+        x.new_empty(x.shape if branch is not None else (0,), dtype=res_dtype),
+        x.new_empty(x.shape, dtype=out_dtype or res_dtype),
+        x.new_empty(stats, dtype=torch.float32),
+        x.new_empty(stats, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("restv2::add_layer_norm_bwd", mutates_args=())
-def add_layer_norm_bwd(d_normed: torch.Tensor, d_residual: torch.Tensor | None, residual: torch.Tensor,
-                       mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-                       dx_dtype: torch.dtype | None, dx2_dtype: torch.dtype | None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_layer_norm_bwd(
+    d_normed: torch.Tensor,
+    d_residual: torch.Tensor | None,
+    residual: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor,
+    dx_dtype: torch.dtype | None,
+    dx2_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype)
 
 
 @add_layer_norm_bwd.register_fake
 def _(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype):
     C = residual.shape[-1]
-    return (residual.new_empty(residual.shape if dx_dtype is not None else (0,), dtype=dx_dtype or residual.dtype),
-            residual.new_empty(residual.shape if dx2_dtype is not None else (0,), dtype=dx2_dtype or residual.dtype),
-            residual.new_empty((C,), dtype=torch.float32), residual.new_empty((C,), dtype=torch.float32))
+    return (
+        residual.new_empty(residual.shape if dx_dtype is not None else (0,), dtype=dx_dtype or residual.dtype),
+        residual.new_empty(residual.shape if dx2_dtype is not None else (0,), dtype=dx2_dtype or residual.dtype),
+        residual.new_empty((C,), dtype=torch.float32),
+        residual.new_empty((C,), dtype=torch.float32),
+    )
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -275,7 +306,9 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, branch, weight, bias, eps, out_dtype):
-        residual, normed, mean, rstd = torch.ops.restv2.add_layer_norm_fwd(x, branch, weight, bias, eps, out_dtype, True)
+        residual, normed, mean, rstd = torch.ops.restv2.add_layer_norm_fwd(
+            x, branch, weight, bias, eps, out_dtype, True
+        )
         has_branch = branch is not None
         ctx.save_for_backward(residual if has_branch else x, mean, rstd, weight)
         ctx.has_branch = has_branch
@@ -298,11 +331,18 @@ class _AddLayerNorm(torch.autograd.Function):
         first = ctx.x_dtype if need_x else (ctx.branch_dtype if need_b else None)
         second = ctx.branch_dtype if need_x and need_b and ctx.branch_dtype != ctx.x_dtype else None
         d1, d2, dw, dbias = torch.ops.restv2.add_layer_norm_bwd(
-            d_normed, d_residual, residual, mean, rstd, weight, first, second)
+            d_normed, d_residual, residual, mean, rstd, weight, first, second
+        )
         dx = d1 if need_x else None
         db = (d2 if second is not None else d1) if need_b else None
-        return (dx, db, dw.to(weight.dtype) if need_w else None, dbias.to(ctx.bias_dtype) if need_bias else None,
-                None, None)
+        return (
+            dx,
+            db,
+            dw.to(weight.dtype) if need_w else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------- public
@@ -329,11 +369,15 @@ def add_layer_norm(
     named = [("x", x), ("weight", weight), ("bias", bias)] + ([] if branch is None else [("branch", branch)])
     for name, t in named:
         if t.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"add_layer_norm: the Triton kernels take fp16/bf16/fp32, got {name} in {t.dtype} "
-                            "(use the reference for fp64)")
+            raise TypeError(
+                f"add_layer_norm: the Triton kernels take fp16/bf16/fp32, got {name} in {t.dtype} "
+                "(use the reference for fp64)"
+            )
     if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"add_layer_norm: out_dtype must be None or fp16/bf16/fp32 for the Triton kernels, "
-                        f"got {out_dtype!r} (use the reference for fp64)")
+        raise TypeError(
+            f"add_layer_norm: out_dtype must be None or fp16/bf16/fp32 for the Triton kernels, "
+            f"got {out_dtype!r} (use the reference for fp64)"
+        )
     C = x.shape[-1]
     if not 1 <= C <= MAX_C:
         raise ValueError(f"add_layer_norm: the Triton kernels take 1 to {MAX_C} channels, got C={C}")

@@ -72,7 +72,7 @@ def _pixels(offs_p, H, W):
 
 @triton.jit
 def _load_tap(x_ptr, b64, y, x, DY: tl.constexpr, DX: tl.constexpr, H, W, sxb, sxh, sxw,
-              offs_c, p_mask, c_mask):
+              offs_c, p_mask, c_mask):  # fmt: skip
     """x[b, y+DY-1, x+DX-1, :] as fp32 [BLOCK_P, BLOCK_C]; zero outside the map."""
     yy = y + (DY - 1)
     xx = x + (DX - 1)
@@ -109,7 +109,7 @@ def _pa_fwd_kernel(
     NP, H, W, C,
     sxb, sxh, sxw,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """x: [B, H, W, C] (strided, unit channel stride), w: [9, C], bias: [C] ->
     out: [B, H, W, C] contiguous. One program: BLOCK_P pixels (NP = B*H*W of them) x C."""
     pid = tl.program_id(0)
@@ -122,8 +122,11 @@ def _pa_fwd_kernel(
     z, xc = _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask)
     res = xc * tl.sigmoid(z)
     o_row = offs_p.to(tl.int64) * C  # out is contiguous: pixel p's row starts at p * C
-    tl.store(out_ptr + o_row[:, None] + offs_c[None, :], res.to(out_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(
+        out_ptr + o_row[:, None] + offs_c[None, :],
+        res.to(out_ptr.dtype.element_ty),
+        mask=p_mask[:, None] & c_mask[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=["NP", "H", "W", "BLOCKS_PER_PROGRAM"])
@@ -132,7 +135,7 @@ def _pa_bwd_g_kernel(
     NP, H, W, C, BLOCKS_PER_PROGRAM,
     sdb, sdh, sdw, sxb, sxh, sxw,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """dout, x: [B, H, W, C] (strided, unit channel stride) -> g: [B, H, W, C] fp32
     contiguous, and part: [programs, 10, C] fp32 partial sums (dweight taps 0..8, dbias).
 
@@ -219,7 +222,7 @@ def _pa_bwd_dx_kernel(
     NP, H, W, C,
     sdb, sdh, sdw, sxb, sxh, sxw,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """dout, x: [B, H, W, C] (strided), g: [B, H, W, C] fp32 contiguous, w: [9, C] ->
     dx: [B, H, W, C] contiguous.
 
@@ -251,8 +254,7 @@ def _pa_bwd_dx_kernel(
         gk = tl.load(g_ptr + g_off[:, None] + offs_c[None, :], mask=ok[:, None] & c2, other=0.0)
         acc += gk * _tap_weight(w_ptr, k, C, offs_c, c_mask)
 
-    tl.store(dx_ptr + (offs_p.to(tl.int64) * C)[:, None] + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m2)
+    tl.store(dx_ptr + (offs_p.to(tl.int64) * C)[:, None] + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -291,12 +293,13 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Ten
             x, _tap_major(weight), bias.contiguous(), out,
             B * H * W, H, W, C,
             x.stride(0), x.stride(1), x.stride(2),
-        )
+        )  # fmt: skip
     return out
 
 
-def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout, x: [B, H, W, C] (any strides) -> (dx [B, H, W, C] contiguous, dweight [C, 1, 3, 3],
     dbias [C]), all in x's dtype."""
     dout = _unit_channel_stride(dout)
@@ -304,8 +307,11 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     B, H, W, C = x.shape
     NP = B * H * W
     if NP == 0 or C == 0:  # nothing to launch: every gradient is zero
-        return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(weight),
-                torch.zeros_like(bias))
+        return (
+            torch.zeros_like(x, memory_format=torch.contiguous_format),
+            torch.zeros_like(weight),
+            torch.zeros_like(bias),
+        )
     plan = plans.pixel_attention_bwd_plan(B, H, W, C, x.dtype, plans.device_target(x.device))
     g = _empty((B, H, W, C), torch.float32, x.device)
     part = _empty((plan.programs, _N_PART, C), torch.float32, x.device)
@@ -315,7 +321,7 @@ def _bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     strides = (dout.stride(0), dout.stride(1), dout.stride(2), x.stride(0), x.stride(1), x.stride(2))
     with _device_ctx(x):
         plans.launch(_pa_bwd_g_kernel, plan.g, dout, x, wt, bias_c, g, part,
-                     NP, H, W, C, plan.blocks_per_program, *strides)
+                     NP, H, W, C, plan.blocks_per_program, *strides)  # fmt: skip
         plans.launch(_pa_bwd_dx_kernel, plan.dx, dout, x, wt, bias_c, g, dx, NP, H, W, C, *strides)
     part = part.sum(0)  # [10, C]: the second stage of the reduction
     dt = weight.dtype
@@ -340,8 +346,9 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("restv2::pixel_attention_bwd", mutates_args=())
-def pixel_attention_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pixel_attention_bwd(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(dout, x, weight, bias)
 
 
@@ -382,8 +389,9 @@ def pixel_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     """
     check_pixel_attention_inputs(x, weight, bias)
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"pixel_attention: the Triton kernels take fp16/bf16/fp32, got {x.dtype} "
-                        "(use the reference for fp64)")
+        raise TypeError(
+            f"pixel_attention: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use the reference for fp64)"
+        )
     C = x.shape[1]
     if not 1 <= C <= MAX_C:
         raise ValueError(f"pixel_attention: the Triton kernels take 1 to {MAX_C} channels, got C={C}")

@@ -21,7 +21,14 @@ def check_upsample_inputs(
     sr: int,
 ) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``upsample_add``."""
-    named = (("x", x), ("v", v), ("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias))
+    named = (
+        ("x", x),
+        ("v", v),
+        ("weight", weight),
+        ("bias", bias),
+        ("norm_weight", norm_weight),
+        ("norm_bias", norm_bias),
+    )
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"upsample_add: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,9 +57,13 @@ def check_upsample_inputs(
             f"is smaller than x's {H}x{W}; need Hr*sr >= H and Wr*sr >= W"
         )
     if tuple(weight.shape) != (sr * sr * C, 1, 3, 3):
-        raise ValueError(f"upsample_add: weight must have shape {(sr * sr * C, 1, 3, 3)} for sr={sr}, C={C}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"upsample_add: weight must have shape {(sr * sr * C, 1, 3, 3)} for sr={sr}, C={C}, got {tuple(weight.shape)}"
+        )
     if tuple(bias.shape) != (sr * sr * C,):
-        raise ValueError(f"upsample_add: bias must have shape {(sr * sr * C,)} for sr={sr}, C={C}, got {tuple(bias.shape)}")
+        raise ValueError(
+            f"upsample_add: bias must have shape {(sr * sr * C,)} for sr={sr}, C={C}, got {tuple(bias.shape)}"
+        )
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if tuple(t.shape) != (C,):
             raise ValueError(f"upsample_add: {name} must have shape ({C},), got {tuple(t.shape)}")

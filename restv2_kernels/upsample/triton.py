@@ -64,7 +64,7 @@ _N_PART = 12  # partial-sum rows per (split, sub-pixel): 9 taps, bias, norm_weig
 
 @triton.jit
 def _load_tap(v_ptr, b64, yr, xr, DY: tl.constexpr, DX: tl.constexpr, Hr, Wr, svb, svh, svw,
-              offs_c, p_mask, c_mask):
+              offs_c, p_mask, c_mask):  # fmt: skip
     """V[b, yr+DY-1, xr+DX-1, :] as fp32 [BLOCK_P, BLOCK_C]; zero outside the reduced map."""
     yy = yr + (DY - 1)
     xx = xr + (DX - 1)
@@ -118,7 +118,7 @@ def _upsample_fwd_kernel(
     sxb, sxh, sxw, svb, svh, svw,
     eps,
     SR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """x: [B, H, W, C] (strided), v: [B, Hr, Wr, C] (strided), w: [sr*sr, 9, C], bias:
     [sr*sr, C], norm params: [C] -> out: [B, H, W, C] contiguous.
 
@@ -136,7 +136,8 @@ def _upsample_fwd_kernel(
 
     # the 9 taps are shared by all sr*sr sub-pixels: load once, keep in registers
     v00, v01, v02, v10, v11, v12, v20, v21, v22 = _load_taps(
-        v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
+        v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask
+    )
     nw = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     nb = tl.load(nb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     c2 = c_mask[None, :]
@@ -173,7 +174,7 @@ def _upsample_bwd_g_kernel(
     sdb, sdh, sdw, svb, svh, svw,
     eps,
     SR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """dout: [B, H, W, C] (strided) -> g: [B, H, W, C] fp32 contiguous, and
     part: [SPLIT, sr*sr, 12, C] fp32 partial sums (dweight taps 0..8, dbias, dnw, dnb).
 
@@ -216,7 +217,8 @@ def _upsample_bwd_g_kernel(
         m2 = pm[:, None] & c2
 
         v00, v01, v02, v10, v11, v12, v20, v21, v22 = _load_taps(
-        v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask)
+            v_ptr, b64, yr, xr, Hr, Wr, svb, svh, svw, offs_c, p_mask, c_mask
+        )
         # recompute the LN input and its statistics instead of saving [B, H, W, C] tensors
         acc = _conv(v00, v01, v02, v10, v11, v12, v20, v21, v22, w_ptr, bias_ptr, s, C, offs_c, c_mask)
         mean = tl.sum(acc, axis=1) / C
@@ -226,8 +228,9 @@ def _upsample_bwd_g_kernel(
 
         y64 = y.to(tl.int64)
         x64 = x.to(tl.int64)
-        dy = tl.load(dout_ptr + (b64 * sdb + y64 * sdh + x64 * sdw)[:, None] + offs_c[None, :],
-                     mask=m2, other=0.0).to(tl.float32)  # 0 on cropped pixels: they add nothing
+        dy = tl.load(dout_ptr + (b64 * sdb + y64 * sdh + x64 * sdw)[:, None] + offs_c[None, :], mask=m2, other=0.0).to(
+            tl.float32
+        )  # 0 on cropped pixels: they add nothing
         dnw += tl.sum(dy * xhat, axis=0)
         dnb += tl.sum(dy, axis=0)
         dyh = dy * nw
@@ -269,7 +272,7 @@ def _upsample_bwd_dv_kernel(
     g_ptr, w_ptr, dv_ptr,
     NP, H, W, Hr, Wr, C,
     SR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     """g: [B, H, W, C] fp32 contiguous, w: [sr*sr, 9, C] -> dv: [B, Hr, Wr, C] contiguous.
 
     dv[p] = sum over sub-pixels s and taps (dy, dx) of w[s, dy*3 + dx] * g at
@@ -308,8 +311,7 @@ def _upsample_bwd_dv_kernel(
             acc += gk * wk[None, :]
 
     dv_row = ((b64 * Hr + yr.to(tl.int64)) * Wr + xr.to(tl.int64)) * C
-    tl.store(dv_ptr + dv_row[:, None] + offs_c[None, :], acc.to(dv_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c2)
+    tl.store(dv_ptr + dv_row[:, None] + offs_c[None, :], acc.to(dv_ptr.dtype.element_ty), mask=p_mask[:, None] & c2)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -337,8 +339,16 @@ def _subpixel_major(weight: torch.Tensor, bias: torch.Tensor, sr: int) -> tuple[
     return weight.reshape(C, S, 9).permute(1, 2, 0).contiguous(), bias.reshape(C, S).t().contiguous()
 
 
-def _fwd(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-         norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr: int, eps: float) -> torch.Tensor:
+def _fwd(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    sr: int,
+    eps: float,
+) -> torch.Tensor:
     """x: [B, H, W, C], v: [B, Hr, Wr, C] -> out: [B, H, W, C] contiguous."""
     x = _unit_channel_stride(x)
     v = _unit_channel_stride(v)
@@ -357,13 +367,20 @@ def _fwd(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             NP, H, W, Hr, Wr, C,
             x.stride(0), x.stride(1), x.stride(2), v.stride(0), v.stride(1), v.stride(2),
             float(eps),
-        )
+        )  # fmt: skip
     return out
 
 
-def _bwd(dout: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-         norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr: int, eps: float
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd(
+    dout: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    sr: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout: [B, H, W, C] -> (dv [B, Hr, Wr, C], dweight [sr*sr*C, 1, 3, 3], dbias [sr*sr*C],
     dnorm_weight [C], dnorm_bias [C]); dv contiguous, all in the inputs' dtype."""
     dout = _unit_channel_stride(dout)
@@ -373,8 +390,13 @@ def _bwd(dout: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.
     NP = B * Hr * Wr
     S = sr * sr
     if dout.numel() == 0 or NP == 0:  # nothing to launch: every gradient is zero
-        return (torch.zeros_like(v, memory_format=torch.contiguous_format), torch.zeros_like(weight),
-                torch.zeros_like(bias), torch.zeros_like(norm_weight), torch.zeros_like(norm_bias))
+        return (
+            torch.zeros_like(v, memory_format=torch.contiguous_format),
+            torch.zeros_like(weight),
+            torch.zeros_like(bias),
+            torch.zeros_like(norm_weight),
+            torch.zeros_like(norm_bias),
+        )
     dv = _empty((B, Hr, Wr, C), v.dtype, v.device)
     g = _empty((B, H, W, C), torch.float32, v.device)
     plan = plans.upsample_bwd_plan(B, Hr, Wr, C, sr, v.dtype, plans.device_target(v.device))
@@ -387,7 +409,7 @@ def _bwd(dout: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.
             NP, H, W, Hr, Wr, C, plan.blocks_per_split,
             dout.stride(0), dout.stride(1), dout.stride(2), v.stride(0), v.stride(1), v.stride(2),
             float(eps),
-        )
+        )  # fmt: skip
         plans.launch(_upsample_bwd_dv_kernel, plan.dv, g, wt, dv, NP, H, W, Hr, Wr, C)
     part = part.sum(0)  # [sr*sr, 12, C]: the second stage of the reduction
     dweight = part[:, :9].permute(2, 0, 1).reshape(C * S, 1, 3, 3)  # o = c*sr*sr + s
@@ -397,16 +419,29 @@ def _bwd(dout: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.
     dt = weight.dtype
     # copy=True: at sr=1 the reshapes are views of one buffer, and a custom op's outputs may not alias
     cf = torch.contiguous_format
-    return (dv, dweight.to(dt, memory_format=cf, copy=True), dbias.to(dt, memory_format=cf, copy=True),
-            dnorm_weight.to(dt), dnorm_bias.to(dt))
+    return (
+        dv,
+        dweight.to(dt, memory_format=cf, copy=True),
+        dbias.to(dt, memory_format=cf, copy=True),
+        dnorm_weight.to(dt),
+        dnorm_bias.to(dt),
+    )
 
 
 # torch.compile sees two opaque ops with shape-only fake implementations.
 
 
 @torch.library.custom_op("restv2::upsample_add_fwd", mutates_args=())
-def upsample_add_fwd(x: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr: int, eps: float) -> torch.Tensor:
+def upsample_add_fwd(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    sr: int,
+    eps: float,
+) -> torch.Tensor:
     return _fwd(x, v, weight, bias, norm_weight, norm_bias, sr, eps)
 
 
@@ -416,16 +451,28 @@ def _(x, v, weight, bias, norm_weight, norm_bias, sr, eps):
 
 
 @torch.library.custom_op("restv2::upsample_add_bwd", mutates_args=())
-def upsample_add_bwd(dout: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, sr: int, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def upsample_add_bwd(
+    dout: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    sr: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(dout, v, weight, bias, norm_weight, norm_bias, sr, eps)
 
 
 @upsample_add_bwd.register_fake
 def _(dout, v, weight, bias, norm_weight, norm_bias, sr, eps):
-    return (v.new_empty(v.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape),
-            norm_weight.new_empty(norm_weight.shape), norm_bias.new_empty(norm_bias.shape))
+    return (
+        v.new_empty(v.shape),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape),
+        norm_weight.new_empty(norm_weight.shape),
+        norm_bias.new_empty(norm_bias.shape),
+    )
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -471,8 +518,9 @@ def upsample_add(
     """
     check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr)
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"upsample_add: the Triton kernels take fp16/bf16/fp32, got {x.dtype} "
-                        "(use the reference for fp64)")
+        raise TypeError(
+            f"upsample_add: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use the reference for fp64)"
+        )
     C = x.shape[3]
     if not 1 <= C <= MAX_C:
         raise ValueError(f"upsample_add: the Triton kernels take 1 to {MAX_C} channels, got C={C}")

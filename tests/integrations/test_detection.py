@@ -21,7 +21,9 @@ SIZES = [(150, 211), (190, 170)]  # the detector's transform resizes within min_
 def _targets(masks: bool) -> list[dict[str, torch.Tensor]]:
     out = []
     for H, W in SIZES:
-        t = dict(boxes=torch.tensor([[10.0, 20.0, 80.0, 90.0], [30.0, 15.0, 120.0, 140.0]]), labels=torch.tensor([1, 2]))
+        t = dict(
+            boxes=torch.tensor([[10.0, 20.0, 80.0, 90.0], [30.0, 15.0, 120.0, 140.0]]), labels=torch.tensor([1, 2])
+        )
         if masks:
             m = torch.zeros(2, H, W, dtype=torch.uint8)
             m[0, 20:90, 10:80] = 1

@@ -17,7 +17,9 @@ import restv2  # noqa: E402
 
 # Dynamic sides start at 33: at exactly 32 the reduced maps are 1x1, and export specialises
 # sizes of 1; a 32-pixel side exports as a fixed size (test_fixed_size_export).
-DYNAMIC = {"x": {0: Dim("batch", min=1, max=512), 2: Dim("height", min=33, max=8192), 3: Dim("width", min=33, max=8192)}}
+DYNAMIC = {
+    "x": {0: Dim("batch", min=1, max=512), 2: Dim("height", min=33, max=8192), 3: Dim("width", min=33, max=8192)}
+}
 
 
 def _models(name: str):

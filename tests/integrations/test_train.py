@@ -65,8 +65,17 @@ def make_image_folder(root: Path, colours=COLOURS, n_train: int = 16, n_val: int
 
 def torchrun(args: list[str]) -> subprocess.Popen:
     """torchrun with 2 processes, on a free port."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "restv2.train", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "restv2.train",
+        *args,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -297,7 +306,9 @@ def test_a_corrupt_image_stops_both_processes_with_its_name(data_dir, tmp_path):
     bad = broken / "train" / "green" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     start = time.monotonic()
-    code, output = finish(torchrun([*EASY, "--data-dir", str(broken), "--output-dir", str(tmp_path / "out"), "--workers", "0"]))
+    code, output = finish(
+        torchrun([*EASY, "--data-dir", str(broken), "--output-dir", str(tmp_path / "out"), "--workers", "0"])
+    )
     assert code != 0
     assert f"cannot read image '{bad}'" in output
     assert time.monotonic() - start < TIMEOUT
@@ -332,7 +343,9 @@ def test_argument_errors(full_run, data_dir, capsys):
         train.main([*base, "--output-dir", str(full_run)])
     with pytest.raises(ValueError, match="is not a restv2.train checkpoint"):
         torch.save({"model": {}}, full_run.parent / "weights.pth")
-        train.main([*base, "--output-dir", str(full_run.parent / "x"), "--resume", str(full_run.parent / "weights.pth")])
+        train.main(
+            [*base, "--output-dir", str(full_run.parent / "x"), "--resume", str(full_run.parent / "weights.pth")]
+        )
 
 
 def test_validate_reproduces_the_training_log(full_run, data_dir, tmp_path):
@@ -349,8 +362,19 @@ def test_validate_reproduces_the_training_log(full_run, data_dir, tmp_path):
     assert (metrics["top1"], metrics["top5"], metrics["images"]) == (last["val_top1"], last["val_top5"], 16)
     assert metrics["loss"] == pytest.approx(last["val_loss"], rel=1e-5)  # summed over 2 processes in training
 
-    ema = validate.main(["--checkpoint", str(full_run / "checkpoint-last.pth"), "--data-dir", str(data_dir), "--ema",
-                         "--workers", "0", "--device", "cpu"])
+    ema = validate.main(
+        [
+            "--checkpoint",
+            str(full_run / "checkpoint-last.pth"),
+            "--data-dir",
+            str(data_dir),
+            "--ema",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert ema["top1"] == last["ema_top1"]
 
     released = tmp_path / "restv2_tiny_released.pth"
