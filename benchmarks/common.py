@@ -21,7 +21,6 @@ Importing this module touches no GPU and imports neither Triton nor matplotlib.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import importlib.metadata
@@ -38,6 +37,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from restv2_kernels import plans  # pure functions: no Triton, no GPU at import
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -233,22 +234,6 @@ def write_json(path: str | os.PathLike, obj: object) -> pathlib.Path:
 # ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def matmul_tf32(enabled: bool):
-    """TF32 on or off for fp32 matmuls inside the block (restored after)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def ieee_fp32_matmul():
-    """TF32 off for fp32 matmuls inside the block: IEEE fp32, as the kernels' fp32 dots."""
-    return matmul_tf32(False)
-
-
 def roofline_rates(device: torch.device | str, dtype: torch.dtype) -> dict:
     """The two ceilings of a roofline floor, measured now on ``device``.
 
@@ -256,7 +241,7 @@ def roofline_rates(device: torch.device | str, dtype: torch.dtype) -> dict:
     for fp32 with TF32 off (the kernels compute fp32 dots in IEEE fp32, so TF32 tensor cores are
     no ceiling for them).
     """
-    with ieee_fp32_matmul():
+    with plans.tf32_matmuls(False):  # IEEE fp32, as the kernels' fp32 dots
         tflops = matmul_tflops(device, dtype)
     return {
         "copy_gbps": copy_bandwidth_gbps(device),

@@ -770,7 +770,7 @@ def phase_env(run: Run) -> list[str]:
     ):
 
         def rate(dtype: torch.dtype = dtype, tf32: bool = tf32) -> float:
-            with common.matmul_tf32(tf32):
+            with plans.tf32_matmuls(tf32):
                 return round(common.matmul_tflops(device, dtype), 1)
 
         _measure(rates, name, rate)

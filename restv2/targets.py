@@ -76,21 +76,6 @@ KERNEL_MODULES = {
 TF32_OPS = ("linear_gelu", "mlp")
 
 
-@contextlib.contextmanager
-def _tf32_matmuls():
-    """PyTorch's fp32 matmuls allowed TF32 inside the block, through the flag's newer spelling
-    where there is one (torch >= 2.9), so the launchers' own reading of it is exercised; restored
-    after (to "none" again, which clears PyTorch's mixed-API state)."""
-    matmul = torch.backends.cuda.matmul
-    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
-    before = getattr(matmul, name)
-    setattr(matmul, name, value)
-    try:
-        yield
-    finally:
-        setattr(matmul, name, before)
-
-
 def _meta_like(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A meta tensor of ``a``'s shape, strides and offset in ``dtype``."""
     size = a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1
@@ -285,7 +270,7 @@ def record_launches(calls: Sequence[OpCall], target: str) -> list[tuple[Recorded
             if call.op in TF32_OPS and call.args[0].dtype == torch.float32:
                 # fp32 where PyTorch allows TF32 (training scripts set allow_tf32): tensor-core
                 # plans that round their operands first, launched only then
-                with _tf32_matmuls():
+                with plans.tf32_matmuls(True):
                     fwd, bwd = _launch_call(call)
                 out += [(rec, f"{call.use} {call.op} fwd, TF32 allowed") for rec in fwd]
                 out += [(rec, f"{call.use} {call.op} bwd, TF32 allowed") for rec in bwd]

@@ -15,6 +15,8 @@ import pytest
 import torch
 from helpers import load_benchmark
 
+from restv2_kernels import plans
+
 
 @pytest.fixture(scope="module")
 def attention():
@@ -132,13 +134,11 @@ def test_roofline_floor(attention):
 def test_roofline_rates_measure_fp32_without_tf32(attention, monkeypatch):
     common = attention.common
     seen = []
-    monkeypatch.setattr(
-        common, "matmul_tflops", lambda device, dtype: seen.append(torch.backends.cuda.matmul.allow_tf32) or 50.0
-    )
+    monkeypatch.setattr(common, "matmul_tflops", lambda device, dtype: seen.append(plans.tf32_allowed()) or 50.0)
     monkeypatch.setattr(common, "copy_bandwidth_gbps", lambda device: 3000.0)
-    before = torch.backends.cuda.matmul.allow_tf32
-    rates = common.roofline_rates("cpu", torch.float32)
-    assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 == before
+    with plans.tf32_matmuls(True):  # as a training script may have set it
+        rates = common.roofline_rates("cpu", torch.float32)
+        assert seen == [False] and plans.tf32_allowed()  # off for the measurement, restored after
     assert rates["copy_gbps"] == 3000.0 and rates["matmul_tflops"] == 50.0 and rates["matmul_dtype"] == "float32"
 
 

@@ -250,18 +250,13 @@ def _allow_tf32(allowed, api="legacy"):
     """TF32 for cuBLAS fp32 matmuls on or off inside the block, through the legacy flag
     (``allow_tf32``), ``set_float32_matmul_precision`` or the newer per-backend flag
     (``torch.backends.cuda.matmul.fp32_precision``); restored after (properties: no monkeypatch)."""
-    matmul = torch.backends.cuda.matmul
     if api == "fp32_precision":
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if allowed else "ieee"
-        try:
+        with plans.tf32_matmuls(allowed):
             yield
-        finally:
-            matmul.fp32_precision = before  # "none" again: the legacy flag reads without error after
         return
     before = torch.get_float32_matmul_precision()
     if api == "legacy":
-        matmul.allow_tf32 = allowed
+        torch.backends.cuda.matmul.allow_tf32 = allowed
     else:
         torch.set_float32_matmul_precision("high" if allowed else "highest")
     try:
@@ -290,7 +285,7 @@ def test_tf32_flag_reaches_the_kernel(api):
         assert [r.plan.kernel for r in seen] == ["linear_gelu_fwd", "linear_gelu_bwd"]
         seen_prec.append([dict(r.plan.constexprs)["DOT_PRECISION"] for r in seen])
     assert seen_prec == [["ieee", "ieee"], ["tf32", "tf32"]]
-    assert not kernels._tf32_allowed()  # restored
+    assert not plans.tf32_allowed()  # restored
     assert torch.backends.cuda.matmul.allow_tf32 is False  # and the legacy flag readable again
 
 

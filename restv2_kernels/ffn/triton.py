@@ -161,16 +161,6 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _tf32_allowed() -> bool:
-    """Whether PyTorch lets cuBLAS run fp32 matmuls in TF32. ``fp32_precision`` (torch >= 2.9)
-    reflects every way of setting it (``allow_tf32``, ``set_float32_matmul_precision``, the
-    new API). Reading ``allow_tf32`` instead raises a RuntimeError (torch 2.13) once the new
-    API has set it ("mix of the legacy and new APIs"): both launchers ask here."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
-
-
 def _rows(x: torch.Tensor, M: int, K: int) -> torch.Tensor:
     """x as [M, K] rows: a view when the leading dims flatten into one row stride (contiguous
     tokens, a row-strided view), else a copy; a copy too when the last dim is strided."""
@@ -190,7 +180,7 @@ def _fwd(
     pre = _empty((M, N), x.dtype, x.device) if store_pre else x.new_empty((0,))
     if M > 0 and N > 0:
         x2 = _rows(x, M, K)
-        plan = plans.linear_gelu_fwd_plan(M, N, K, x.dtype, plans.device_target(x.device), _tf32_allowed())
+        plan = plans.linear_gelu_fwd_plan(M, N, K, x.dtype, plans.device_target(x.device), plans.tf32_allowed())
         b = bias.contiguous() if bias is not None else act  # a dummy pointer when HAS_BIAS is False
         with _device_ctx(x):
             plans.launch(
@@ -215,7 +205,7 @@ def _gelu_grad(dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor) -> to
         dy2 = _rows(dy, M, C)
         pre2 = pre.reshape(M, N).contiguous()
         w = weight2.t()  # [N, C] view: the kernel computes dy @ w^T = dy @ weight2
-        plan = plans.linear_gelu_bwd_plan(M, N, C, dy.dtype, plans.device_target(dy.device), _tf32_allowed())
+        plan = plans.linear_gelu_bwd_plan(M, N, C, dy.dtype, plans.device_target(dy.device), plans.tf32_allowed())
         with _device_ctx(dy):
             plans.launch(
                 _linear_gelu_fwd_kernel, plan,
