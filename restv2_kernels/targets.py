@@ -14,7 +14,8 @@ tensors) and, per target:
    process pool, sharing Triton's on-disk cache (``TRITON_CACHE_DIR``) between runs.
 3. **Reads** the cubin with ``cuobjdump``: registers and stack/local bytes (``-res-usage``),
    tensor-core instructions (``HMMA``, ``HGMMA`` in ``-sass``), spill loads/stores
-   (``LDL``/``STL``); shared memory is Triton's dynamic allocation plus the static one.
+   (``LDL``/``STL``); shared memory is Triton's dynamic allocation plus the static one. The
+   readings are kept beside Triton's cache, keyed by the cubin's bytes (``cubin_facts``).
 4. **Judges** each row (``problems``): compiled, shared memory within the target's opt-in
    limit, no local memory in 16-bit plans, tensor cores in every 16-bit ``tl.dot`` kernel
    on the targets that have them; and estimates occupancy (programs per SM from registers,
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -277,6 +280,57 @@ def _sass_counts(cubin: pathlib.Path) -> dict[str, int]:
     return {"hmma": count("HMMA"), "hgmma": count("HGMMA"), "spills": count("LDL") + count("STL")}
 
 
+def _read_cubin(cubin_bytes: bytes, kernel: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(cubin_bytes)
+        usage = _res_usage(cubin, kernel)
+        try:
+            sass, sass_error = _sass_counts(cubin), None
+        except subprocess.CalledProcessError as exc:
+            sass, sass_error = {"hmma": None, "hgmma": None, "spills": None}, (exc.stderr or "").strip()[:200]
+    return {"usage": usage, "sass": sass, "sass_error": sass_error}
+
+
+@functools.cache
+def _cuobjdump_version() -> str:
+    return subprocess.run([_tool("cuobjdump"), "--version"], capture_output=True, text=True, check=True).stdout
+
+
+def _facts_dir() -> pathlib.Path:
+    """Beside Triton's own cache (``TRITON_CACHE_DIR``, else ``~/.triton/cache``)."""
+    try:
+        import triton
+
+        base = triton.knobs.cache.dir
+    except (ImportError, AttributeError):  # Triton < 3.4 has no knobs
+        base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return pathlib.Path(base) / "restv2-cubin-facts"
+
+
+def cubin_facts(cubin_bytes: bytes, kernel: str) -> tuple[dict[str, int], dict[str, int | None], str | None]:
+    """``cuobjdump``'s reading of a cubin: (resource usage, SASS counts, SASS error or None).
+
+    Disassembly costs about 0.25 s a cubin, most of the check's time once Triton's cache holds
+    the compiled kernels; the reading is a function of the cubin's bytes, the kernel's name and
+    the tool's version, so it is kept on disk under that key, beside Triton's cache."""
+    key = hashlib.sha256(b"\0".join([cubin_bytes, kernel.encode(), _cuobjdump_version().encode()])).hexdigest()
+    path = _facts_dir() / f"{key}.json"
+    try:
+        facts = json.loads(path.read_text())
+        return facts["usage"], facts["sass"], facts["sass_error"]
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or cut short: read it again
+        facts = _read_cubin(cubin_bytes, kernel)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(facts))
+            os.replace(tmp, path)  # atomic: a worker never reads another's half-written file
+        except OSError:
+            pass  # a read-only cache only costs time
+    return facts["usage"], facts["sass"], facts["sass_error"]
+
+
 def compile_job(job: CompileJob) -> dict[str, Any]:
     """Compiles one job (in a worker process) and reads its cubin: a dict of ``Row`` fields."""
     import triton
@@ -291,14 +345,7 @@ def compile_job(job: CompileJob) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a plan that does not compile is a finding, not a crash
         lines = str(exc).strip().splitlines() or [""]
         return {"error": f"{type(exc).__name__}: {lines[-1][:300]}"}
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = pathlib.Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = _res_usage(cubin, compiled.metadata.name)
-        try:
-            sass, sass_error = _sass_counts(cubin), None
-        except subprocess.CalledProcessError as exc:
-            sass, sass_error = {"hmma": None, "hgmma": None, "spills": None}, (exc.stderr or "").strip()[:200]
+    usage, sass, sass_error = cubin_facts(compiled.asm["cubin"], compiled.metadata.name)
     ptx = compiled.asm["ptx"]
     return {
         "registers": usage.get("REG"),

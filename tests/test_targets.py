@@ -267,3 +267,31 @@ def test_the_check_runs_once_per_session_across_xdist_workers(tmp_path, monkeypa
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
     assert once_per_session(Factory("solo"), "check", produce) == {"rows": [2]}  # a session of its own
     assert (tmp_path / "popen-solo" / "check.json").exists()
+
+
+def test_cubin_readings_are_kept_by_cubin_kernel_and_tool(tmp_path, monkeypatch):
+    """cuobjdump's reading of a cubin (most of the check's time on a warm Triton cache) is read
+    from disk when the same bytes, kernel name and tool version come again, and only then; a
+    damaged file is read again."""
+    read = []
+
+    def read_cubin(cubin_bytes, kernel):
+        read.append((cubin_bytes, kernel))
+        return {"usage": {"REG": len(cubin_bytes)}, "sass": {"hmma": 1, "hgmma": None, "spills": 0}, "sass_error": None}
+
+    version = ["cuobjdump 13.1"]
+    monkeypatch.setattr(targets, "_read_cubin", read_cubin)
+    monkeypatch.setattr(targets, "_facts_dir", lambda: tmp_path / "facts")
+    monkeypatch.setattr(targets, "_cuobjdump_version", lambda: version[0])
+    first = targets.cubin_facts(b"cubin-a", "attn_fwd")
+    assert first == ({"REG": 7}, {"hmma": 1, "hgmma": None, "spills": 0}, None)
+    assert targets.cubin_facts(b"cubin-a", "attn_fwd") == first and len(read) == 1
+    targets.cubin_facts(b"cubin-bb", "attn_fwd")
+    targets.cubin_facts(b"cubin-a", "attn_bwd_dq")
+    version[0] = "cuobjdump 12.8"
+    targets.cubin_facts(b"cubin-a", "attn_fwd")
+    assert len(read) == 4
+    for path in (tmp_path / "facts").glob("*.json"):
+        path.write_text('{"usage": ')  # cut short
+    assert targets.cubin_facts(b"cubin-a", "attn_fwd") == first and len(read) == 5
+    assert targets.cubin_facts(b"cubin-a", "attn_fwd") == first and len(read) == 5
