@@ -1621,9 +1621,14 @@ def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
             "keep": (x, weight, bias),
         }
     dy, weight2, pre = randn(M, K), randn(K, N, scale=N**-0.5), randn(M, N)
-    return {
-        "run": lambda: mlp_gelu_grad(dy, weight2, pre),
-        "eager": lambda: torch.ops.aten.gelu_backward(dy @ weight2, pre),
+
+    def eager():
+        d_pre = torch.ops.aten.gelu_backward(dy @ weight2, pre)
+        return d_pre, d_pre.sum(0)
+
+    return {  # with fc1's bias gradient, as the MLP's backward asks for it
+        "run": lambda: mlp_gelu_grad(dy, weight2, pre, True),
+        "eager": eager,
         "keep": (dy, weight2, pre),
     }
 

@@ -252,8 +252,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             )
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias)
-        elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre); the rest is cuBLAS
-            kernels._gelu_grad(torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device), w2, pre)
+        elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre) and db1; the rest is cuBLAS
+            kernels._gelu_grad(
+                torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device), w2, pre, b1 is not None
+            )
         # linear_gelu alone: the backward is aten (gelu_backward and cuBLAS GEMMs), no launch
     return fwd, bwd
 

@@ -135,7 +135,7 @@ def test_row_strided_view_read_in_place():
     x_arg, w_arg = rec.args[0], rec.args[1]
     assert x_arg.data_ptr() == x.data_ptr() and x_arg.stride() == (K + 8, 1)
     assert w_arg is weight  # read as its transpose through the strides, no copy
-    assert rec.args[8:12] == (K + 8, 1, K, 1)
+    assert rec.args[9:13] == (K + 8, 1, K, 1)
 
 
 @pytest.mark.parametrize("ctx", ["no_grad", "no_requires_grad"])
@@ -192,7 +192,7 @@ def test_meta_launch_recorded():
     meta = dict(first.plan.constexprs)
     assert first.plan.grid == (plans.cdiv(M, meta["BLOCK_M"]) * plans.cdiv(N, meta["BLOCK_N"]),)
     assert meta["EVEN_K"] and K % meta["BLOCK_K"] == 0
-    assert first.args[-2:] == (True, True) and second.args[-2:] == (False, False)
+    assert first.args[-3:] == (True, True, False) and second.args[-3:] == (False, False, False)  # no row sums
 
 
 # ----------------------------------------------------------------------------- plans
@@ -386,7 +386,7 @@ def test_tf32_dot_rounds_its_operands(device):
     with _allow_tf32(True), target():
         _, pre = kernels._fwd(x, w, None, True)
         # pre = 0: gelu'(0) = Phi(0) + 0 = 1/2 exactly, so d_pre = (dy @ w^T) / 2
-        d_pre = kernels._gelu_grad(dy, w.t(), torch.zeros(M, N, device=device))
+        d_pre, _ = kernels._gelu_grad(dy, w.t(), torch.zeros(M, N, device=device))
     for name, got, a, b, scale in (("pre", pre, x, w, 1.0), ("d_pre", d_pre, dy, w, 0.5)):
         a, b, got = a.cpu(), b.cpu(), got.cpu().double() / scale
         want = _tf32_reference(a).double() @ _tf32_reference(b).double().T
@@ -572,6 +572,8 @@ def test_mlp_parity(lead, C, N, dtype, with_bias, device, nan_buffers):
         assert_close(name, a, r, e)
     M = int(torch.tensor(lead).prod())
     assert ((M, N), dtype) in nan_buffers  # d_pre: the only [M, N] buffer of the backward besides act, pre
+    # db1: the GEMM's column sums of each 16-row block (the last one partly past M), not a pass over d_pre
+    assert (((-(-M // 16), N), FP32) in nan_buffers) == with_bias
 
 
 def test_mlp_inference_writes_only_act(device, nan_buffers):
@@ -587,7 +589,10 @@ def test_mlp_gelu_grad_opcheck(device):
     dy = torch.randn(6, 16, generator=g).to(device)
     w2 = torch.randn(16, 32, generator=g).to(device)
     pre = torch.randn(6, 32, generator=g).to(device)
-    torch.library.opcheck(torch.ops.restv2.mlp_gelu_grad, (dy, w2, pre), test_utils=("test_schema", "test_faketensor"))
+    for sum_rows in (False, True):
+        torch.library.opcheck(
+            torch.ops.restv2.mlp_gelu_grad, (dy, w2, pre, sum_rows), test_utils=("test_schema", "test_faketensor")
+        )
 
 
 def test_mlp_errors(device):

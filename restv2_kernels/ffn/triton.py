@@ -79,10 +79,10 @@ def _round_to_tf32(x):
 # divisibility lets Triton vectorise the masked stores and the K loop's address arithmetic.
 @triton.jit(do_not_specialize=["M"])
 def _linear_gelu_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, act_ptr, pre_ptr,
+    x_ptr, w_ptr, b_ptr, act_ptr, pre_ptr, part_ptr,
     M, N, K,
     sxm, sxk, swn, swk,
-    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, SUM_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, GELU_GRAD: tl.constexpr = False,
 ):  # fmt: skip
@@ -90,7 +90,9 @@ def _linear_gelu_fwd_kernel(
     STORE_PRE): [M, N] contiguous, x's dtype. act = gelu(pre), pre = x @ w^T + b.
 
     GELU_GRAD (the MLP's backward): act = (x @ w^T) * gelu'(pre), with pre [M, N] contiguous
-    READ from pre_ptr: d_pre from d_y and fc2's weight in one pass, d_act never stored."""
+    READ from pre_ptr: d_pre from d_y and fc2's weight in one pass, d_act never stored. With
+    SUM_ROWS also fc1's bias gradient in parts: part [cdiv(M, BLOCK_M), N] fp32 gets each row
+    block's column sums of d_pre as stored (the launcher adds the parts: d_pre is not read again)."""
     pid = tl.program_id(0)
     # grouped ordering: GROUP_M row blocks x all column blocks, column-major inside a group
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -138,7 +140,11 @@ def _linear_gelu_fwd_kernel(
         a = tl.load(pre_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
         pdf = tl.exp(-0.5 * a * a) * 0.3989422804014327
-        tl.store(act_ptr + out_off, (acc * (cdf + a * pdf)).to(act_ptr.dtype.element_ty), mask=out_mask)
+        d_pre = (acc * (cdf + a * pdf)).to(act_ptr.dtype.element_ty)
+        tl.store(act_ptr + out_off, d_pre, mask=out_mask)
+        if SUM_ROWS:  # rows past M are wrapped copies of valid ones: left out of the sum
+            col = tl.sum(tl.where(out_mask, d_pre.to(tl.float32), 0.0), axis=0)
+            tl.store(part_ptr + pid_m.to(tl.int64) * N + rn, col, mask=rn < N)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + bn).to(tl.float32)[None, :]
@@ -185,36 +191,44 @@ def _fwd(
         with _device_ctx(x):
             plans.launch(
                 _linear_gelu_fwd_kernel, plan,
-                x2, weight, b, act, pre if store_pre else act,
+                x2, weight, b, act, pre if store_pre else act, act,
                 M, N, K,
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-                bias is not None, store_pre,
+                bias is not None, store_pre, False,
             )  # fmt: skip
     return act.view(*lead, N), (pre.view(*lead, N) if store_pre else pre)
 
 
-def _gelu_grad(dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+def _gelu_grad(
+    dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor, sum_rows: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """d_pre = (dy @ weight2) * gelu'(pre): dy [..., C], weight2 [C, N] (fc2's weight, read as
-    [N, C]^T through its strides), pre [..., N] -> d_pre [..., N] contiguous, pre's dtype."""
+    [N, C]^T through its strides), pre [..., N] -> (d_pre [..., N] contiguous, pre's dtype;
+    ``sum_rows``: fc1's bias gradient d_pre.sum(rows) [N] in pre's dtype, from the kernel's
+    fp32 column sums of each row block, else an empty [0])."""
     C = dy.shape[-1]
     N = weight2.shape[1]
     lead = tuple(dy.shape[:-1])
     M = math.prod(lead)
     d_pre = _empty((M, N), pre.dtype, pre.device)
-    if M > 0 and N > 0:
-        dy2 = _rows(dy, M, C)
-        pre2 = pre.reshape(M, N).contiguous()
-        w = weight2.t()  # [N, C] view: the kernel computes dy @ w^T = dy @ weight2
-        plan = plans.linear_gelu_bwd_plan(M, N, C, dy.dtype, plans.device_target(dy.device), plans.tf32_allowed())
-        with _device_ctx(dy):
-            plans.launch(
-                _linear_gelu_fwd_kernel, plan,
-                dy2, w, d_pre, d_pre, pre2,
-                M, N, C,
-                dy2.stride(0), dy2.stride(1), w.stride(0), w.stride(1),
-                False, False,
-            )  # fmt: skip
-    return d_pre.view(*lead, N)
+    if not (M > 0 and N > 0):
+        return d_pre.view(*lead, N), (pre.new_zeros((N,)) if sum_rows else pre.new_empty((0,)))
+    dy2 = _rows(dy, M, C)
+    pre2 = pre.reshape(M, N).contiguous()
+    w = weight2.t()  # [N, C] view: the kernel computes dy @ w^T = dy @ weight2
+    plan = plans.linear_gelu_bwd_plan(M, N, C, dy.dtype, plans.device_target(dy.device), plans.tf32_allowed())
+    block_m = dict(plan.constexprs)["BLOCK_M"]
+    part = _empty((triton.cdiv(M, block_m), N), torch.float32, pre.device) if sum_rows else d_pre
+    with _device_ctx(dy):
+        plans.launch(
+            _linear_gelu_fwd_kernel, plan,
+            dy2, w, d_pre, d_pre, pre2, part,
+            M, N, C,
+            dy2.stride(0), dy2.stride(1), w.stride(0), w.stride(1),
+            False, False, sum_rows,
+        )  # fmt: skip
+    dbias = part.sum(0).to(pre.dtype) if sum_rows else pre.new_empty((0,))
+    return d_pre.view(*lead, N), dbias
 
 
 # torch.compile sees opaque ops with shape-only fake implementations; the rest of the backward is aten.
@@ -234,13 +248,15 @@ def _(x, weight, bias, store_pre):
 
 
 @torch.library.custom_op("restv2::mlp_gelu_grad", mutates_args=())
-def mlp_gelu_grad(dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    return _gelu_grad(dy, weight2, pre)
+def mlp_gelu_grad(
+    dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor, sum_rows: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gelu_grad(dy, weight2, pre, sum_rows)
 
 
 @mlp_gelu_grad.register_fake
-def _(dy, weight2, pre):
-    return pre.new_empty(pre.shape)
+def _(dy, weight2, pre, sum_rows):
+    return pre.new_empty(pre.shape), pre.new_empty((pre.shape[-1],) if sum_rows else (0,))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -269,7 +285,9 @@ class _LinearGelu(torch.autograd.Function):
 class _Mlp(torch.autograd.Function):
     """fc2(gelu(fc1(x))): the forward is ``linear_gelu_fwd`` (storing pre) and fc2 as aten; the
     backward computes d_pre = (dy @ fc2.weight) * gelu'(pre) in one Triton GEMM (d_act is never
-    stored, no gelu_backward pass), the rest with cuBLAS. Saved: x, both weights, pre, act."""
+    stored, no gelu_backward pass), and fc1's bias gradient from that GEMM's column sums (no pass
+    over d_pre, the largest tensor of the backward); the rest with cuBLAS. Saved: x, both
+    weights, pre, act."""
 
     @staticmethod
     def forward(ctx, x, weight1, bias1, weight2, bias2):
@@ -290,10 +308,12 @@ class _Mlp(torch.autograd.Function):
         db2 = dy2.sum(0) if need_b2 and ctx.has_bias[1] else None
         dx = dw1 = db1 = None
         if need_x or need_w1 or need_b1:
-            d_pre = torch.ops.restv2.mlp_gelu_grad(dy, weight2, pre).reshape(M, N)
+            sum_rows = need_b1 and ctx.has_bias[0]  # db1 from the kernel's column sums: d_pre is not read again
+            d_pre, db1 = torch.ops.restv2.mlp_gelu_grad(dy, weight2, pre, sum_rows)
+            d_pre = d_pre.reshape(M, N)
             dx = (d_pre @ weight1).view(x.shape) if need_x else None
             dw1 = d_pre.t() @ x.reshape(M, K) if need_w1 else None
-            db1 = d_pre.sum(0) if need_b1 and ctx.has_bias[0] else None
+            db1 = db1 if sum_rows else None
         return dx, dw1, db1, dw2, db2
 
 
