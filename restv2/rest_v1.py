@@ -68,7 +68,7 @@ class EMSA(nn.Module):
         else:
             Hr, Wr = H, W
         kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k, v = kv.unbind(2)  # views; the backward stacks dk and dv into one buffer (two selects: two zero-filled ones)
 
         if self.training and self.attn_drop.p > 0:
             # attention dropout drops entries of the [B, h, N, M] score maps: the eager path

@@ -57,9 +57,12 @@ class EMSAv2(nn.Module):
             Hr, Wr = H, W
         kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
 
+        # views; the backward adds v's two gradients and stacks dk and dv into one buffer (with
+        # a select per use it would zero-fill one kv-sized gradient per use and add them)
+        k, v = kv.unbind(2)
         ops = restv2_kernels if use_kernels(self.backend, q) else reference
-        out = ops.emsa_attention(q, kv[:, :, 0], kv[:, :, 1], self.scale)  # [B, N, h, d]
-        v_map = kv.view(B, Hr, Wr, 2, C)[:, :, :, 1]  # channel = head * d + j, as the checkpoints expect
+        out = ops.emsa_attention(q, k, v, self.scale)  # [B, N, h, d]
+        v_map = v.view(B, Hr, Wr, C)  # channel = head * d + j, as the checkpoints expect
         # Under autocast the activations are half while the parameters stay fp32.
         params = [p.to(out.dtype) for p in (self.up[0].weight, self.up[0].bias, self.up_norm.weight, self.up_norm.bias)]
         out = ops.upsample_add(out.view(B, H, W, C), v_map, *params, self.sr_ratio, self.up_norm.eps)

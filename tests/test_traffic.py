@@ -76,6 +76,12 @@ def test_kernel_path_traffic_target_restv2_tiny(train, target):
     # no layout copies on the kernel path: the one copy is the image's, to channels-last
     copies = [o for o in ker.ops if o.op in ("aten::clone", "aten::contiguous", "aten::copy_") and o.phase == "fwd"]
     assert [o.read for o in copies] == [256 * 3 * 224 * 224 * 2]
+    if train:
+        # k and v split by unbind: one stacked kv gradient, not a zero-filled one per use
+        assert not [o for o in ker.ops if o.op == "aten::select_backward"]
+        # fc1's bias gradient comes from the MLP backward's GEMM: no sum reads a d_pre
+        d_pre = 256 * 56 * 56 * 4 * 96 * 2  # stage 1's [tokens, 4C] in bf16
+        assert max(o.read for o in ker.ops if o.op == "aten::sum") < d_pre
 
 
 @pytest.mark.parametrize("model", ["restv2_large", "rest_small"])
