@@ -1603,8 +1603,9 @@ def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
 
 def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
-    """fc1 + GELU (``linear_gelu_fwd``) or the MLP backward's GEMM (``mlp_gelu_grad``) on their own,
-    each beside the eager ops it replaces (cuBLAS and a GELU pass) as ``eager``."""
+    """fc1 + GELU (``linear_gelu_fwd``) or the MLP backward's GEMM with fc1's bias gradient
+    (``mlp_gelu_grad``) on their own, each beside the eager ops it replaces (cuBLAS, a GELU pass,
+    and the bias sum) as ``eager``."""
     from restv2_kernels.ffn.triton import linear_gelu_fwd, mlp_gelu_grad
 
     M, N, K = shape

@@ -573,7 +573,7 @@ def test_mlp_parity(lead, C, N, dtype, with_bias, device, nan_buffers):
     M = int(torch.tensor(lead).prod())
     assert ((M, N), dtype) in nan_buffers  # d_pre: the only [M, N] buffer of the backward besides act, pre
     # db1: the GEMM's column sums of each 16-row block (the last one partly past M), not a pass over d_pre
-    assert (((-(-M // 16), N), FP32) in nan_buffers) == with_bias
+    assert (((plans.cdiv(M, 16), N), FP32) in nan_buffers) == with_bias
 
 
 def test_mlp_inference_writes_only_act(device, nan_buffers):
