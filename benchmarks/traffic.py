@@ -5,6 +5,7 @@ its FLOPs, and the fastest a GPU could run it, counted on the CPU.
     python benchmarks/traffic.py --model restv2_large --train      # forward + backward
     python benchmarks/traffic.py --backend reference --top 30 --json traffic.json
     python benchmarks/traffic.py --top 0                           # totals and ratios only (CI)
+    python benchmarks/traffic.py --features --train --batch 2 --resolution 800x1333   # detection
 
 What is counted: a ``TorchDispatchMode`` sees every aten op (and each of this package's custom
 ops as ONE op, at its inputs and outputs) and counts
@@ -19,6 +20,13 @@ ops as ONE op, at its inputs and outputs) and counts
 
 Every op is assumed to move its bytes from and to HBM exactly once (no cache reuse between
 ops, none lost inside an op): what a memory-bound GPU pays, and what fusion saves.
+
+Peak memory: the same pass counts the bytes alive, per storage (views share it), from the op
+that creates it until its last tensor is gone, autograd's saved tensors included; parameters,
+buffers and the input are alive from the start, as ``torch.cuda.max_memory_allocated`` counts
+them after a reset. The peak, the op after which it is reached and what is alive then, by
+the op that made it, are printed. Not counted: the caching allocator's rounding (512 bytes) and
+what the libraries allocate inside an op (cuBLAS and cuDNN workspaces).
 
 The model runs on meta tensors (nothing is allocated, nothing computed): a batch of 256 at 224²
 counts in seconds. The kernel path (``--backend triton``) runs the custom ops' shape-only fake
@@ -45,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -170,14 +179,49 @@ def _op_name(func) -> str:
     return f"{packet._qualified_op_name}" if hasattr(packet, "_qualified_op_name") else str(packet)
 
 
+class LiveBytes:
+    """The bytes of the storages alive now, and at their peak: a storage counts from the op that
+    creates it (or from ``hold``) until the last tensor viewing it is gone (autograd's saved
+    tensors included), at its full size, once however many views share it."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[StorageWeakRef, int, str]] = {}  # storage -> (ref, bytes, creator)
+        self.now = 0
+        self.peak = 0
+        self.peak_after = ""  # the op after which the peak was reached
+        self.peak_by: dict[str, int] = {}  # what was alive then: bytes by creator
+
+    def hold(self, tensors: Iterable[torch.Tensor], creator: str) -> None:
+        """Adds the storages of ``tensors`` not yet counted, as made by ``creator``."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            ref = StorageWeakRef(storage)
+            if ref.cdata not in self.live:
+                self.live[ref.cdata] = (ref, storage.nbytes(), creator)
+                self.now += storage.nbytes()
+
+    def update(self, op: str) -> None:
+        """Drops the storages freed since the last update; records a new peak, reached after ``op``."""
+        for key in [k for k, (ref, _, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        if self.now > self.peak:
+            self.peak, self.peak_after = self.now, op
+            by: dict[str, int] = collections.defaultdict(int)
+            for _, nbytes, creator in self.live.values():
+                by[creator] += nbytes
+            self.peak_by = dict(by)
+
+
 class TrafficMode(TorchDispatchMode):
-    """Counts every dispatched op (see the module docstring) into ``self.ops``."""
+    """Counts every dispatched op (see the module docstring) into ``self.ops``, and the bytes
+    alive at the peak into ``self.memory``."""
 
     def __init__(self, module_types: dict[str, str] | None = None):
         super().__init__()
         self.ops: list[OpCount] = []
         self.tracker = ModuleTracker()
         self.module_types = module_types or {}
+        self.memory = LiveBytes()
 
     def __enter__(self):
         self.tracker.__enter__()
@@ -200,10 +244,15 @@ class TrafficMode(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        name = _op_name(func)
+        where = self._where()
+        phase = "bwd" if self.tracker.is_bw else "fwd"
+        self.memory.hold(outputs, f"{phase} {name} @ {self.module_types.get(where) or '(top level)'}")
+        self.memory.update(name)
         if func.is_view or packet in _FREE:
             return out
         inputs, _ = tree_flatten((args, kwargs))
-        outputs, _ = tree_flatten(out)
         read = 0
         if packet not in _WRITE_ONLY:
             seen: set[int] = set()
@@ -211,21 +260,19 @@ class TrafficMode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor) and id(t) not in seen:
                     seen.add(id(t))
                     read += footprint(t)
-        written = sum(footprint(t) for t in outputs if isinstance(t, torch.Tensor))
-        name = _op_name(func)
+        written = sum(footprint(t) for t in outputs)
         if packet in flop_registry:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
         elif name in CUSTOM_FLOPS:
             flops = int(CUSTOM_FLOPS[name](*args, **kwargs))
         else:
             flops = 0
-        where = self._where()
         self.ops.append(
             OpCount(
                 name,
                 where,
                 self.module_types.get(where, ""),
-                "bwd" if self.tracker.is_bw else "fwd",
+                phase,
                 read,
                 written,
                 flops,
@@ -250,6 +297,11 @@ class Count:
     dtype: str
     train: bool
     ops: list[OpCount] = field(repr=False)
+    features: bool = False  # the four stage maps (forward_intermediates), not the classifier
+    held_bytes: int = 0  # parameters, buffers and the input, alive before the first op
+    peak_bytes: int = 0  # the most bytes alive at once, held_bytes included
+    peak_after: str = ""  # the op after which they were
+    peak_by: dict[str, int] = field(default_factory=dict, repr=False)  # alive at the peak, by creator
 
     @property
     def bytes(self) -> int:
@@ -283,34 +335,60 @@ def count_model(
     train: bool = False,
     model_kwargs: dict | None = None,
     model: nn.Module | None = None,
+    features: bool = False,
 ) -> Count:
     """Counts one forward (``train``: forward, cross-entropy, backward) of a zoo model on meta
-    tensors, with ``backend`` ("reference" or "triton") in ``dtype``. ``model`` replaces the
-    zoo model (any module taking an image batch), for tests."""
+    tensors, with ``backend`` ("reference" or "triton") in ``dtype``. ``features``: the dense
+    backbone instead, as ``throughput.py --features`` times it: the four stage maps
+    (``forward_intermediates``, no classifier) and, with ``train``, a backward from the sum of
+    their fp32 means. ``model`` replaces the zoo model (any module taking an image batch; with
+    ``features``, one with ``forward_intermediates``), for tests."""
     dt = DTYPES[dtype]
     if model is None:
         with torch.device("meta"):
-            model = MODELS[model_name](backend=backend, **(model_kwargs or {}))
+            kwargs = {"num_classes": 0} if features else {}
+            model = MODELS[model_name](backend=backend, **kwargs, **(model_kwargs or {}))
     model = model.to(device="meta", dtype=dt).train(train)
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     x = torch.empty(batch, 3, *resolution, device="meta", dtype=dt)
     mode = TrafficMode(types)
-    with mode:
-        if train:
-            logits = model(x)
+    mode.memory.hold([*model.parameters(), *model.buffers(), x], "held: parameters, buffers, input")
+    held = mode.memory.now
+    mode.memory.update("")
+    with mode, torch.set_grad_enabled(train):
+        if features:
+            maps = model.forward_intermediates(x, intermediates_only=True)
+            if train:
+                loss = sum(m.float().mean() for m in maps)
+                del maps  # as throughput.py's step: the loss holds what the backward needs
+                loss.backward()
+        elif train:
             target = torch.empty(batch, dtype=torch.long, device="meta")
-            F.cross_entropy(logits, target).backward()
+            F.cross_entropy(model(x), target).backward()
         else:
-            with torch.no_grad():
-                model(x)
-    return Count(model_name, backend, batch, tuple(resolution), dtype, train, mode.ops)
+            model(x)
+    m = mode.memory
+    return Count(
+        model_name,
+        backend,
+        batch,
+        tuple(resolution),
+        dtype,
+        train,
+        mode.ops,
+        features,
+        held,
+        m.peak,
+        m.peak_after,
+        m.peak_by,
+    )
 
 
-def compare(counts: Iterable[Count]) -> dict[str, float]:
-    """Byte ratios of every count to the reference count among them."""
+def compare(counts: Iterable[Count], key: Callable[[Count], int] = lambda c: c.bytes) -> dict[str, float]:
+    """Ratios of every count to the reference count among them: of the bytes moved, or ``key``."""
     counts = list(counts)
     ref = next((c for c in counts if c.backend == "reference"), None)
-    return {c.backend: c.bytes / ref.bytes for c in counts} if ref else {}
+    return {c.backend: key(c) / key(ref) for c in counts} if ref else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,18 +400,29 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:8.3f}"
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def format_count(c: Count, rates: dict, top: int = 15) -> str:
     mode = "forward + backward" if c.train else "forward"
+    what = "stage maps" if c.features else "classifier"
     lines = [
-        f"{c.model} {c.backend}: {mode}, batch {c.batch}, {c.resolution[0]}x{c.resolution[1]}, {c.dtype}",
+        f"{c.model} {c.backend}: {what}, {mode}, batch {c.batch}, {c.resolution[0]}x{c.resolution[1]}, {c.dtype}",
         f"  {len(c.ops)} ops, {_gb(c.bytes).strip()} GB moved, {c.flops / 1e12:.3f} TFLOP, floor "
         f"{c.floor_ms(rates['copy_gbps'], rates['matmul_tflops']):.2f} ms",
+        f"  peak alive {_mib(c.peak_bytes)} ({_mib(c.held_bytes)} held: parameters, buffers, input), "
+        f"after {c.peak_after or 'no op'}",
     ]
     groups = (("by op", lambda o: o.op), ("by module type", lambda o: o.module_type or "(top level)"))
     for title, key in groups if top > 0 else ():
         lines.append(f"  {title}:{'':<34} calls        GB     TFLOP")
         for name, calls, nbytes, flops in c.by(key)[:top]:
             lines.append(f"    {name:<44} {calls:5d} {_gb(nbytes)} {flops / 1e12:9.4f}")
+    if top > 0:
+        lines.append("  alive at the peak, by the op (and module type) that made it:")
+        for creator, nbytes in sorted(c.peak_by.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {creator:<60} {nbytes / 2**20:9.1f} MiB")
     return "\n".join(lines)
 
 
@@ -359,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="both", choices=("both", "reference", "triton"))
     p.add_argument("--train", action="store_true", help="forward + cross-entropy + backward")
     p.add_argument(
+        "--features",
+        action="store_true",
+        help="the dense backbone: the four stage maps, no classifier (with --train: backward from their means)",
+    )
+    p.add_argument(
         "--copy-gbps", type=float, help=f"copy bandwidth, GB/s (default: measured, else {ASSUMED_COPY_GBPS})"
     )
     p.add_argument("--tflops", type=float, help=f"matmul rate, TFLOP/s (default: measured, else {ASSUMED_TFLOPS})")
@@ -380,18 +474,23 @@ def main(argv: list[str] | None = None) -> int:
     resolution = parse_resolution(args.resolution)
     backends = ("reference", "triton") if args.backend == "both" else (args.backend,)
     rates = rates_for(args)
-    counts = [count_model(args.model, b, args.batch, resolution, args.dtype, args.train) for b in backends]
+    counts = [
+        count_model(args.model, b, args.batch, resolution, args.dtype, args.train, features=args.features)
+        for b in backends
+    ]
     for c in counts:
         print(format_count(c, rates, args.top))
         print()
     ratios = compare(counts)
+    peak_ratios = compare(counts, key=lambda c: c.peak_bytes)
     print(f"rates ({rates['source']}): copy {rates['copy_gbps']:.0f} GB/s, matmul {rates['matmul_tflops']:.0f} TFLOP/s")
     for c in counts:
         floor = c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"])
         ratio = f", {ratios[c.backend]:.3f}x the reference's bytes" if c.backend in ratios else ""
+        peak = f" ({peak_ratios[c.backend]:.3f}x)" if c.backend in peak_ratios else ""
         print(
             f"{c.backend:>10}: {c.bytes / 1e9:.2f} GB, floor {floor:.2f} ms "
-            f"({c.batch / floor * 1e3:.0f} images/s){ratio}"
+            f"({c.batch / floor * 1e3:.0f} images/s){ratio}; peak alive {_mib(c.peak_bytes)}{peak}"
         )
     if args.json:
         report = {
@@ -409,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in counts
             ],
             "ratios": ratios,
+            "peak_ratios": peak_ratios,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
