@@ -1415,6 +1415,7 @@ ATTN_MAX_REGS = 256  # fp32 accumulator + score values a thread: past this, a pl
 UPSAMPLE_MAX_PER_THREAD = 4  # x the table's per_thread values a thread of a [BLOCK_P, BLOCK_C] tile
 #                              (and of add + LayerNorm's [BLOCK_R, BLOCK_C] tile)
 LINEAR_MAX_ACC = 128  # fp32 accumulator values a thread of a [BLOCK_M, BLOCK_N] GEMM tile: past this it spills
+LINEAR_BWD_MAX_ACC = 32  # the same in the MLP backward's GEMM: its epilogue holds 3 tiles (plans._LINEAR_GELU_BWD)
 _ABBR = {
     "block_n": "n",
     "block_m": "m",
@@ -1485,9 +1486,8 @@ def prune_reason(family: str, launch: plans.Launch) -> str | None:
         regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family.startswith("linear_gelu"):  # the fp32 accumulator [BLOCK_M, BLOCK_N]
         acc = c["BLOCK_M"] * c["BLOCK_N"] / threads
-        return (
-            f"{acc:.0f} fp32 accumulator values a thread (> {LINEAR_MAX_ACC}): spills" if acc > LINEAR_MAX_ACC else None
-        )
+        limit = LINEAR_BWD_MAX_ACC if family == "linear_gelu_bwd" else LINEAR_MAX_ACC
+        return f"{acc:.0f} fp32 accumulator values a thread (> {limit}): spills" if acc > limit else None
     else:
         table = {
             "upsample_fwd": plans._UPSAMPLE_FWD,
@@ -1603,9 +1603,10 @@ def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
 
 def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
-    """fc1 + GELU (``linear_gelu_fwd``) or the MLP backward's GEMM with fc1's bias gradient
-    (``mlp_gelu_grad``) on their own, each beside the eager ops it replaces (cuBLAS, a GELU pass,
-    and the bias sum) as ``eager``."""
+    """fc1 + GELU (``linear_gelu_fwd``) or the MLP backward's GEMM with fc1's bias gradient and
+    the activation written again (``mlp_gelu_grad`` as the MLP's backward calls it) on their own,
+    each beside the eager ops it replaces (cuBLAS, a GELU pass, and the bias sum; eager keeps
+    the activation from the forward instead) as ``eager``."""
     from restv2_kernels.ffn.triton import linear_gelu_fwd, mlp_gelu_grad
 
     M, N, K = shape
@@ -1627,8 +1628,8 @@ def _linear_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
         d_pre = torch.ops.aten.gelu_backward(dy @ weight2, pre)
         return d_pre, d_pre.sum(0)
 
-    return {  # with fc1's bias gradient, as the MLP's backward asks for it
-        "run": lambda: mlp_gelu_grad(dy, weight2, pre, True),
+    return {  # with fc1's bias gradient and gelu(pre), as the MLP's backward asks for them
+        "run": lambda: mlp_gelu_grad(dy, weight2, pre, True, True),
         "eager": eager,
         "keep": (dy, weight2, pre),
     }
@@ -1900,6 +1901,7 @@ def phase_sweep(run: Run) -> list[str]:
                 "_UPSAMPLE_BWD",
                 "_UPSAMPLE_BWD_DV",
                 "_LINEAR_GELU_FWD",
+                "_LINEAR_GELU_BWD",
                 "_ADD_LN_FWD",
                 "_ADD_LN_BWD",
             )
@@ -1908,6 +1910,7 @@ def phase_sweep(run: Run) -> list[str]:
             "wrong_if_rel_diff_above_eps_x": WRONG_ULPS,
             "attn_max_regs": ATTN_MAX_REGS,
             "linear_max_acc": LINEAR_MAX_ACC,
+            "linear_bwd_max_acc": LINEAR_BWD_MAX_ACC,
             "upsample_max_per_thread_x_table": UPSAMPLE_MAX_PER_THREAD,
             "follow_up_per_family": SWEEP_FOLLOW_UP,
             "do_bench": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "return_mode": "median"},

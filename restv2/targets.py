@@ -252,10 +252,9 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             )
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias)
-        elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre) and db1; the rest is cuBLAS
-            kernels._gelu_grad(
-                torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device), w2, pre, b1 is not None
-            )
+        elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre), db1 and gelu(pre); the rest is cuBLAS
+            dy = torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
+            kernels._gelu_grad(dy, w2, pre, b1 is not None, True)
         # linear_gelu alone: the backward is aten (gelu_backward and cuBLAS GEMMs), no launch
     return fwd, bwd
 

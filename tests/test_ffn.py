@@ -8,6 +8,7 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -135,7 +136,7 @@ def test_row_strided_view_read_in_place():
     x_arg, w_arg = rec.args[0], rec.args[1]
     assert x_arg.data_ptr() == x.data_ptr() and x_arg.stride() == (K + 8, 1)
     assert w_arg is weight  # read as its transpose through the strides, no copy
-    assert rec.args[9:13] == (K + 8, 1, K, 1)
+    assert rec.args[10:14] == (K + 8, 1, K, 1)
 
 
 @pytest.mark.parametrize("ctx", ["no_grad", "no_requires_grad"])
@@ -192,7 +193,8 @@ def test_meta_launch_recorded():
     meta = dict(first.plan.constexprs)
     assert first.plan.grid == (plans.cdiv(M, meta["BLOCK_M"]) * plans.cdiv(N, meta["BLOCK_N"]),)
     assert meta["EVEN_K"] and K % meta["BLOCK_K"] == 0
-    assert first.args[-3:] == (True, True, False) and second.args[-3:] == (False, False, False)  # no row sums
+    # HAS_BIAS, STORE_PRE; no row sums and no GELU stored again (the backward's flags)
+    assert first.args[-4:] == (True, True, False, False) and second.args[-4:] == (False, False, False, False)
 
 
 # ----------------------------------------------------------------------------- plans
@@ -386,7 +388,7 @@ def test_tf32_dot_rounds_its_operands(device):
     with _allow_tf32(True), target():
         _, pre = kernels._fwd(x, w, None, True)
         # pre = 0: gelu'(0) = Phi(0) + 0 = 1/2 exactly, so d_pre = (dy @ w^T) / 2
-        d_pre, _ = kernels._gelu_grad(dy, w.t(), torch.zeros(M, N, device=device))
+        d_pre, _, _ = kernels._gelu_grad(dy, w.t(), torch.zeros(M, N, device=device))
     for name, got, a, b, scale in (("pre", pre, x, w, 1.0), ("d_pre", d_pre, dy, w, 0.5)):
         a, b, got = a.cpu(), b.cpu(), got.cpu().double() / scale
         want = _tf32_reference(a).double() @ _tf32_reference(b).double().T
@@ -544,9 +546,10 @@ def _mlp_inputs(lead, C, N, seed=0):
     return x, w1, b1, w2, b2, dy
 
 
-def _run_mlp(fn, tensors, dtype, device, with_bias=True):
+def _run_mlp(fn, tensors, dtype, device, with_bias=True, trains=(True,) * 5):
+    """out and the gradients of x, w1, b1, w2, b2 (None for those not in ``trains``)."""
     x, w1, b1, w2, b2, dy = (t.to(dtype).double().to(device=device, dtype=dtype, copy=True) for t in tensors)
-    leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    leaves = [t.requires_grad_(train) for t, train in zip((x, w1, b1, w2, b2), trains)]
     out = fn(x, w1, b1 if with_bias else None, w2, b2 if with_bias else None)
     out.backward(dy)
     return out, [t.grad for t in leaves]
@@ -571,9 +574,73 @@ def test_mlp_parity(lead, C, N, dtype, with_bias, device, nan_buffers):
             continue
         assert_close(name, a, r, e)
     M = int(torch.tensor(lead).prod())
-    assert ((M, N), dtype) in nan_buffers  # d_pre: the only [M, N] buffer of the backward besides act, pre
+    # [M, N]: act and pre in the forward; d_pre and gelu(pre) (fc2's weight gradient reads it) in the backward
+    assert nan_buffers.count(((M, N), dtype)) == 4
     # db1: the GEMM's column sums of each 16-row block (the last one partly past M), not a pass over d_pre
     assert (((plans.cdiv(M, 16), N), FP32) in nan_buffers) == with_bias
+
+
+@pytest.mark.parametrize(
+    "trains",
+    [(False, False, False, True, True), (True, False, False, True, False), (False, True, True, False, False)],
+    ids=["fc2-only", "x-and-fc2-weight", "fc1-only"],
+)
+def test_mlp_partial_gradients(trains, device, monkeypatch):
+    """Only the gradients asked for, each as the reference's: fc2 alone (frozen fc1, frozen
+    input) takes its weight gradient from F.gelu(pre), without the backward's GEMM."""
+    tensors = _mlp_inputs((37,), 24, 40)
+    seen, launch = [], plans.launch
+
+    def recorded_launch(fn, plan, *args):
+        seen.append(plan.kernel)
+        launch(fn, plan, *args)
+
+    monkeypatch.setattr(plans, "launch", recorded_launch)
+    out, grads = _run_mlp(kernels.mlp, tensors, FP32, device, trains=trains)
+    ref_out, ref_grads = _run_mlp(reference.mlp, tensors, torch.float64, "cpu", trains=trains)
+    eager_out, eager_grads = _run_mlp(reference.mlp, tensors, FP32, device, trains=trains)
+    for name, a, r, e in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, ref_grads, eager_grads):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            assert_close(name, a, r, e)
+    assert seen == ["linear_gelu_fwd"] + ["linear_gelu_bwd"] * any(trains[:3])
+
+
+def test_mlp_keeps_one_hidden_tensor(device):
+    """From the forward to the backward the MLP keeps x, its weights and pre: one [M, N]
+    tensor (the reference's F.gelu and fc2 keep two: pre and the activation)."""
+    tensors = _mlp_inputs((37,), 24, 40)
+
+    def saved_shapes(fn):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _run_mlp(fn, tensors, FP32, device)
+        return shapes
+
+    assert saved_shapes(kernels.mlp).count((37, 40)) == 1
+    assert saved_shapes(reference.mlp).count((37, 40)) == 2
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+def test_gelu_stored_again_is_eager_gelu(dtype, device, nan_buffers):
+    """The backward GEMM's STORE_GELU output is gelu(pre) of the stored pre, as F.gelu computes
+    it, beside d_pre and db1 unchanged."""
+    g = torch.Generator().manual_seed(5)
+    M, C, N = 37, 24, 40
+    dy, w2, pre = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((M, C), (C, N), (M, N)))
+    pre = pre * 3  # GELU's curved region and both tails
+    with plans.forced(linear_gelu_bwd=dict(block_m=16, block_n=16, block_k=16, group_m=2)):
+        d_pre, db1, act = kernels._gelu_grad(dy, w2, pre, True, True)
+        d_pre2, db12, empty = kernels._gelu_grad(dy, w2, pre, True, False)
+    gelu = torch.nn.functional.gelu
+    assert_close("gelu(pre)", act, gelu(pre.cpu().double()), gelu(pre))
+    assert torch.equal(d_pre, d_pre2) and torch.equal(db1, db12) and empty.numel() == 0
+    assert nan_buffers.count(((M, N), dtype)) == 3  # d_pre twice, act once
 
 
 def test_mlp_inference_writes_only_act(device, nan_buffers):
@@ -589,9 +656,11 @@ def test_mlp_gelu_grad_opcheck(device):
     dy = torch.randn(6, 16, generator=g).to(device)
     w2 = torch.randn(16, 32, generator=g).to(device)
     pre = torch.randn(6, 32, generator=g).to(device)
-    for sum_rows in (False, True):
+    for sum_rows, store_gelu in itertools.product((False, True), repeat=2):
         torch.library.opcheck(
-            torch.ops.restv2.mlp_gelu_grad, (dy, w2, pre, sum_rows), test_utils=("test_schema", "test_faketensor")
+            torch.ops.restv2.mlp_gelu_grad,
+            (dy, w2, pre, sum_rows, store_gelu),
+            test_utils=("test_schema", "test_faketensor"),
         )
 
 

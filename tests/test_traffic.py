@@ -85,19 +85,26 @@ def test_peak_memory_by_hand():
     assert c.peak_bytes == sum(c.peak_by.values()) == held + 536
 
 
-def test_kernel_path_peak_memory_target_restv2_tiny():
-    """The issue's memory target, counted: restv2_tiny's four stage maps at 800x1333, batch 2,
-    bf16, forward + backward, peak at most 0.7x the reference's (parameters and input included,
-    as torch.cuda.max_memory_allocated counts them). The reference keeps every [N, M] softmax
-    for its backward; the kernels keep none of them."""
-    kw = dict(batch=2, resolution=(800, 1333), dtype="bf16", train=True, features=True)
+@pytest.mark.parametrize(
+    "batch, resolution, features, target",
+    [(2, (800, 1333), True, 0.7), (128, (224, 224), False, 0.8)],
+    ids=["stage-maps-800x1333", "classifier-224"],
+)
+def test_kernel_path_peak_memory_target_restv2_tiny(batch, resolution, features, target):
+    """Peak memory of restv2_tiny's forward + backward, bf16, parameters and input included (as
+    torch.cuda.max_memory_allocated counts them). The issue's target: the four stage maps at
+    800x1333, batch 2, at most 0.7x the reference's; the reference keeps every [N, M] softmax
+    for its backward, the kernels none. A classifier's training step at 224x224, batch 128, at
+    most 0.8x: there the softmaxes are small, and the MLPs keep pre but not the activation."""
+    kw = dict(batch=batch, resolution=resolution, dtype="bf16", train=True, features=features)
     ref = traffic.count_model("restv2_tiny", "reference", **kw)
     ker = traffic.count_model("restv2_tiny", "triton", **kw)
     ratio = ker.peak_bytes / ref.peak_bytes
-    assert ratio <= 0.7, f"kernel/reference peak {ratio:.3f} > 0.7 ({ker.peak_bytes / 2**20:.0f} MiB)"
-    softmax = sum(n for k, n in ref.peak_by.items() if k.startswith("fwd aten::_softmax "))
-    assert softmax > 0.3 * ref.peak_bytes
+    assert ratio <= target, f"kernel/reference peak {ratio:.3f} > {target} ({ker.peak_bytes / 2**20:.0f} MiB)"
     assert not [k for k in ker.peak_by if "softmax" in k]
+    if features:
+        softmax = sum(n for k, n in ref.peak_by.items() if k.startswith("fwd aten::_softmax "))
+        assert softmax > 0.3 * ref.peak_bytes
 
 
 def test_reference_count_of_restv2_tiny():

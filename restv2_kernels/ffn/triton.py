@@ -39,7 +39,16 @@ aten ops): saved are x (the input as given, no copy), weight, and pre [..., N] i
 Only the gradients asked for are computed. These are the very ops eager autograd runs for
 ``F.gelu(F.linear(...))``, so the gradients equal eager's (up to cuBLAS's choices).
 
-Launch geometry comes from ``plans.linear_gelu_fwd_plan`` (tiles per target and precision).
+The whole MLP (``mlp``, what the models call) saves less: x, the weights and pre, not the
+activation. Its backward's one Triton GEMM (the same kernel, GELU_GRAD) reads dy, fc2's weight
+and pre, and writes d_pre = (dy @ fc2.weight) * gelu'(pre), fc1's bias gradient (its column
+sums) and gelu(pre) again (STORE_GELU: eager's GELU of the stored pre, which cuBLAS reads once
+for fc2's weight gradient and which is freed then). One more write of [M, N] per backward buys
+one [M, N] tensor less kept from each MLP's forward to its backward (per stage-1 MLP of
+restv2_tiny at batch 128, 294 MiB in bf16).
+
+Launch geometry comes from ``plans.linear_gelu_fwd_plan`` and ``plans.linear_gelu_bwd_plan`` (tiles per
+target and precision).
 """
 
 from __future__ import annotations
@@ -79,10 +88,10 @@ def _round_to_tf32(x):
 # divisibility lets Triton vectorise the masked stores and the K loop's address arithmetic.
 @triton.jit(do_not_specialize=["M"])
 def _linear_gelu_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, act_ptr, pre_ptr, part_ptr,
+    x_ptr, w_ptr, b_ptr, act_ptr, pre_ptr, part_ptr, gelu_ptr,
     M, N, K,
     sxm, sxk, swn, swk,
-    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, SUM_ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, SUM_ROWS: tl.constexpr, STORE_GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, GELU_GRAD: tl.constexpr = False,
 ):  # fmt: skip
@@ -92,7 +101,9 @@ def _linear_gelu_fwd_kernel(
     GELU_GRAD (the MLP's backward): act = (x @ w^T) * gelu'(pre), with pre [M, N] contiguous
     READ from pre_ptr: d_pre from d_y and fc2's weight in one pass, d_act never stored. With
     SUM_ROWS also fc1's bias gradient in parts: part [cdiv(M, BLOCK_M), N] fp32 gets each row
-    block's column sums of d_pre as stored (the launcher adds the parts: d_pre is not read again)."""
+    block's column sums of d_pre as stored (the launcher adds the parts: d_pre is not read again).
+    With STORE_GELU also the activation the forward did not keep, gelu(pre) [M, N] contiguous
+    into gelu_ptr, from the pre it reads anyway: fc2's weight gradient reads it."""
     pid = tl.program_id(0)
     # grouped ordering: GROUP_M row blocks x all column blocks, column-major inside a group
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -142,6 +153,8 @@ def _linear_gelu_fwd_kernel(
         pdf = tl.exp(-0.5 * a * a) * 0.3989422804014327
         d_pre = (acc * (cdf + a * pdf)).to(act_ptr.dtype.element_ty)
         tl.store(act_ptr + out_off, d_pre, mask=out_mask)
+        if STORE_GELU:  # a * cdf = 0.5 * a * (1 + erf): eager's GELU formula, of the stored pre
+            tl.store(gelu_ptr + out_off, (a * cdf).to(gelu_ptr.dtype.element_ty), mask=out_mask)
         if SUM_ROWS:  # rows past M are wrapped copies of valid ones: left out of the sum
             col = tl.sum(tl.where(out_mask, d_pre.to(tl.float32), 0.0), axis=0)
             tl.store(part_ptr + pid_m.to(tl.int64) * N + rn, col, mask=rn < N)
@@ -191,28 +204,31 @@ def _fwd(
         with _device_ctx(x):
             plans.launch(
                 _linear_gelu_fwd_kernel, plan,
-                x2, weight, b, act, pre if store_pre else act, act,
+                x2, weight, b, act, pre if store_pre else act, act, act,
                 M, N, K,
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-                bias is not None, store_pre, False,
+                bias is not None, store_pre, False, False,
             )  # fmt: skip
     return act.view(*lead, N), (pre.view(*lead, N) if store_pre else pre)
 
 
 def _gelu_grad(
-    dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor, sum_rows: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor, sum_rows: bool = False, store_gelu: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d_pre = (dy @ weight2) * gelu'(pre): dy [..., C], weight2 [C, N] (fc2's weight, read as
     [N, C]^T through its strides), pre [..., N] -> (d_pre [..., N] contiguous, pre's dtype;
     ``sum_rows``: fc1's bias gradient d_pre.sum(rows) [N] in pre's dtype, from the kernel's
-    fp32 column sums of each row block, else an empty [0])."""
+    fp32 column sums of each row block, else an empty [0]; ``store_gelu``: gelu(pre) [..., N]
+    contiguous, pre's dtype, equal to ``F.gelu(pre)``, else an empty [0])."""
     C = dy.shape[-1]
     N = weight2.shape[1]
     lead = tuple(dy.shape[:-1])
     M = math.prod(lead)
     d_pre = _empty((M, N), pre.dtype, pre.device)
+    act = _empty((M, N), pre.dtype, pre.device) if store_gelu else pre.new_empty((0,))
+    act_out = act.view(*lead, N) if store_gelu else act
     if not (M > 0 and N > 0):
-        return d_pre.view(*lead, N), (pre.new_zeros((N,)) if sum_rows else pre.new_empty((0,)))
+        return d_pre.view(*lead, N), (pre.new_zeros((N,)) if sum_rows else pre.new_empty((0,))), act_out
     dy2 = _rows(dy, M, C)
     pre2 = pre.reshape(M, N).contiguous()
     w = weight2.t()  # [N, C] view: the kernel computes dy @ w^T = dy @ weight2
@@ -222,13 +238,13 @@ def _gelu_grad(
     with _device_ctx(dy):
         plans.launch(
             _linear_gelu_fwd_kernel, plan,
-            dy2, w, d_pre, d_pre, pre2, part,
+            dy2, w, d_pre, d_pre, pre2, part, act if store_gelu else d_pre,
             M, N, C,
             dy2.stride(0), dy2.stride(1), w.stride(0), w.stride(1),
-            False, False, sum_rows,
+            False, False, sum_rows, store_gelu,
         )  # fmt: skip
     dbias = part.sum(0).to(pre.dtype) if sum_rows else pre.new_empty((0,))
-    return d_pre.view(*lead, N), dbias
+    return d_pre.view(*lead, N), dbias, act_out
 
 
 # torch.compile sees opaque ops with shape-only fake implementations; the rest of the backward is aten.
@@ -249,14 +265,18 @@ def _(x, weight, bias, store_pre):
 
 @torch.library.custom_op("restv2::mlp_gelu_grad", mutates_args=())
 def mlp_gelu_grad(
-    dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor, sum_rows: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gelu_grad(dy, weight2, pre, sum_rows)
+    dy: torch.Tensor, weight2: torch.Tensor, pre: torch.Tensor, sum_rows: bool, store_gelu: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gelu_grad(dy, weight2, pre, sum_rows, store_gelu)
 
 
 @mlp_gelu_grad.register_fake
-def _(dy, weight2, pre, sum_rows):
-    return pre.new_empty(pre.shape), pre.new_empty((pre.shape[-1],) if sum_rows else (0,))
+def _(dy, weight2, pre, sum_rows, store_gelu):
+    return (
+        pre.new_empty(pre.shape),
+        pre.new_empty((pre.shape[-1],) if sum_rows else (0,)),
+        pre.new_empty(pre.shape if store_gelu else (0,)),
+    )
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -287,33 +307,39 @@ class _Mlp(torch.autograd.Function):
     backward computes d_pre = (dy @ fc2.weight) * gelu'(pre) in one Triton GEMM (d_act is never
     stored, no gelu_backward pass), and fc1's bias gradient from that GEMM's column sums (no pass
     over d_pre, the largest tensor of the backward); the rest with cuBLAS. Saved: x, both
-    weights, pre, act."""
+    weights and pre; not the activation, which the same GEMM writes again from the pre it reads
+    (gelu(pre), as eager's GELU computes it) for fc2's weight gradient, freed once that is made:
+    the forward to backward span keeps one [tokens, 4C] tensor per MLP instead of two."""
 
     @staticmethod
     def forward(ctx, x, weight1, bias1, weight2, bias2):
         act, pre = torch.ops.restv2.linear_gelu_fwd(x, weight1, bias1, True)
-        ctx.save_for_backward(x, weight1, weight2, pre, act)
+        ctx.save_for_backward(x, weight1, weight2, pre)
         ctx.has_bias = (bias1 is not None, bias2 is not None)
         return torch.nn.functional.linear(act, weight2, bias2)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight1, weight2, pre, act = ctx.saved_tensors
+        x, weight1, weight2, pre = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         N, K = weight1.shape
         C = weight2.shape[0]
         M = math.prod(x.shape[:-1])
         dy2 = dy.reshape(M, C)
-        dw2 = dy2.t() @ act.reshape(M, N) if need_w2 else None
         db2 = dy2.sum(0) if need_b2 and ctx.has_bias[1] else None
-        dx = dw1 = db1 = None
+        dx = dw1 = db1 = dw2 = None
         if need_x or need_w1 or need_b1:
             sum_rows = need_b1 and ctx.has_bias[0]  # db1 from the kernel's column sums: d_pre is not read again
-            d_pre, db1 = torch.ops.restv2.mlp_gelu_grad(dy, weight2, pre, sum_rows)
+            d_pre, db1, act = torch.ops.restv2.mlp_gelu_grad(dy, weight2, pre, sum_rows, need_w2)
+            if need_w2:
+                dw2 = dy2.t() @ act.reshape(M, N)
+                del act
             d_pre = d_pre.reshape(M, N)
             dx = (d_pre @ weight1).view(x.shape) if need_x else None
             dw1 = d_pre.t() @ x.reshape(M, K) if need_w1 else None
             db1 = db1 if sum_rows else None
+        elif need_w2:  # only fc2 trains: its input again, without the GEMM
+            dw2 = dy2.t() @ torch.nn.functional.gelu(pre).reshape(M, N)
         return dx, dw1, db1, dw2, db2
 
 
