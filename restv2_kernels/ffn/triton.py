@@ -219,7 +219,7 @@ def _gelu_grad(
     [N, C]^T through its strides), pre [..., N] -> (d_pre [..., N] contiguous, pre's dtype;
     ``sum_rows``: fc1's bias gradient d_pre.sum(rows) [N] in pre's dtype, from the kernel's
     fp32 column sums of each row block, else an empty [0]; ``store_gelu``: gelu(pre) [..., N]
-    contiguous, pre's dtype, equal to ``F.gelu(pre)``, else an empty [0])."""
+    contiguous, pre's dtype, by ``F.gelu``'s formula (in fp32, one rounding), else an empty [0])."""
     C = dy.shape[-1]
     N = weight2.shape[1]
     lead = tuple(dy.shape[:-1])
