@@ -353,7 +353,6 @@ def count_model(
     x = torch.empty(batch, 3, *resolution, device="meta", dtype=dt)
     mode = TrafficMode(types)
     mode.memory.hold([*model.parameters(), *model.buffers(), x], "held: parameters, buffers, input")
-    held = mode.memory.now
     mode.memory.update("")
     with mode, torch.set_grad_enabled(train):
         if features:
@@ -376,11 +375,11 @@ def count_model(
         dtype,
         train,
         mode.ops,
-        features,
-        held,
-        m.peak,
-        m.peak_after,
-        m.peak_by,
+        features=features,
+        held_bytes=m.peak_by["held: parameters, buffers, input"],
+        peak_bytes=m.peak,
+        peak_after=m.peak_after,
+        peak_by=m.peak_by,
     )
 
 
