@@ -76,8 +76,9 @@ def _run(fn, tensors, dtypes, device, layout="contig", use=("residual", "normed"
     xv = _layout(leaves[0], layout)
     bv = None if b_dt is None else _layout(leaves[1], layout)
     residual, normed = fn(xv, bv, leaves[2], leaves[3], 1e-6, out_dt)
-    if b_dt is None:
-        assert residual is xv
+    if b_dt is None:  # x itself, or with autograd a view of it (one node gets both gradients)
+        assert residual is xv or residual._base is (xv._base if xv._is_view() else xv)
+        assert (residual.data_ptr(), residual.stride()) == (xv.data_ptr(), xv.stride())
     outs, grads_out = [], []
     if "residual" in use:
         outs.append(residual)
@@ -199,6 +200,7 @@ def test_parity_gpu_tiles(shape, device):
         pytest.param(("normed",), (FP32, FP32, FP32, None), id="normed-only"),
         pytest.param(("residual",), (FP32, FP32, FP32, None), id="residual-only"),
         pytest.param(("residual",), (FP32, FP16, FP32, FP16), id="residual-only-mixed"),
+        pytest.param(("residual",), (FP32, None, FP32, None), id="residual-only-no-branch"),
     ],
 )
 def test_one_output_used(use, dtypes, device, nan_buffers):
@@ -206,6 +208,46 @@ def test_one_output_used(use, dtypes, device, nan_buffers):
     kernel at all (residual-only: the gradient passes through to x and branch)."""
     _check_parity((2, 5, 48), dtypes, device, use=use)
     assert len(nan_buffers) == (7 if use == ("normed",) else 4)
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "x-frozen"])
+def test_no_branch_one_backward(x_grad, device):
+    """Without a branch, x's two uses (the residual itself and the norm's input) meet in the
+    backward kernel (d_residual + LN_backward, one pass): autograd adds no [R, C] gradients.
+    Where x needs no gradient the residual is x itself, as eager's."""
+    x, _, weight, bias, d_res, d_normed = (t.float().to(device) for t in _inputs((2, 5, 24), seed=8))
+    x.requires_grad_(x_grad)
+    weight.requires_grad_()
+    residual, normed = add_layer_norm(x, None, weight, bias)
+    assert (residual is x) == (not x_grad) and residual.data_ptr() == x.data_ptr()
+    assert residual.requires_grad == x_grad
+    with _AtenOps() as seen:
+        torch.autograd.backward([normed, residual * d_res][: 1 + x_grad], [d_normed, torch.ones_like(x)][: 1 + x_grad])
+    adds = [op for op, shape in seen if op.startswith("aten.add") and shape == tuple(x.shape)]
+    assert adds == []
+    ref = x.detach().double().requires_grad_(x_grad)
+    ref_w = weight.detach().double().requires_grad_()
+    ref_res, ref_normed = reference.add_layer_norm(ref, None, ref_w, bias.double())
+    torch.autograd.backward(
+        [ref_normed, ref_res * d_res.double()][: 1 + x_grad], [d_normed.double(), torch.ones_like(ref)][: 1 + x_grad]
+    )
+    assert_close("dweight", weight.grad, ref_w.grad)
+    if x_grad:
+        assert_close("dx", x.grad, ref.grad)
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, output shape) of every aten op dispatched inside."""
+
+    def __enter__(self):
+        self.seen = []
+        super().__enter__()
+        return self.seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen.append((str(func.overloadpacket), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        return out
 
 
 def test_strided_grads(device):

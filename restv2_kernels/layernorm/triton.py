@@ -17,7 +17,8 @@ run it also stores the fp32 mean and rstd of each row (8 bytes a row); inference
 them (a constexpr). HBM traffic per element: read x and branch, write residual and normed,
 e.g. 4 + 2 + 4 + 2 = 12 bytes for the autocast case (fp32 stream, bf16 branch, bf16 out),
 8 bytes all-16-bit; eager needs five tensor passes (add: 3, layer_norm: 2, plus a cast).
-With branch=None only normed is computed (residual is x itself, never a kernel output).
+With branch=None only normed is computed (residual is x itself, never a kernel output;
+with autograd, a view of x on the op's node, so that the backward below adds its gradient).
 
 Backward (``_add_ln_bwd_kernel``): a bounded grid (about 2 programs per SM), each program
 walking a contiguous range of row blocks. It recomputes xhat from the saved residual and
@@ -302,7 +303,8 @@ def _(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype):
 
 
 class _AddLayerNorm(torch.autograd.Function):
-    """Outputs (residual, normed) with a branch, normed alone without (the residual is x)."""
+    """Outputs (residual, normed); without a branch the residual is x (autograd makes it a view
+    of x on this node): x's two uses meet in this backward, where autograd would add them."""
 
     @staticmethod
     def forward(ctx, x, branch, weight, bias, eps, out_dtype):
@@ -316,11 +318,10 @@ class _AddLayerNorm(torch.autograd.Function):
         ctx.branch_dtype = branch.dtype if has_branch else None
         ctx.bias_dtype = bias.dtype
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: nothing to read
-        return (residual, normed) if has_branch else normed
+        return (residual if has_branch else x), normed
 
     @staticmethod
-    def backward(ctx, *grads):
-        d_residual, d_normed = grads if ctx.has_branch else (None, grads[0])
+    def backward(ctx, d_residual, d_normed):
         need_x, need_b, need_w, need_bias = ctx.needs_input_grad[:4]
         if d_normed is None:  # only the residual was used: d(x + branch) passes through
             dx = d_residual.to(ctx.x_dtype) if need_x and d_residual is not None else None
@@ -363,7 +364,8 @@ def add_layer_norm(
     takes ``promote_types``); weight, bias: [C], fp16/bf16/fp32 (fp32 with 16-bit x under
     autocast). Statistics and arithmetic in fp32. ``normed`` is in ``out_dtype`` (default:
     the residual's dtype). Returns ``(residual, normed)``, both contiguous (residual is x
-    itself when branch is None). Differentiable w.r.t. x, branch, weight and bias.
+    itself when branch is None; where x needs a gradient, a view of x whose gradient the
+    fused backward adds to the norm's). Differentiable w.r.t. x, branch, weight and bias.
     """
     check_add_layer_norm_inputs(x, branch, weight, bias, eps)
     named = [("x", x), ("weight", weight), ("bias", bias)] + ([] if branch is None else [("branch", branch)])
@@ -384,8 +386,10 @@ def add_layer_norm(
     check_kernel_device(*(t for _, t in named))
     eps = float(eps)
     if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
-        out = _AddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype)
-        return out if branch is not None else (x, out)
+        residual, normed = _AddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype)
+        # branch None: residual is a view of x on this node, whose backward adds its gradient to
+        # the LayerNorm's (no separate add); x itself where x needs no gradient
+        return (x if branch is None and not x.requires_grad else residual), normed
     # inference: no autograd node, no mean/rstd written
     residual, normed, _, _ = torch.ops.restv2.add_layer_norm_fwd(x, branch, weight, bias, eps, out_dtype, False)
     return (residual if branch is not None else x), normed
