@@ -44,11 +44,27 @@ def cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> list[t
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
+def calls_plainly(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling ``module`` computes ``cls.forward`` of its current parameters, so that the
+    kernel path may read them instead of calling it: an instance of ``cls``, or of a subclass
+    that keeps its forward (a parametrized module, whose ``weight`` is computed on access), with
+    no hooks of its own. A replacement that computes more (a LoRA layer, a quantized one) or a
+    hooked module (pruning's mask, old-style weight norm, a feature or gradient hook: only a call
+    runs them) is called instead, as the reference calls it."""
+    return (
+        isinstance(module, cls)
+        and type(module).forward is cls.forward
+        and not (
+            module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+        )
+    )
+
+
 def is_plain_layer_norm(norm: nn.Module) -> bool:
     """Whether ``norm`` is a LayerNorm the fused ``add_layer_norm`` computes: over the last dim,
-    with weight and bias."""
+    with weight and bias, called plainly (``calls_plainly``)."""
     return (
-        isinstance(norm, nn.LayerNorm)
+        calls_plainly(norm, nn.LayerNorm)
         and len(norm.normalized_shape) == 1
         and norm.weight is not None
         and norm.bias is not None
@@ -67,10 +83,12 @@ def add_norm(
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
-    """``bn(conv(x))``; with ``fold`` and ``bn`` in eval mode (running statistics), one conv with
-    the BatchNorm folded into its weight and bias, computed on the fly (the parameters and
-    checkpoint keys stay those of the two modules; training keeps the true BatchNorm)."""
-    if not fold or bn.training or bn.running_var is None or conv.padding_mode != "zeros":
+    """``bn(conv(x))``; with ``fold``, both modules plain (``calls_plainly``) and ``bn`` in eval
+    mode (running statistics), one conv with the BatchNorm folded into its weight and bias,
+    computed on the fly (the parameters and checkpoint keys stay those of the two modules;
+    training keeps the true BatchNorm)."""
+    plain = calls_plainly(conv, nn.Conv2d) and calls_plainly(bn, nn.BatchNorm2d)
+    if not (fold and plain) or bn.training or bn.running_var is None or conv.padding_mode != "zeros":
         return bn(conv(x))
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale.view(-1, 1, 1, 1)
@@ -130,7 +148,8 @@ class DropPath(nn.Module):
 
 class PA(nn.Module):
     """Pixel attention, the positional encoding: ``x * sigmoid(depthwise_conv3x3(x))``, one
-    fused pass on the kernel path (``restv2_kernels.pixel_attention``)."""
+    fused pass on the kernel path (``restv2_kernels.pixel_attention``; eager where ``pa_conv`` is
+    replaced or hooked: ``calls_plainly``)."""
 
     def __init__(self, dim: int, backend: str = "auto"):
         super().__init__()
@@ -138,7 +157,7 @@ class PA(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernels(self.backend, x):
+        if use_kernels(self.backend, x) and calls_plainly(self.pa_conv, nn.Conv2d):
             weight, bias = cast_all(x.dtype, self.pa_conv.weight, self.pa_conv.bias)
             return restv2_kernels.pixel_attention(x, weight, bias)
         return x * torch.sigmoid(self.pa_conv(x))
@@ -147,7 +166,8 @@ class PA(nn.Module):
 class Mlp(nn.Module):
     """Linear -> GELU -> (dropout) -> Linear -> (dropout). On the kernel path fc1's GEMM applies
     the GELU in its epilogue, and the backward the GELU derivative in fc2's input-gradient GEMM
-    (``restv2_kernels.mlp``; ``linear_gelu`` alone when dropout is active)."""
+    (``restv2_kernels.mlp``; ``linear_gelu`` alone when dropout is active or fc2 is replaced or
+    hooked; eager when fc1 or the GELU is: ``calls_plainly``)."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, backend: str = "auto"):
         super().__init__()
@@ -158,9 +178,11 @@ class Mlp(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_kernels(self.backend, x) and type(self.act) is nn.GELU and self.act.approximate == "none":
+        fc1_gelu = calls_plainly(self.fc1, nn.Linear) and calls_plainly(self.act, nn.GELU)
+        if use_kernels(self.backend, x) and fc1_gelu and self.act.approximate == "none":
             dtype = autocast_dtype(x)
-            if self.training and self.drop.p > 0:  # dropout between the layers: fc1 + GELU fused only
+            if self.training and self.drop.p > 0 or not calls_plainly(self.fc2, nn.Linear):
+                # dropout between the layers, or an fc2 to call: fc1 + GELU fused only
                 x, w1, b1 = cast_all(dtype, x, self.fc1.weight, self.fc1.bias)
                 return self.drop(self.fc2(self.drop(restv2_kernels.linear_gelu(x, w1, b1))))
             # the whole MLP: its backward also fuses the GELU derivative into fc2's input gradient

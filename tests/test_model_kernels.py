@@ -4,6 +4,7 @@ torch.compile. On a CPU the kernels run in Triton's interpreter (tests/conftest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from helpers import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -498,3 +501,88 @@ def test_kernels_under_ddp(device, tmp_path):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- modules the kernels read
+
+
+class _LowRankLinear(torch.nn.Linear):
+    """A LoRA-like layer: a Linear whose forward adds a low-rank update (as peft's layers do)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features)
+        self.load_state_dict(base.state_dict())
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.up(self.down(x))
+
+
+def _altered_model(dtype: torch.dtype, device) -> tuple[torch.nn.Module, dict[str, int]]:
+    """A mini ResTv2 (seed 0) with hooks on, and a replacement of, modules whose parameters the
+    kernel path reads; returns it and the hooks' call counts, which grow as it runs."""
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="reference").eval()
+    calls = {"fc1": 0, "norm2": 0, "bn": 0}
+
+    def scaled(name, factor):
+        def hook(module, args, out):
+            calls[name] += 1
+            return out * factor
+
+        return hook
+
+    model.stage1[0].mlp.fc1.register_forward_hook(scaled("fc1", 1.5))
+    model.stage4[0].norm2.register_forward_hook(scaled("norm2", 0.5))
+    model.stem.proj[1].register_forward_hook(scaled("bn", 2.0))  # a BatchNorm the kernel path folds
+    model.stage2[0].mlp.fc2 = _LowRankLinear(model.stage2[0].mlp.fc2)
+    pa = model.patch_3.pos.pa_conv
+    torch.nn.utils.prune.l1_unstructured(pa, "weight", amount=0.5)  # a pre-hook applies the mask
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # as an optimizer step: pruning's next call remasks
+    return model.to(device=device, dtype=dtype), calls
+
+
+def test_kernel_path_calls_replaced_or_hooked_modules(device):
+    """Where a module whose parameters the kernel path reads is replaced (a LoRA-like layer) or
+    hooked (forward hooks, pruning's mask), the kernel path calls it as the reference does: the
+    same logits and gradients (fp32 against float64, judged by the fp32 reference's error), and
+    every hook runs once per forward on both paths."""
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model64, calls64 = _altered_model(torch.float64, "cpu")
+    ref_logits, ref_grads = _logits_and_grads(model64, x)
+    model32, calls = _altered_model(torch.float32, device)
+    eager_logits, eager_grads = _logits_and_grads(model32, x.float().to(device))
+    model32.set_backend("triton")
+    kern_logits, kern_grads = _logits_and_grads(model32, x.float().to(device))
+
+    assert calls64 == {"fc1": 1, "norm2": 1, "bn": 1} and calls == {"fc1": 2, "norm2": 2, "bn": 2}
+    assert_close("logits", kern_logits, ref_logits, eager_logits)
+    for name in ref_grads:
+        assert_close(f"grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
+
+
+def test_parametrized_weights_keep_the_fused_ops(monkeypatch, device):
+    """A parametrized weight (computed on access, no hooks) is read by the fused MLP: still
+    ``restv2_kernels.mlp``, with the reference's output."""
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="reference").eval()
+    for block in (model.stage1[0], model.stage3[0]):
+        torch.nn.utils.parametrize.register_parametrization(block.mlp.fc1, "weight", Doubled())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x)
+        model.to(device)
+        eager = model(x.float().to(device))
+        spy = CountCalls(restv2_kernels.mlp)
+        monkeypatch.setattr(restv2_kernels, "mlp", spy)
+        kern = model.set_backend("triton")(x.float().to(device))
+    assert spy.calls == 4
+    assert_close("logits", kern, ref, eager)
