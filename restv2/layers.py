@@ -282,6 +282,53 @@ class PatchEmbedV1(nn.Module):
         return to_tokens(x), H, W
 
 
+class _LinearAndInput(torch.autograd.Function):
+    """``(x @ weight.T + bias, x)``: the second output is x again (a view on this node), for x's
+    other uses. Their gradient reaches this backward, which adds it inside the matmul that makes
+    x's own (``addmm``: cuBLAS reads it as C, beta = 1) instead of autograd adding two [tokens,
+    C] gradients in a separate pass. The rest is nn.Linear's backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an output that reached no loss: None, not zeros
+        return F.linear(x, weight, bias), x
+
+    @staticmethod
+    def backward(ctx, dy, dx_other):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if dy is None:  # only x's other uses reached the loss
+            return dx_other, None, None
+        N, K = weight.shape
+        dy2 = dy.reshape(-1, N)
+        dx = dw = db = None
+        if need_x:
+            if dx_other is None:
+                dx = dy2 @ weight
+            else:
+                dx = torch.addmm(dx_other.reshape(-1, K), dy2, weight)
+            dx = dx.view(x.shape)
+        if need_w:
+            dw = dy2.t() @ x.reshape(-1, K)
+        if need_b and ctx.has_bias:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def linear_and_input(linear: nn.Module, x: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(x), x)``, for an x that other layers read too (EMSA's q projection and its
+    spatial reduction). With ``kernels``, a gradient to take and a plain Linear in x's dtype
+    (under autocast: cast to it), x comes back from the Linear's autograd node, whose backward
+    adds the other uses' gradient in its input-gradient GEMM (``_LinearAndInput``)."""
+    if kernels and torch.is_grad_enabled() and x.requires_grad and calls_plainly(linear, nn.Linear):
+        weight, bias = cast_all(autocast_dtype(x), linear.weight, linear.bias)
+        if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+            return _LinearAndInput.apply(x, weight, bias)
+    return linear(x), x
+
+
 def reduce_tokens(x: torch.Tensor, H: int, W: int, sr: nn.Conv2d, norm: nn.LayerNorm) -> tuple[torch.Tensor, int, int]:
     """EMSA's spatial reduction: [B, H*W, C] -> depthwise strided conv -> LN -> [B, Hr*Wr, C].
 

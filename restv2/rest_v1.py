@@ -7,10 +7,20 @@ import torch
 import torch.nn as nn
 
 from restv2_kernels.attention_mixed.reference import mixed_scores
-from restv2_kernels.backend import check_backend
+from restv2_kernels.backend import check_backend, use_kernels
 
 from .backbone import Backbone, build, document_factories
-from .layers import BasicStem, DropPath, Mlp, PatchEmbedV1, add_norm, autocast_dtype, ops_for, reduce_tokens
+from .layers import (
+    BasicStem,
+    DropPath,
+    Mlp,
+    PatchEmbedV1,
+    add_norm,
+    autocast_dtype,
+    linear_and_input,
+    ops_for,
+    reduce_tokens,
+)
 
 
 class EMSA(nn.Module):
@@ -62,7 +72,8 @@ class EMSA(nn.Module):
         """x: [B, H*W, C] -> [B, H*W, C]."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(B, N, h, d)
+        q, x = linear_and_input(self.q, x, use_kernels(self.backend, x))  # x's two gradients: one GEMM
+        q = q.view(B, N, h, d)
         if self.sr_ratio > 1:
             x, Hr, Wr = reduce_tokens(x, H, W, self.sr, self.sr_norm)
         else:

@@ -13,7 +13,17 @@ from restv2_kernels import reference
 from restv2_kernels.backend import check_backend, use_kernels
 
 from .backbone import Backbone, build, document_factories
-from .layers import ConvStem, DropPath, Mlp, PatchEmbed, add_norm, autocast_dtype, ops_for, reduce_tokens
+from .layers import (
+    ConvStem,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    add_norm,
+    autocast_dtype,
+    linear_and_input,
+    ops_for,
+    reduce_tokens,
+)
 
 
 class EMSAv2(nn.Module):
@@ -50,7 +60,9 @@ class EMSAv2(nn.Module):
         """x: [B, H*W, C] -> [B, H*W, C]."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(B, N, h, d)
+        kernels = use_kernels(self.backend, x)
+        q, x = linear_and_input(self.q, x, kernels)  # x's two gradients meet in q's backward GEMM
+        q = q.view(B, N, h, d)
         if self.sr_ratio > 1:
             x, Hr, Wr = reduce_tokens(x, H, W, self.sr, self.sr_norm)
         else:
@@ -60,7 +72,7 @@ class EMSAv2(nn.Module):
         # views; the backward adds v's two gradients and stacks dk and dv into one buffer (with
         # a select per use it would zero-fill one kv-sized gradient per use and add them)
         k, v = kv.unbind(2)
-        ops = restv2_kernels if use_kernels(self.backend, q) else reference
+        ops = restv2_kernels if kernels else reference
         out = ops.emsa_attention(q, k, v, self.scale)  # [B, N, h, d]
         v_map = v.view(B, Hr, Wr, C)  # channel = head * d + j, as the checkpoints expect
         # Under autocast the activations are half while the parameters stay fp32.

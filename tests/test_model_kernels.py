@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.parametrize
 import torch.nn.utils.prune
 from helpers import assert_close
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import restv2
 import restv2_kernels
 from restv2 import ResT, ResTV2, load_checkpoint
+from restv2.layers import _LinearAndInput, linear_and_input
 from restv2_kernels import backend as backend_choice
 from restv2_kernels import reference
 
@@ -457,6 +459,57 @@ def test_kernel_backbone_creates_no_score_tensor(cls, extra, device):
             feats = model.forward_intermediates(x, intermediates_only=True)
             sum(f.square().mean() for f in feats).backward()
         assert has_scores(rec.shapes) == expect, backend
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_and_input(bias):
+    """``linear_and_input``: (linear(x), x) with x again from the Linear's node (gradcheck of
+    both outputs, float64); the eager call where the module is not a plain Linear."""
+    linear = torch.nn.Linear(6, 4, bias=bias).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    y, x_again = linear_and_input(linear, x, kernels=True)
+    assert x_again.grad_fn is y.grad_fn and x_again.data_ptr() == x.data_ptr()
+    assert torch.equal(y, linear(x)) and torch.equal(x_again, x)
+    params = tuple(p for p in (linear.weight, linear.bias) if p is not None)
+    torch.autograd.gradcheck(lambda *t: _LinearAndInput.apply(*t, *(() if bias else (None,))), (x, *params))
+    assert linear_and_input(linear, x, kernels=False)[1] is x
+    linear.register_forward_hook(lambda module, args, out: out * 2)
+    y, x_again = linear_and_input(linear, x, kernels=True)
+    assert x_again is x and torch.equal(y, 2 * F.linear(x, linear.weight, linear.bias))
+
+
+class RecordAdds(TorchDispatchMode):
+    """Records the output shape of every aten add (out of place or in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize(
+    "cls, extra",
+    [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],
+)
+def test_kernel_backward_adds_no_token_gradients(cls, extra, device):
+    """A training step's backward on the kernels adds no two [B, N, C] token gradients: where
+    tokens have two uses (each stage's first residual and its norm's input; the input of q and
+    of the spatial reduction or kv), the LayerNorm backward and q's input-gradient GEMM add them.
+    The reference's autograd adds them in separate passes, which shows the check can fail."""
+    model = cls(**MINI_V2, **extra).to(device).train()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    tokens = {(2, (16 >> i) ** 2, c) for i, c in enumerate(MINI_V2["embed_dims"])}  # 64x64: 16x16 to 2x2
+    for backend, expect in (("reference", True), ("triton", False)):
+        model.set_backend(backend)
+        loss = model(x).square().sum()
+        with RecordAdds() as rec:
+            loss.backward()
+        assert bool(tokens & set(rec.shapes)) == expect, (backend, sorted(tokens & set(rec.shapes)))
 
 
 @pytest.mark.cuda
