@@ -1,5 +1,5 @@
-"""One comparison helper for every parity test, the loader of the benchmark scripts, and the
-importer of optional dependencies.
+"""One comparison helper for every parity test, the loader of the benchmark scripts, the
+importer of optional dependencies, and a dispatch-mode recorder of the ops a run makes.
 
 The kernel's error against a float64 reference must be at most twice the error of eager
 PyTorch in the same dtype, plus a small absolute slack scaled by the reference's
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from filelock import FileLock  # a dependency of torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -133,3 +134,22 @@ def copies_made_by(monkeypatch: pytest.MonkeyPatch, kernels: types.ModuleType) -
 
     monkeypatch.setattr(kernels, "_unit_last", spy)
     return copies
+
+
+class RecordShapes(TorchDispatchMode):
+    """Records the op and the shape of every tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[object, tuple[int, ...]]] = []  # (aten overload packet, shape)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [shape for _, shape in self.made]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.made.append((func.overloadpacket, tuple(t.shape)))
+        return out

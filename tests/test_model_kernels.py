@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.parametrize
 import torch.nn.utils.prune
-from helpers import assert_close
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import RecordShapes, assert_close
 
 import restv2
 import restv2_kernels
@@ -417,25 +416,6 @@ def test_second_gpu_runs_on_its_own_device():
 
 
 # ----------------------------------------------------------------------------- dense prediction memory
-
-
-class RecordShapes(TorchDispatchMode):
-    """Records the op and the shape of every tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.made: list[tuple[object, tuple[int, ...]]] = []  # (aten overload packet, shape)
-
-    @property
-    def shapes(self) -> list[tuple[int, ...]]:
-        return [shape for _, shape in self.made]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.made.append((func.overloadpacket, tuple(t.shape)))
-        return out
 
 
 @pytest.mark.parametrize(
