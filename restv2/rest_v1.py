@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import restv2_kernels
 from restv2_kernels.attention_mixed.reference import mixed_scores
-from restv2_kernels.backend import check_backend, use_kernels
+from restv2_kernels.backend import check_backend
 
 from .backbone import Backbone, build, document_factories
 from .layers import (
@@ -72,7 +73,8 @@ class EMSA(nn.Module):
         """x: [B, H*W, C] -> [B, H*W, C]."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q, x = linear_and_input(self.q, x, use_kernels(self.backend, x))  # x's two gradients: one GEMM
+        ops = ops_for(self.backend, x)
+        q, x = linear_and_input(self.q, x, ops is restv2_kernels)  # x's two gradients: one GEMM
         q = q.view(B, N, h, d)
         if self.sr_ratio > 1:
             x, Hr, Wr = reduce_tokens(x, H, W, self.sr, self.sr_norm)
@@ -91,11 +93,9 @@ class EMSA(nn.Module):
             out = (self.attn_drop(attn) @ v.transpose(1, 2)).transpose(1, 2)
         elif self.apply_transform:
             conv = self.transform_conv
-            out = ops_for(self.backend, q).emsa_attention_mixed(
-                q, k, v, conv.weight, conv.bias, self.scale, self.transform_norm.eps
-            )
+            out = ops.emsa_attention_mixed(q, k, v, conv.weight, conv.bias, self.scale, self.transform_norm.eps)
         else:
-            out = ops_for(self.backend, q).emsa_attention(q, k, v, self.scale)
+            out = ops.emsa_attention(q, k, v, self.scale)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
     def extra_repr(self) -> str:
