@@ -15,6 +15,10 @@ ops as ONE op, at its inputs and outputs) and counts
   mutated argument is both read and written; fills and ``zeros`` write only);
 - nothing for views and allocations (``view``, ``permute``, ``_unsafe_view``, ``empty`` ...);
   a layout copy (``clone``, ``contiguous``, ``_to_copy``) counts like any other op;
+- a convolution's bias as PyTorch runs it on CUDA: cuDNN convolutions take no bias, so a
+  conv with one costs a pass of its own adding it (``conv bias add (cuDNN)``: the output read
+  and written), unless it is a depthwise conv on an NCHW map (PyTorch's own kernel adds it);
+  in the backward, its gradient is a sum over grad_output (``conv bias grad (sum)``: one read);
 - FLOPs of matmuls and convolutions (``torch.utils.flop_counter``'s formulas) and of the fused
   ops (their matmuls); elementwise FLOPs are ignored.
 
@@ -133,6 +137,31 @@ def _mixed_bwd_flops(do, q, k, *_, **__) -> int:
 
 def _linear_flops(x, weight, *_, **__) -> int:
     return 2 * x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def conv_bias_passes(func, args: tuple, out) -> list[tuple[str, int, int]]:
+    """The passes a CUDA convolution's bias costs beyond the conv itself, as PyTorch runs it:
+    ``(op, read, written)`` each. cuDNN convolutions take no bias, so PyTorch adds it after the
+    conv in a pass of its own over the output (``aten/src/ATen/native/Convolution.cpp``); only
+    a depthwise conv on an NCHW map runs PyTorch's own kernel, which adds it in the conv
+    (channels-last depthwise convs go to cuDNN). In the backward, the bias gradient is a sum
+    over grad_output, a read of its own, whatever the conv."""
+    packet = func._overloadpacket
+    if packet is aten.convolution:
+        x, weight, bias = args[:3]
+        groups = args[8]
+        depthwise = groups > 1 and groups == x.shape[1]
+        if bias is None or depthwise and not (_channels_last(x) or _channels_last(weight)):
+            return []
+        y = footprint(out)
+        return [("conv bias add (cuDNN)", y + footprint(bias), y)]  # in place: read and written
+    if packet is aten.convolution_backward and args[10][2]:
+        return [("conv bias grad (sum)", footprint(args[0]), 0)]  # grad_bias is counted with the op
+    return []
 
 
 # FLOPs of this package's custom ops (their matmuls), by op name; other custom ops count 0.
@@ -267,17 +296,10 @@ class TrafficMode(TorchDispatchMode):
             flops = int(CUSTOM_FLOPS[name](*args, **kwargs))
         else:
             flops = 0
-        self.ops.append(
-            OpCount(
-                name,
-                where,
-                self.module_types.get(where, ""),
-                phase,
-                read,
-                written,
-                flops,
-            )
-        )
+        module_type = self.module_types.get(where, "")
+        self.ops.append(OpCount(name, where, module_type, phase, read, written, flops))
+        for extra, extra_read, extra_written in conv_bias_passes(func, args, out):
+            self.ops.append(OpCount(extra, where, module_type, phase, extra_read, extra_written, 0))
         return out
 
 
