@@ -82,20 +82,44 @@ def add_norm(
     return x, norm(x)
 
 
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
-    """``bn(conv(x))``; with ``fold``, both modules plain (``calls_plainly``) and ``bn`` in eval
-    mode (running statistics), one conv with the BatchNorm folded into its weight and bias,
-    computed on the fly (the parameters and checkpoint keys stay those of the two modules;
-    training keeps the true BatchNorm)."""
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, fold: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (weight, bias) of ``conv`` with ``bn`` folded in, where ``fold`` and it can be: both
+    modules plain (``calls_plainly``), ``bn`` in eval mode (running statistics), zero padding;
+    else None. Computed on the fly: the parameters and checkpoint keys stay those of the two
+    modules."""
     plain = calls_plainly(conv, nn.Conv2d) and calls_plainly(bn, nn.BatchNorm2d)
     if not (fold and plain) or bn.training or bn.running_var is None or conv.padding_mode != "zeros":
-        return bn(conv(x))
+        return None
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale.view(-1, 1, 1, 1)
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
+    return weight, bias
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """``bn(conv(x))``; with ``fold`` (and where ``_folded`` can), one conv with the BatchNorm
+    folded into its weight and bias (training keeps the true BatchNorm)."""
+    folded = _folded(conv, bn, fold)
+    return bn(conv(x)) if folded is None else _conv(conv, x, *folded)
+
+
+def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """``relu(bn(conv(x)))``. On the kernel path (``kernels``), where the BatchNorm folds
+    (``_folded``) and ``relu`` is a plain ReLU, the conv runs without the fold's bias and one
+    pass adds it and applies the ReLU (``restv2_kernels.bias_relu``): cuDNN convs take no bias,
+    so PyTorch would add it in a pass of its own, and the ReLU make another."""
+    folded = _folded(conv, bn, kernels)
+    if folded is None or not calls_plainly(relu, nn.ReLU):
+        return relu(conv_bn(conv, bn, x, kernels))
+    weight, bias = folded
+    y = _conv(conv, x, weight, None)
+    return restv2_kernels.bias_relu(y, bias.to(y.dtype))
 
 
 def check_image(x: torch.Tensor, in_chans: int) -> None:
@@ -163,6 +187,26 @@ class PA(nn.Module):
         return x * torch.sigmoid(self.pa_conv(x))
 
 
+def conv_pa(conv: nn.Conv2d, pa: PA, x: torch.Tensor) -> torch.Tensor:
+    """``pa(conv(x))``. On the kernel path, both plain (``calls_plainly``), the conv runs without
+    its bias and PA adds it to every tap it loads (``restv2_kernels.pixel_attention``'s
+    ``x_bias``): cuDNN convs take no bias, so PyTorch would add it in a pass of its own over the
+    conv's output, and read the output's gradient once more for the bias gradient."""
+    fuse = (
+        use_kernels(pa.backend, x)
+        and calls_plainly(pa, PA)
+        and calls_plainly(pa.pa_conv, nn.Conv2d)
+        and calls_plainly(conv, nn.Conv2d)
+        and conv.bias is not None
+        and conv.padding_mode == "zeros"
+    )
+    if not fuse:
+        return pa(conv(x))
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight, bias, x_bias = cast_all(y.dtype, pa.pa_conv.weight, pa.pa_conv.bias, conv.bias)
+    return restv2_kernels.pixel_attention(y, weight, bias, x_bias)
+
+
 class Mlp(nn.Module):
     """Linear -> GELU -> (dropout) -> Linear -> (dropout). On the kernel path fc1's GEMM applies
     the GELU in its epilogue, and the backward the GELU derivative in fc2's input-gradient GEMM
@@ -215,11 +259,10 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         if use_kernels(self.backend, x):  # BatchNorm folded into the convs at inference
             p = self.proj
-            x = p[2](conv_bn(p[0], p[1], x, fold=True))
-            x = p[6](p[5](conv_bn(p[3], p[4], x, fold=True)))
+            x = conv_bn_relu(p[0], p[1], p[2], x, kernels=True)
+            x = conv_pa(p[6], self.pos, conv_bn_relu(p[3], p[4], p[5], x, kernels=True))  # PA adds p[6]'s bias
         else:
-            x = self.proj(x)
-        x = self.pos(x)
+            x = self.pos(self.proj(x))
         H, W = x.shape[-2:]
         return self.norm(to_tokens(x)), H, W
 
@@ -234,7 +277,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.pos(self.proj(x))
+        x = conv_pa(self.proj, self.pos, x)  # on the kernel path PA adds the conv's bias
         H, W = x.shape[-2:]
         return self.norm(to_tokens(x)), H, W
 
@@ -259,8 +302,8 @@ class BasicStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         fold = use_kernels(self.backend, x)  # BatchNorm folded into the convs at inference
-        x = self.act(conv_bn(self.conv1, self.norm1, x, fold))
-        x = self.act(conv_bn(self.conv2, self.norm2, x, fold))
+        x = conv_bn_relu(self.conv1, self.norm1, self.act, x, fold)
+        x = conv_bn_relu(self.conv2, self.norm2, self.act, x, fold)
         x = self.pos(self.conv3(x))
         H, W = x.shape[-2:]
         return to_tokens(x), H, W

@@ -68,6 +68,7 @@ KERNEL_MODULES = {
     "linear_gelu": "restv2_kernels.ffn.triton",
     "mlp": "restv2_kernels.ffn.triton",
     "pixel_attention": "restv2_kernels.pa.triton",
+    "bias_relu": "restv2_kernels.bn_relu.triton",
 }
 
 
@@ -169,7 +170,8 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
         "add_layer_norm": add_layer_norm_out,
         "linear_gelu": lambda x, w, b=None: _empty_out((*x.shape[:-1], w.shape[0]), x.dtype, x.device),
         "mlp": lambda x, w1, b1, w2, b2: _empty_out((*x.shape[:-1], w2.shape[0]), x.dtype, x.device),
-        "pixel_attention": lambda x, w, b: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
+        "pixel_attention": lambda x, *_: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
+        "bias_relu": lambda x, bias: torch.empty_like(x),
     }
     with torch.device("meta"):
         model = MODELS[model_name](backend="triton")
@@ -226,9 +228,11 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             x, w1, b1, w2, b2 = call.args
             kernels._fwd(x, w1, b1, False)
             _, pre = kernels._fwd(x, w1, b1, True)
+        elif call.op == "bias_relu":  # its backward is aten: no launch
+            kernels._fwd(*call.args)
         else:  # pixel_attention, on the [B, H, W, C] view as the public function passes it
-            x, weight, bias = call.args
-            o = kernels._fwd(x.permute(0, 2, 3, 1), weight, bias)
+            x, weight, bias, *x_bias = call.args  # x_bias: the conv's, where PA adds it
+            o = kernels._fwd(x.permute(0, 2, 3, 1), weight, bias, *x_bias)
     with plans.recording() as bwd:
         if call.op == "emsa_attention":
             kernels.attention_bwd(_grad_of(o), q, k, v, o, lse, scale)
@@ -251,7 +255,7 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
                 second,
             )
         elif call.op == "pixel_attention":
-            kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias)
+            kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias, *x_bias)
         elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre), db1 and gelu(pre); the rest is cuBLAS
             dy = torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
             kernels._gelu_grad(dy, w2, pre, b1 is not None, True)

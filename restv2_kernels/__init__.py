@@ -5,6 +5,8 @@
   the heads' interaction (1x1 conv across the heads' scores, softmax, InstanceNorm).
 - ``upsample_add(x, v, weight, bias, norm_weight, norm_bias, sr, eps=1e-6)``: the upsample
   branch (depthwise 3x3 conv + pixel-shuffle + crop + LayerNorm + residual add).
+- ``add_layer_norm``, ``linear_gelu``, ``mlp``, ``pixel_attention``, ``bias_relu``: the residual
+  add + LayerNorm, the MLP with its GELU, PA, and the stems' folded-BatchNorm bias + ReLU.
 
 ``restv2_kernels.reference`` holds the eager versions. Importing this package neither
 imports Triton nor touches the GPU: the kernel modules load on first use.
@@ -23,6 +25,7 @@ __all__ = [
     "add_layer_norm",
     "linear_gelu",
     "pixel_attention",
+    "bias_relu",
     "mlp",
     "reference",
     "backend",
@@ -36,6 +39,7 @@ _LAZY = {
     "linear_gelu": "restv2_kernels.ffn.triton",
     "mlp": "restv2_kernels.ffn.triton",
     "pixel_attention": "restv2_kernels.pa.triton",
+    "bias_relu": "restv2_kernels.bn_relu.triton",
 }
 
 

@@ -796,9 +796,11 @@ class PixelAttnTile:
 # The forward and the dx kernel stream the 9 taps into one accumulator (the forward keeps
 # the centre tap, dx also a g accumulator): 8 values a thread (dx: 4). The g kernel keeps the 9 tap
 # tiles live for the dweight sums, plus 10 [BLOCK_C] partial sums: 4 a thread.
-_PA_FWD = {"default": PixelAttnTile(per_thread=8, max_block_p=64)}
+# 4 warps: with the conv's bias added to every tap (x_bias), 8 warps spilled on sm_90 with
+# Triton 3.6 (forward at C = 96, 24 B; dx at C = 384, 8 B); 4 warps do not.
+_PA_FWD = {"default": PixelAttnTile(per_thread=8, max_block_p=64, num_warps=4)}
 _PA_BWD = {"default": PixelAttnTile(per_thread=4, max_block_p=64)}
-_PA_BWD_DX = {"default": PixelAttnTile(per_thread=4, max_block_p=64)}  # 8 spilled 8 B at C = 512 on sm_80
+_PA_BWD_DX = {"default": PixelAttnTile(per_thread=4, max_block_p=64, num_warps=4)}  # 8 spilled 8 B at C = 512 on sm_80
 _PA_INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
 PIXEL_ATTENTION_MAX_C = 4096  # one pixel's channel row lives in registers
 PIXEL_ATTENTION_BWD_PROGRAMS = 2  # reduction programs per SM of the backward's first kernel
@@ -1012,3 +1014,33 @@ def _linear_plan(family: str, M: int, N: int, K: int, dtype: torch.dtype, target
 
 
 _FAMILIES.update({"linear_gelu_fwd": _fields(LinearTile), "linear_gelu_bwd": _fields(LinearTile)})
+
+
+# ---------------------------------------------------------------------------------------
+# Bias + ReLU (restv2_kernels/bn_relu/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ElementwiseTile:
+    """``block`` elements a program (8 a thread at 4 warps: 16-byte 16-bit accesses)."""
+
+    block: int
+    num_warps: int
+    num_stages: int = 1
+
+
+_BIAS_RELU = {"default": ElementwiseTile(block=1024, num_warps=4)}
+_BIAS_RELU_INTERPRETER_BLOCK = 1 << 16  # few, large programs in the interpreter
+
+
+def bias_relu_plan(n: int, dtype: torch.dtype, target: Target) -> Launch:
+    """``_bias_relu_kernel``: one program per ``block`` consecutive elements of n."""
+    tile = _apply_forced("bias_relu", _table_row(_BIAS_RELU, target))
+    block = tile.block
+    if target.interpreter and "block" not in _forced_fields("bias_relu"):
+        block = min(_BIAS_RELU_INTERPRETER_BLOCK, next_power_of_2(max(n, 1)))
+    return Launch("bias_relu", (cdiv(n, block),), (("BLOCK", block),), tile.num_warps, tile.num_stages)
+
+
+_FAMILIES.update({"bias_relu": _fields(ElementwiseTile)})

@@ -2,6 +2,7 @@
 
 from .attention.reference import emsa_attention
 from .attention_mixed.reference import emsa_attention_mixed
+from .bn_relu.reference import bias_relu
 from .ffn.reference import linear_gelu, mlp
 from .layernorm.reference import add_layer_norm
 from .pa.reference import pixel_attention
@@ -14,5 +15,6 @@ __all__ = [
     "add_layer_norm",
     "linear_gelu",
     "pixel_attention",
+    "bias_relu",
     "mlp",
 ]

@@ -548,7 +548,7 @@ def _altered_model(dtype: torch.dtype, device) -> tuple[torch.nn.Module, dict[st
     kernel path reads; returns it and the hooks' call counts, which grow as it runs."""
     torch.manual_seed(0)
     model = ResTV2(**MINI_V2, backend="reference").eval()
-    calls = {"fc1": 0, "norm2": 0, "bn": 0}
+    calls = {"fc1": 0, "norm2": 0, "bn": 0, "proj": 0}
 
     def scaled(name, factor):
         def hook(module, args, out):
@@ -560,6 +560,7 @@ def _altered_model(dtype: torch.dtype, device) -> tuple[torch.nn.Module, dict[st
     model.stage1[0].mlp.fc1.register_forward_hook(scaled("fc1", 1.5))
     model.stage4[0].norm2.register_forward_hook(scaled("norm2", 0.5))
     model.stem.proj[1].register_forward_hook(scaled("bn", 2.0))  # a BatchNorm the kernel path folds
+    model.patch_2.proj.register_forward_hook(scaled("proj", 0.75))  # a conv whose bias PA adds
     model.stage2[0].mlp.fc2 = _LowRankLinear(model.stage2[0].mlp.fc2)
     pa = model.patch_3.pos.pa_conv
     torch.nn.utils.prune.l1_unstructured(pa, "weight", amount=0.5)  # a pre-hook applies the mask
@@ -582,7 +583,8 @@ def test_kernel_path_calls_replaced_or_hooked_modules(device):
     model32.set_backend("triton")
     kern_logits, kern_grads = _logits_and_grads(model32, x.float().to(device))
 
-    assert calls64 == {"fc1": 1, "norm2": 1, "bn": 1} and calls == {"fc1": 2, "norm2": 2, "bn": 2}
+    assert calls64 == {"fc1": 1, "norm2": 1, "bn": 1, "proj": 1}
+    assert calls == {"fc1": 2, "norm2": 2, "bn": 2, "proj": 2}
     assert_close("logits", kern_logits, ref_logits, eager_logits)
     for name in ref_grads:
         assert_close(f"grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
@@ -610,3 +612,34 @@ def test_parametrized_weights_keep_the_fused_ops(monkeypatch, device):
         kern = model.set_backend("triton")(x.float().to(device))
     assert spy.calls == 4
     assert_close("logits", kern, ref, eager)
+
+
+@pytest.mark.parametrize("cls", [ResTV2, ResT])
+def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
+    """On the kernel path cuDNN-style convs run without their bias, and a fused op adds it: at
+    inference each stem's folded BatchNorm bias with its ReLU (``bias_relu``, twice), and
+    ResTv2's PA the bias of the conv before it (``x_bias``: the stem's and every patch
+    embed's). In training the stems keep their true BatchNorm (no ``bias_relu``). The logits
+    and gradients are the reference's."""
+    torch.manual_seed(0)
+    model = cls(**MINI_V2, backend="reference")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    biases = []
+    pixel_attention = restv2_kernels.pixel_attention
+
+    def spy_pa(x, weight, bias, x_bias=None):
+        biases.append(x_bias is not None)
+        return pixel_attention(x, weight, bias, x_bias)
+
+    relu = CountCalls(restv2_kernels.bias_relu)
+    monkeypatch.setattr(restv2_kernels, "bias_relu", relu)
+    monkeypatch.setattr(restv2_kernels, "pixel_attention", spy_pa)
+    for train in (False, True):
+        model.train(train)
+        ref = copy.deepcopy(model).double()(x)
+        eager = model.to(device)(x.float().to(device))
+        relu.calls, biases[:] = 0, []
+        kern = copy.deepcopy(model).set_backend("triton")(x.float().to(device))
+        assert_close(f"logits (train={train})", kern, ref, eager)
+        assert relu.calls == (0 if train else 2)
+        assert biases == ([True] * 4 if cls is ResTV2 else [False] * 4)

@@ -7,6 +7,8 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import assert_close, nan_buffers_for
@@ -37,15 +39,17 @@ def _small_tiles(programs=5):
     )
 
 
-def _inputs(B, C, H, W, seed=0):
-    """float64 CPU tensors x, weight, bias, dout ([B, C, H, W] NCHW-contiguous maps). The conv
-    is scaled so that z spans the sigmoid's curved range; the bias is random, not zero."""
+def _inputs(B, C, H, W, seed=0, x_bias=False):
+    """float64 CPU tensors x, weight, bias, dout ([B, C, H, W] NCHW-contiguous maps), and with
+    ``x_bias`` x's bias last. The conv is scaled so that z spans the sigmoid's curved range;
+    the biases are random, not zero."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, C, H, W, generator=g)
     weight = torch.randn(C, 1, 3, 3, generator=g) / 2
     bias = torch.randn(C, generator=g) / 2
     dout = torch.randn(B, C, H, W, generator=g)
-    return [t.double() for t in (x, weight, bias, dout)]
+    extra = [torch.randn(C, generator=g)] if x_bias else []
+    return [t.double() for t in (x, weight, bias, dout, *extra)]
 
 
 def _layout(x, layout):
@@ -75,30 +79,33 @@ def _layout(x, layout):
 
 
 def _run(fn, tensors, dtype, device, layout="channels_last", dout_layout="channels_last"):
-    """fn's output and the gradients of <out, dout> w.r.t. x (through its layout), weight, bias."""
-    x, weight, bias, dout = (t.to(device=device, dtype=dtype, copy=True) for t in tensors)
+    """fn's output and the gradients of <out, dout> w.r.t. x (through its layout), weight,
+    bias (and x_bias, when ``tensors`` has one)."""
+    x, weight, bias, dout, *x_bias = (t.to(device=device, dtype=dtype, copy=True) for t in tensors)
     dout = dout.contiguous(memory_format=CL if dout_layout == "channels_last" else torch.contiguous_format)
     leaf, view = _layout(x, layout)
-    for t in (leaf, weight, bias):
+    params = [weight, bias, *x_bias]
+    for t in (leaf, *params):
         t.requires_grad_()
-    out = fn(view(leaf), weight, bias)
+    out = fn(view(leaf), *params)
     out.backward(dout)
     outside = leaf.grad.clone()
     view(outside).zero_()
     assert torch.equal(outside, torch.zeros_like(outside)), "dx leaked outside the view of x"
-    return out, [view(leaf.grad), weight.grad, bias.grad]
+    return out, [view(leaf.grad)] + [t.grad for t in params]
 
 
-def _check_parity(shape, dtype, device, layout="channels_last", dout_layout="channels_last", seed=0):
-    """Kernel vs float64 reference vs eager in the same dtype: output and all three gradients."""
-    tensors = [t.to(dtype).double() for t in _inputs(*shape, seed=seed)]  # the same rounded inputs
+def _check_parity(shape, dtype, device, layout="channels_last", dout_layout="channels_last", seed=0, x_bias=False):
+    """Kernel vs float64 reference vs eager in the same dtype: output and every gradient."""
+    tensors = [t.to(dtype).double() for t in _inputs(*shape, seed=seed, x_bias=x_bias)]  # the same rounded inputs
     out, grads = _run(pixel_attention, tensors, dtype, device, layout, dout_layout)
     ref_out, ref_grads = _run(reference.pixel_attention, tensors, torch.float64, "cpu", layout, dout_layout)
     eager_out, eager_grads = _run(reference.pixel_attention, tensors, dtype, device, layout, dout_layout)
     assert out.shape == shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=CL), out.stride()
     assert_close("out", out, ref_out, eager_out)
-    for name, a, r, e in zip(GRAD_NAMES, grads, ref_grads, eager_grads):
+    assert len(grads) == len(ref_grads) == 3 + x_bias
+    for name, a, r, e in zip(GRAD_NAMES + ("dx_bias",), grads, ref_grads, eager_grads):
         assert a is not None and a.dtype == dtype and a.shape == r.shape, name
         assert_close(name, a, r, e)
 
@@ -141,6 +148,26 @@ def test_parity_small_tiles(shape, programs, device):
     (or one each, when there are more programs than blocks)."""
     with _small_tiles(programs):
         _check_parity(shape, FP32, device, "cl-crop")
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,layout,small_tiles",
+    [
+        pytest.param((2, 48, 7, 7), FP32, "channels_last", False, id="C48-7x7-cl-fp32"),
+        pytest.param((3, 5, 4, 6), FP16, "cl-crop", False, id="C5-4x6-crop-fp16"),
+        pytest.param((2, 24, 5, 7), FP32, "nchw", True, id="C24-5x7-nchw-small-tiles"),
+    ],
+)
+def test_parity_x_bias(shape, dtype, layout, small_tiles, device, nan_buffers):
+    """``x_bias``, the bias of the conv that made x, added inside the kernels: the conv pads
+    x + x_bias with zeros (so a border tap sees no bias), and x_bias's gradient is the sum of
+    dx, from per-program partial sums (many programs with 4-pixel tiles)."""
+    with _small_tiles() if small_tiles else contextlib.nullcontext():
+        _check_parity(shape, dtype, device, layout, x_bias=True)
+    B, C, H, W = shape
+    assert len(nan_buffers) == 5, nan_buffers  # out; g, the partial sums, dx, x_bias's partial sums
+    xb_part = nan_buffers[-1]
+    assert xb_part[0][1:] == (C,) and xb_part[0][0] > (1 if small_tiles else 0) and xb_part[1] == FP32
 
 
 @pytest.mark.parametrize(
@@ -256,8 +283,12 @@ def test_custom_ops_opcheck(device):
     wide = torch.randn(B, H, W, C + 4, device=device)
     wide[..., 1 : 1 + C] = x.permute(0, 2, 3, 1)
     xl = wide[..., 1 : 1 + C]
-    torch.library.opcheck(torch.ops.restv2.pixel_attention_fwd.default, (xl, weight, bias))
-    torch.library.opcheck(torch.ops.restv2.pixel_attention_bwd.default, (dout.permute(0, 2, 3, 1), xl, weight, bias))
+    x_bias = torch.randn(C, device=device)
+    for xb in (None, x_bias):
+        torch.library.opcheck(torch.ops.restv2.pixel_attention_fwd.default, (xl, weight, bias, xb))
+        torch.library.opcheck(
+            torch.ops.restv2.pixel_attention_bwd.default, (dout.permute(0, 2, 3, 1), xl, weight, bias, xb)
+        )
 
 
 def test_plans_refuse_too_many_pixels():
@@ -283,7 +314,7 @@ def test_launchers_record_on_meta():
     target = plans.TARGETS["sm_89"]
     with plans.using_target(target), plans.recording() as seen:
         out = kernels._fwd(x, weight, bias)
-        dx, dw, db = kernels._bwd(torch.empty_like(out), x, weight, bias)
+        dx, dw, db, dxb = kernels._bwd(torch.empty_like(out), x, weight, bias)
     bwd = plans.pixel_attention_bwd_plan(B, H, W, C, BF16, target)
     assert [r.plan for r in seen] == [plans.pixel_attention_fwd_plan(B, H, W, C, BF16, target), bwd.g, bwd.dx]
     block_p = dict(bwd.g.constexprs)["BLOCK_P"]
@@ -294,6 +325,7 @@ def test_launchers_record_on_meta():
         <= bwd.programs * bwd.blocks_per_program * block_p
     )
     assert out.shape == dx.shape == (B, H, W, C) and dw.shape == weight.shape and db.shape == bias.shape
+    assert dxb.shape == (0,)  # no x_bias
 
 
 def _good(device, dtype=FP32, C=16):
@@ -321,6 +353,8 @@ def _good(device, dtype=FP32, C=16):
             id="weight-1x1",
         ),
         pytest.param(lambda a: a.update(bias=a["bias"][:5]), ValueError, "bias must have shape", id="bias-shape"),
+        pytest.param(lambda a: a.update(x_bias=a["bias"][:5]), ValueError, "x_bias must have shape", id="x-bias-shape"),
+        pytest.param(lambda a: a.update(x_bias=a["bias"].half()), TypeError, "x_bias has dtype", id="x-bias-dtype"),
         pytest.param(
             lambda a: a.update(x=a["x"][:, :0], weight=a["weight"][:0], bias=a["bias"][:0]),
             ValueError,

@@ -48,6 +48,7 @@ KERNELS = (
     "pixel_attention_fwd",
     "pixel_attention_bwd_g",
     "pixel_attention_bwd_dx",
+    "bias_relu",
 )
 DOT_KERNELS = (
     "attn_fwd",

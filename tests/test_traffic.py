@@ -160,6 +160,10 @@ def test_kernel_path_traffic_target_restv2_tiny(train, target):
     # no layout copies on the kernel path: the one copy is the image's, to channels-last
     copies = [o for o in ker.ops if o.op in ("aten::clone", "aten::contiguous", "aten::copy_") and o.phase == "fwd"]
     assert [o.read for o in copies] == [256 * 3 * 224 * 224 * 2]
+    # PA adds the bias of the conv before it: no pass of its own (the reference has four)
+    before_pa = ("stem.proj.6", "patch_2.proj", "patch_3.proj", "patch_4.proj")
+    assert len([o for o in ref.ops if o.op == "conv bias add (cuDNN)" and o.module in before_pa]) == 4
+    assert not [o for o in ker.ops if o.op == "conv bias add (cuDNN)" and o.module in before_pa]
     if train:
         # k and v split by unbind: one stacked kv gradient, not a zero-filled one per use
         assert not [o for o in ker.ops if o.op == "aten::select_backward"]

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_pixel_attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def check_pixel_attention_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None
+) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``pixel_attention``."""
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+    tensors = (("x", x), ("weight", weight), ("bias", bias)) + (() if x_bias is None else (("x_bias", x_bias),))
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"pixel_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
@@ -27,13 +30,20 @@ def check_pixel_attention_inputs(x: torch.Tensor, weight: torch.Tensor, bias: to
         raise ValueError(f"pixel_attention: weight must have shape {(C, 1, 3, 3)} for C={C}, got {tuple(weight.shape)}")
     if tuple(bias.shape) != (C,):
         raise ValueError(f"pixel_attention: bias must have shape ({C},), got {tuple(bias.shape)}")
+    if x_bias is not None and tuple(x_bias.shape) != (C,):
+        raise ValueError(f"pixel_attention: x_bias must have shape ({C},), got {tuple(x_bias.shape)}")
 
 
-def pixel_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C))`` in plain eager PyTorch.
+def pixel_attention(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C))`` in plain eager PyTorch;
+    with ``x_bias`` ([C]), of ``x + x_bias`` per channel (the bias of the conv that made x).
 
     x: [B, C, H, W] in any memory format; weight: [C, 1, 3, 3]; bias: [C]. Returns [B, C, H, W]
     in the memory format PyTorch's conv gives (channels-last for a channels-last x).
     """
-    check_pixel_attention_inputs(x, weight, bias)
+    check_pixel_attention_inputs(x, weight, bias, x_bias)
+    if x_bias is not None:
+        x = x + x_bias.view(1, -1, 1, 1)
     return x * torch.sigmoid(F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]))

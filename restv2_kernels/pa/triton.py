@@ -36,6 +36,13 @@ accumulated from unrounded values. HBM bytes per element (16-bit inputs): forwar
 backward kernel 1 reads x and dout (2 + 2) and writes g (4), kernel 2 reads x, dout, g
 (2 + 2 + 4) and writes dx (2).
 
+The bias of the conv that made x (``x_bias``, optional): cuDNN convs take no bias, and PyTorch
+adds one in a pass of its own over the conv's output (a read and a write). The kernels add it
+to every tap they load instead (``x + x_bias`` inside the map, zero outside it, as the conv
+pads the biased map), and the dx kernel sums its [BLOCK_P, C] tile of dx per program into an
+fp32 [programs, C] scratch, which torch sums into x_bias's gradient (the conv's backward would
+have read dx once more for it).
+
 Weights: the launchers re-lay the conv weight tap-major, [9, C] (one small copy per call),
 so a program's per-tap weight vectors are contiguous over channels.
 """
@@ -71,15 +78,27 @@ def _pixels(offs_p, H, W):
 
 
 @triton.jit
+def _x_bias(xb_ptr, offs_c, c_mask, HAS_XB: tl.constexpr, BLOCK_C: tl.constexpr):
+    """x's bias as fp32 [1, BLOCK_C] (zeros without one)."""
+    if HAS_XB:
+        return tl.load(xb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return tl.zeros([1, BLOCK_C], dtype=tl.float32)
+
+
+@triton.jit
 def _load_tap(x_ptr, b64, y, x, DY: tl.constexpr, DX: tl.constexpr, H, W, sxb, sxh, sxw,
-              offs_c, p_mask, c_mask):  # fmt: skip
-    """x[b, y+DY-1, x+DX-1, :] as fp32 [BLOCK_P, BLOCK_C]; zero outside the map."""
+              offs_c, p_mask, c_mask, xb, HAS_XB: tl.constexpr):  # fmt: skip
+    """(x + xb)[b, y+DY-1, x+DX-1, :] as fp32 [BLOCK_P, BLOCK_C]; zero outside the map (the
+    conv pads x + xb, the map PA is applied to)."""
     yy = y + (DY - 1)
     xx = x + (DX - 1)
     ok = p_mask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
     row = b64 * sxb + yy.to(tl.int64) * sxh + xx.to(tl.int64) * sxw
     ptr = x_ptr + row[:, None] + offs_c[None, :]
-    return tl.load(ptr, mask=ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    t = tl.load(ptr, mask=ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_XB:
+        t = t + tl.where(ok[:, None], xb, 0.0)
+    return t
 
 
 @triton.jit
@@ -89,14 +108,15 @@ def _tap_weight(w_ptr, K: tl.constexpr, C, offs_c, c_mask):
 
 
 @triton.jit
-def _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask):
+def _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask,
+                 xb, HAS_XB: tl.constexpr):  # fmt: skip
     """(z, x_centre): z = bias + sum_taps w * x_tap in fp32, one tap live at a time."""
     z = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    xc = _load_tap(x_ptr, b64, y, x, 1, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
+    xc = _load_tap(x_ptr, b64, y, x, 1, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
     z = z + xc * _tap_weight(w_ptr, 4, C, offs_c, c_mask)
     for k in tl.static_range(9):
         if k != 4:
-            t = _load_tap(x_ptr, b64, y, x, k // 3, k % 3, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
+            t = _load_tap(x_ptr, b64, y, x, k // 3, k % 3, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
             z = z + t * _tap_weight(w_ptr, k, C, offs_c, c_mask)
     return z, xc
 
@@ -105,13 +125,14 @@ def _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs
 # size reuses the compiled kernel instead of compiling one per divisibility pattern.
 @triton.jit(do_not_specialize=["NP", "H", "W"])
 def _pa_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, xb_ptr, out_ptr,
     NP, H, W, C,
     sxb, sxh, sxw,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_XB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """x: [B, H, W, C] (strided, unit channel stride), w: [9, C], bias: [C] ->
-    out: [B, H, W, C] contiguous. One program: BLOCK_P pixels (NP = B*H*W of them) x C."""
+    """x: [B, H, W, C] (strided, unit channel stride), w: [9, C], bias: [C], xb: [C] (HAS_XB:
+    added to x first) -> out: [B, H, W, C] contiguous. One program: BLOCK_P pixels (NP = B*H*W
+    of them) x C."""
     pid = tl.program_id(0)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = offs_p < NP
@@ -119,7 +140,8 @@ def _pa_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
 
-    z, xc = _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask)
+    xb = _x_bias(xb_ptr, offs_c, c_mask, HAS_XB, BLOCK_C)
+    z, xc = _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
     res = xc * tl.sigmoid(z)
     o_row = offs_p.to(tl.int64) * C  # out is contiguous: pixel p's row starts at p * C
     tl.store(
@@ -131,10 +153,10 @@ def _pa_fwd_kernel(
 
 @triton.jit(do_not_specialize=["NP", "H", "W", "BLOCKS_PER_PROGRAM"])
 def _pa_bwd_g_kernel(
-    dout_ptr, x_ptr, w_ptr, bias_ptr, g_ptr, part_ptr,
+    dout_ptr, x_ptr, w_ptr, bias_ptr, xb_ptr, g_ptr, part_ptr,
     NP, H, W, C, BLOCKS_PER_PROGRAM,
     sdb, sdh, sdw, sxb, sxh, sxw,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_XB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dout, x: [B, H, W, C] (strided, unit channel stride) -> g: [B, H, W, C] fp32
     contiguous, and part: [programs, 10, C] fp32 partial sums (dweight taps 0..8, dbias).
@@ -155,6 +177,7 @@ def _pa_bwd_g_kernel(
     w7 = _tap_weight(w_ptr, 7, C, offs_c, c_mask)
     w8 = _tap_weight(w_ptr, 8, C, offs_c, c_mask)
     bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    xb = _x_bias(xb_ptr, offs_c, c_mask, HAS_XB, BLOCK_C)
     # per-program sums over its pixels, [BLOCK_C] fp32 each
     dw0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     dw1 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -175,15 +198,15 @@ def _pa_bwd_g_kernel(
         b64, y, x = _pixels(offs_p, H, W)
         m2 = p_mask[:, None] & c2
         # the 9 taps feed both the conv and the dweight sums: loaded once, kept in registers
-        x0 = _load_tap(x_ptr, b64, y, x, 0, 0, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x1 = _load_tap(x_ptr, b64, y, x, 0, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x2 = _load_tap(x_ptr, b64, y, x, 0, 2, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x3 = _load_tap(x_ptr, b64, y, x, 1, 0, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x4 = _load_tap(x_ptr, b64, y, x, 1, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x5 = _load_tap(x_ptr, b64, y, x, 1, 2, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x6 = _load_tap(x_ptr, b64, y, x, 2, 0, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x7 = _load_tap(x_ptr, b64, y, x, 2, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
-        x8 = _load_tap(x_ptr, b64, y, x, 2, 2, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask)
+        x0 = _load_tap(x_ptr, b64, y, x, 0, 0, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x1 = _load_tap(x_ptr, b64, y, x, 0, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x2 = _load_tap(x_ptr, b64, y, x, 0, 2, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x3 = _load_tap(x_ptr, b64, y, x, 1, 0, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x4 = _load_tap(x_ptr, b64, y, x, 1, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x5 = _load_tap(x_ptr, b64, y, x, 1, 2, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x6 = _load_tap(x_ptr, b64, y, x, 2, 0, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x7 = _load_tap(x_ptr, b64, y, x, 2, 1, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
+        x8 = _load_tap(x_ptr, b64, y, x, 2, 2, H, W, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
         z = bias + x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3 + x4 * w4 + x5 * w5 + x6 * w6 + x7 * w7 + x8 * w8
         s = tl.sigmoid(z)
         d_row = b64 * sdb + y.to(tl.int64) * sdh + x.to(tl.int64) * sdw
@@ -218,13 +241,14 @@ def _pa_bwd_g_kernel(
 
 @triton.jit(do_not_specialize=["NP", "H", "W"])
 def _pa_bwd_dx_kernel(
-    dout_ptr, x_ptr, w_ptr, bias_ptr, g_ptr, dx_ptr,
+    dout_ptr, x_ptr, w_ptr, bias_ptr, xb_ptr, g_ptr, dx_ptr, xbpart_ptr,
     NP, H, W, C,
     sdb, sdh, sdw, sxb, sxh, sxw,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_XB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dout, x: [B, H, W, C] (strided), g: [B, H, W, C] fp32 contiguous, w: [9, C] ->
-    dx: [B, H, W, C] contiguous.
+    dx: [B, H, W, C] contiguous; HAS_XB: xbpart [programs, C] fp32, each program's sum of its
+    dx rows (x's bias gradient, once torch sums them).
 
     dx[p] = dout[p] * s[p] + sum over taps k = (ky, kx) of w[k] * g[p - (ky-1, kx-1)]
     (pixel p was tap k of that neighbour); a neighbour outside the map contributes 0.
@@ -238,7 +262,8 @@ def _pa_bwd_dx_kernel(
     c2 = c_mask[None, :]
     m2 = p_mask[:, None] & c2
 
-    z, xc = _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask)
+    xb = _x_bias(xb_ptr, offs_c, c_mask, HAS_XB, BLOCK_C)
+    z, xc = _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
     d_row = b64 * sdb + y.to(tl.int64) * sdh + x.to(tl.int64) * sdw
     dy = tl.load(dout_ptr + d_row[:, None] + offs_c[None, :], mask=m2, other=0.0).to(tl.float32)
     acc = dy * tl.sigmoid(z)
@@ -255,6 +280,8 @@ def _pa_bwd_dx_kernel(
         acc += gk * _tap_weight(w_ptr, k, C, offs_c, c_mask)
 
     tl.store(dx_ptr + (offs_p.to(tl.int64) * C)[:, None] + offs_c[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m2)
+    if HAS_XB:  # acc is 0 on masked pixels and channels
+        tl.store(xbpart_ptr + pid.to(tl.int64) * C + offs_c, tl.sum(acc, axis=0), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -274,12 +301,18 @@ def _unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _x_bias_arg(x_bias: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """x's bias (contiguous) for a kernel argument; without one, a tensor that stands in for
+    the pointer (HAS_XB is False: never read)."""
+    return stand_in if x_bias is None else x_bias.contiguous()
+
+
 def _tap_major(weight: torch.Tensor) -> torch.Tensor:
     """[C, 1, 3, 3] -> [9, C] contiguous: channels last, so a tap's weights load as one vector."""
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [B, H, W, C] (any strides) -> out: [B, H, W, C] contiguous."""
     x = _unit_channel_stride(x)
     B, H, W, C = x.shape
@@ -290,18 +323,20 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Ten
     with _device_ctx(x):
         plans.launch(
             _pa_fwd_kernel, plan,
-            x, _tap_major(weight), bias.contiguous(), out,
+            x, _tap_major(weight), bias.contiguous(), _x_bias_arg(x_bias, bias), out,
             B * H * W, H, W, C,
             x.stride(0), x.stride(1), x.stride(2),
+            x_bias is not None,
         )  # fmt: skip
     return out
 
 
 def _bwd(
-    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout, x: [B, H, W, C] (any strides) -> (dx [B, H, W, C] contiguous, dweight [C, 1, 3, 3],
-    dbias [C]), all in x's dtype."""
+    dbias [C], dx_bias: [C], or [0] without x_bias), all in x's dtype."""
+    has_xb = x_bias is not None
     dout = _unit_channel_stride(dout)
     x = _unit_channel_stride(x)
     B, H, W, C = x.shape
@@ -311,24 +346,30 @@ def _bwd(
             torch.zeros_like(x, memory_format=torch.contiguous_format),
             torch.zeros_like(weight),
             torch.zeros_like(bias),
+            torch.zeros_like(x_bias) if has_xb else bias.new_empty(0),
         )
     plan = plans.pixel_attention_bwd_plan(B, H, W, C, x.dtype, plans.device_target(x.device))
     g = _empty((B, H, W, C), torch.float32, x.device)
     part = _empty((plan.programs, _N_PART, C), torch.float32, x.device)
     dx = _empty((B, H, W, C), x.dtype, x.device)
+    # x's bias gradient: each dx program's sum of its rows (no buffer without x_bias)
+    xb_part = _empty((plan.dx.grid[0], C), torch.float32, x.device) if has_xb else None
     wt = _tap_major(weight)
     bias_c = bias.contiguous()
+    xb = _x_bias_arg(x_bias, bias)
     strides = (dout.stride(0), dout.stride(1), dout.stride(2), x.stride(0), x.stride(1), x.stride(2))
     with _device_ctx(x):
-        plans.launch(_pa_bwd_g_kernel, plan.g, dout, x, wt, bias_c, g, part,
-                     NP, H, W, C, plan.blocks_per_program, *strides)  # fmt: skip
-        plans.launch(_pa_bwd_dx_kernel, plan.dx, dout, x, wt, bias_c, g, dx, NP, H, W, C, *strides)
+        plans.launch(_pa_bwd_g_kernel, plan.g, dout, x, wt, bias_c, xb, g, part,
+                     NP, H, W, C, plan.blocks_per_program, *strides, has_xb)  # fmt: skip
+        plans.launch(_pa_bwd_dx_kernel, plan.dx, dout, x, wt, bias_c, xb, g, dx, _x_bias_arg(xb_part, bias),
+                     NP, H, W, C, *strides, has_xb)  # fmt: skip
     part = part.sum(0)  # [10, C]: the second stage of the reduction
     dt = weight.dtype
     cf = torch.contiguous_format
     dweight = part[:9].t().reshape(C, 1, 3, 3).to(dt, memory_format=cf, copy=True)
     dbias = part[9].to(dt, memory_format=cf, copy=True)  # copy: a custom op's outputs may not alias
-    return dx, dweight, dbias
+    dx_bias = xb_part.sum(0).to(dt) if has_xb else bias.new_empty(0)
+    return dx, dweight, dbias, dx_bias
 
 
 # torch.compile sees two opaque ops with shape-only fake implementations. They work on the
@@ -336,25 +377,28 @@ def _bwd(
 
 
 @torch.library.custom_op("restv2::pixel_attention_fwd", mutates_args=())
-def pixel_attention_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return _fwd(x, weight, bias)
+def pixel_attention_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _fwd(x, weight, bias, x_bias)
 
 
 @pixel_attention_fwd.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, x_bias):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("restv2::pixel_attention_bwd", mutates_args=())
 def pixel_attention_bwd(
-    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(dout, x, weight, bias)
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(dout, x, weight, bias, x_bias)
 
 
 @pixel_attention_bwd.register_fake
-def _(dout, x, weight, bias):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+def _(dout, x, weight, bias, x_bias):
+    dx_bias = bias.new_empty(0) if x_bias is None else x_bias.new_empty(x_bias.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), dx_bias
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -362,32 +406,36 @@ def _(dout, x, weight, bias):
 
 class _PixelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight, bias)  # the inputs only: the backward recomputes z
-        return torch.ops.restv2.pixel_attention_fwd(x, weight, bias)
+    def forward(ctx, x, weight, bias, x_bias):
+        ctx.save_for_backward(x, weight, bias, x_bias)  # the inputs only: the backward recomputes z
+        return torch.ops.restv2.pixel_attention_fwd(x, weight, bias, x_bias)
 
     @staticmethod
     def backward(ctx, dout):
         if not any(ctx.needs_input_grad):
-            return None, None, None
-        x, weight, bias = ctx.saved_tensors
-        grads = torch.ops.restv2.pixel_attention_bwd(dout, x, weight, bias)
+            return None, None, None, None
+        x, weight, bias, x_bias = ctx.saved_tensors
+        grads = torch.ops.restv2.pixel_attention_bwd(dout, x, weight, bias, x_bias)
         return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def pixel_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C))`` with fused Triton kernels.
+def pixel_attention(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C))`` with fused Triton kernels;
+    with ``x_bias``, of ``x + x_bias`` (per channel): the bias of the conv that made x, added
+    here rather than in a pass of its own over x (cuDNN convs take no bias).
 
     x: [B, C, H, W], best channels-last in memory (any batch/row/column strides, unit channel
-    stride; other layouts cost one channels-last copy); weight: [C, 1, 3, 3]; bias: [C].
-    fp16, bf16 or fp32, the conv and the sigmoid in fp32. Returns [B, C, H, W] in channels_last
-    memory format: ``out.permute(0, 2, 3, 1)`` is a contiguous [B, H, W, C] (tokens without a
-    copy). Differentiable w.r.t. all three tensors; dx comes back channels-last.
+    stride; other layouts cost one channels-last copy); weight: [C, 1, 3, 3]; bias, x_bias:
+    [C]. fp16, bf16 or fp32, the conv and the sigmoid in fp32. Returns [B, C, H, W] in
+    channels_last memory format: ``out.permute(0, 2, 3, 1)`` is a contiguous [B, H, W, C]
+    (tokens without a copy). Differentiable w.r.t. every tensor; dx comes back channels-last.
     """
-    check_pixel_attention_inputs(x, weight, bias)
+    check_pixel_attention_inputs(x, weight, bias, x_bias)
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"pixel_attention: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use the reference for fp64)"
@@ -395,5 +443,5 @@ def pixel_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     C = x.shape[1]
     if not 1 <= C <= MAX_C:
         raise ValueError(f"pixel_attention: the Triton kernels take 1 to {MAX_C} channels, got C={C}")
-    check_kernel_device(x, weight, bias)
-    return _PixelAttention.apply(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+    check_kernel_device(x, weight, bias, *([] if x_bias is None else [x_bias]))
+    return _PixelAttention.apply(x.permute(0, 2, 3, 1), weight, bias, x_bias).permute(0, 3, 1, 2)
