@@ -42,7 +42,15 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and the sibling 
 import report  # noqa: E402
 import throughput  # noqa: E402
 
-KERNEL_PACKAGES = ("attention", "attention_mixed", "upsample", "layernorm", "ffn", "pa")  # restv2_kernels.<pkg>.triton
+KERNEL_PACKAGES = (
+    "attention",
+    "attention_mixed",
+    "upsample",
+    "layernorm",
+    "ffn",
+    "pa",
+    "bn_relu",
+)  # restv2_kernels.<pkg>.triton
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace's device-side activity
 # (category, lower-case name fragments), first match wins; this package's kernels and torch.compile's
 # (``triton_*``) are named before these are tried. Convolutions come before GEMMs: cuDNN's implicit-GEMM
