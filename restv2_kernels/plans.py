@@ -793,14 +793,18 @@ class PixelAttnTile:
     num_warps: int | None = None
 
 
-# The forward and the dx kernel stream the 9 taps into one accumulator (the forward keeps
-# the centre tap, dx also a g accumulator): 8 values a thread (dx: 4). The g kernel keeps the 9 tap
-# tiles live for the dweight sums, plus 10 [BLOCK_C] partial sums: 4 a thread.
-# 4 warps: with the conv's bias added to every tap (x_bias), 8 warps spilled on sm_90 with
-# Triton 3.6 (forward at C = 96, 24 B; dx at C = 384, 8 B); 4 warps do not.
-_PA_FWD = {"default": PixelAttnTile(per_thread=8, max_block_p=64, num_warps=4)}
+# The forward and the dx kernel stream the 9 taps into one accumulator (the forward keeps the
+# centre tap, dx also a g accumulator). The g kernel keeps the 9 tap tiles live for the dweight
+# sums, plus 10 [BLOCK_C] partial sums: 4 values a thread. The forward's and dx's tiles are ones
+# with which ptxas used no local memory at any width (64..1024 channels, with and without
+# x_bias), on sm_80, sm_89 and sm_90, with Triton 3.6 and 3.9 (``python -m restv2.targets
+# --force``): the forward 512 elements at 4 warps (2048 at 8 warps spilled 24 B at C = 96 on
+# sm_90 with Triton 3.6, and at 4 warps took 255 registers with 3.9; 1024 at 8 warps spilled 8 B
+# on sm_80, 512 at 8 warps on sm_89), dx 512 at 8 warps (1024 at 4 or 8 warps spilled 8 B on sm_80). ptxas
+# spills a 64-bit value at 48 registers as readily as at 255: small tiles are no guarantee.
+_PA_FWD = {"default": PixelAttnTile(per_thread=4, max_block_p=64, num_warps=4)}
 _PA_BWD = {"default": PixelAttnTile(per_thread=4, max_block_p=64)}
-_PA_BWD_DX = {"default": PixelAttnTile(per_thread=4, max_block_p=64, num_warps=4)}  # 8 spilled 8 B at C = 512 on sm_80
+_PA_BWD_DX = {"default": PixelAttnTile(per_thread=2, max_block_p=64)}
 _PA_INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
 PIXEL_ATTENTION_MAX_C = 4096  # one pixel's channel row lives in registers
 PIXEL_ATTENTION_BWD_PROGRAMS = 2  # reduction programs per SM of the backward's first kernel

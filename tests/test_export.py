@@ -15,7 +15,14 @@ MINI = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 
 DYNAMIC = {
     "x": {0: Dim("batch", min=1, max=512), 2: Dim("height", min=33, max=8192), 3: Dim("width", min=33, max=8192)}
 }
-KERNEL_OPS = {"add_layer_norm_fwd", "emsa_attention_fwd", "linear_gelu_fwd", "pixel_attention_fwd", "upsample_add_fwd"}
+KERNEL_OPS = {
+    "add_layer_norm_fwd",
+    "bias_relu_fwd",
+    "emsa_attention_fwd",
+    "linear_gelu_fwd",
+    "pixel_attention_fwd",
+    "upsample_add_fwd",
+}
 
 
 def _pair(cls, config):
