@@ -7,17 +7,19 @@ real GPUs on a machine without one.
 
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
-and backward; the fp32 GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as launched
-where PyTorch allows TF32. The model runs on meta tensors (nothing is allocated) on the kernel
-path with its calls of the fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample branch, residual add + LayerNorm,
-linear + GELU and the MLP's GELU-gradient GEMM, pixel attention; the add + LayerNorm also as autocast calls it, on an fp32 stream);
-each distinct call goes through the real launchers under
-``plans.recording()``, once per target (the plans depend on it), so the check compiles exactly
-what a launch on that GPU would run. ``restv2_kernels.targets`` specialises, dedupes, compiles
-and judges; this module prints the table, writes ``--json`` rows, and exits 1 when a checked
-target has a problem (a plan that does not compile, shared memory over the opt-in limit,
-local memory in a 16-bit plan, a 16-bit ``tl.dot`` without tensor cores).
-An fp32 plan that spills is reported, not failed (the CI test lists those it accepts).
+and backward, in training and in eval mode (where the stems fold their BatchNorm); the fp32
+GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as launched where PyTorch allows TF32.
+The model runs on meta tensors (nothing is allocated) on the kernel path with its calls of the
+fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample
+branch, residual add + LayerNorm, linear + GELU and the MLP's GELU-gradient GEMM, pixel
+attention, the stems' bias + ReLU; the add + LayerNorm also as autocast calls it, on an fp32
+stream); each distinct call goes through the real launchers under ``plans.recording()``, once
+per target (the plans depend on it), so the check compiles exactly what a launch on that GPU
+would run. ``restv2_kernels.targets`` specialises, dedupes, compiles and judges; this module
+prints the table, writes ``--json`` rows, and exits 1 when a checked target has a problem (a
+plan that does not compile, shared memory over the opt-in limit, local memory in a 16-bit plan,
+a 16-bit ``tl.dot`` without tensor cores). An fp32 plan that spills is reported, not failed (the
+CI test lists those it accepts).
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def _empty_out(shape, dtype, device, channels_last: bool = False) -> torch.Tenso
 
 def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
     """The kernel-path calls of one fp32 forward per (height, width, batch) in ``inputs``, in
-    order, traced on meta tensors (``OpCall.to`` gives them in another dtype).
+    order, in training mode and then in eval mode (the stems fold their BatchNorm only there,
+    and call ``bias_relu``), traced on meta tensors (``OpCall.to`` gives them in another dtype).
 
     The model runs with ``backend="triton"`` on meta tensors with the fused ops replaced by
     stand-ins that record their arguments (the very views the kernel path passes) and return
@@ -178,9 +181,11 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
     with contextlib.ExitStack() as stack, torch.no_grad():
         for op, output in outputs.items():
             stack.enter_context(mock.patch.object(restv2_kernels, op, recorder(op, output), create=True))
-        for height, width, batch in inputs:
-            use = f"{model_name} {{dtype}} {height}x{width} b{batch}"
-            model(torch.empty(batch, 3, height, width, device="meta"))
+        for training in (True, False):
+            model.train(training)
+            for height, width, batch in inputs:
+                use = f"{model_name} {{dtype}} {height}x{width} b{batch}" + ("" if training else " eval")
+                model(torch.empty(batch, 3, height, width, device="meta"))
     return calls
 
 
