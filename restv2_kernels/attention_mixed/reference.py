@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.reference import check_attention_inputs
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import check_tensors
 
 
 def check_mixed_inputs(
@@ -20,15 +19,9 @@ def check_mixed_inputs(
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``emsa_attention_mixed``."""
     check_attention_inputs(q, k, v, op="emsa_attention_mixed")
     H = q.shape[2]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"emsa_attention_mixed: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"emsa_attention_mixed: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
-        if t.device != q.device:
-            raise ValueError(f"emsa_attention_mixed: {name} is on {t.device}, but q is on {q.device}")
+    # the conv's weight and bias may stay fp32 beside 16-bit q, k, v (autocast)
+    named = (("q", q), ("weight", weight), ("bias", bias))
+    check_tensors("emsa_attention_mixed", named, optional=("bias",), same_dtype=False)
     if tuple(weight.shape) not in ((H, H), (H, H, 1, 1)):
         raise ValueError(
             f"emsa_attention_mixed: weight must be the head-mixing 1x1 conv's [heads, heads, 1, 1] (or [heads, heads]) "

@@ -6,21 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import check_tensors
 
 
 def check_linear_gelu_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``linear_gelu``."""
-    named = [("x", x), ("weight", weight)] + ([] if bias is None else [("bias", bias)])
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"linear_gelu: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"linear_gelu: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
-        if t.dtype != x.dtype:
-            raise TypeError(f"linear_gelu: {name} has dtype {t.dtype}, but x has {x.dtype}; all must match")
-        if t.device != x.device:
-            raise ValueError(f"linear_gelu: {name} is on {t.device}, but x is on {x.device}; all must match")
+    check_tensors("linear_gelu", (("x", x), ("weight", weight), ("bias", bias)), optional=("bias",))
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(
             f"linear_gelu: x must be (..., K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}"

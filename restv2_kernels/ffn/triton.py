@@ -62,6 +62,7 @@ import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
+from ..checks import check_tensors
 from .reference import check_linear_gelu_inputs
 
 __all__ = ["linear_gelu", "mlp"]
@@ -386,13 +387,7 @@ def mlp(
         raise TypeError(
             f"mlp: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use restv2_kernels.reference.mlp for fp64)"
         )
-    for name, t in (("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)):
-        if t is None and name == "fc2_bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise TypeError(f"mlp: {name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}; all must match")
+    check_tensors("mlp", (("x", x), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)), optional=("fc2_bias",))
     hidden = fc1_weight.shape[0]
     if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden:
         raise ValueError(

@@ -5,21 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import check_tensors
 
 
 def check_add_layer_norm_inputs(
     x: torch.Tensor, branch: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``add_layer_norm``."""
-    named = [("x", x), ("weight", weight), ("bias", bias)] + ([] if branch is None else [("branch", branch)])
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"add_layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"add_layer_norm: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
-        if t.device != x.device:
-            raise ValueError(f"add_layer_norm: {name} is on {t.device}, but x is on {x.device}; all must match")
+    # dtypes may differ: an fp32 residual stream beside a 16-bit branch under autocast
+    named = (("x", x), ("weight", weight), ("bias", bias), ("branch", branch))
+    check_tensors("add_layer_norm", named, optional=("branch",), same_dtype=False)
     if x.dim() < 1:
         raise ValueError("add_layer_norm: x must have at least one dimension (..., C)")
     C = x.shape[-1]

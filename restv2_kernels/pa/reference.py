@@ -6,23 +6,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import check_tensors
 
 
 def check_pixel_attention_inputs(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None
 ) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``pixel_attention``."""
-    tensors = (("x", x), ("weight", weight), ("bias", bias)) + (() if x_bias is None else (("x_bias", x_bias),))
-    for name, t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"pixel_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"pixel_attention: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
-        if t.dtype != x.dtype:
-            raise TypeError(f"pixel_attention: {name} has dtype {t.dtype}, but x has {x.dtype}; all must match")
-        if t.device != x.device:
-            raise ValueError(f"pixel_attention: {name} is on {t.device}, but x is on {x.device}; all must match")
+    named = (("x", x), ("weight", weight), ("bias", bias), ("x_bias", x_bias))
+    check_tensors("pixel_attention", named, optional=("x_bias",))
     if x.dim() != 4:
         raise ValueError(f"pixel_attention: x must be a 4-D map (B, C, H, W), got shape {tuple(x.shape)}")
     C = x.shape[1]

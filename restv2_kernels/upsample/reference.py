@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import exporting
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import check_tensors
 
 
 def check_upsample_inputs(
@@ -29,22 +28,13 @@ def check_upsample_inputs(
         ("norm_weight", norm_weight),
         ("norm_bias", norm_bias),
     )
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"upsample_add: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("upsample_add", named)
     if isinstance(sr, bool) or not isinstance(sr, int) or sr < 1:
         raise ValueError(f"upsample_add: sr must be a positive int, got {sr!r}")
     if x.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"upsample_add: x and v must be 4-D channels-last maps (B, H, W, C), got {tuple(x.shape)} and {tuple(v.shape)}"
         )
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"upsample_add: x has dtype {x.dtype}; supported: fp16, bf16, fp32, fp64")
-    for name, t in named[1:]:
-        if t.dtype != x.dtype:
-            raise TypeError(f"upsample_add: {name} has dtype {t.dtype}, but x has {x.dtype}; all must match")
-        if t.device != x.device:
-            raise ValueError(f"upsample_add: {name} is on {t.device}, but x is on {x.device}; all must match")
     B, H, W, C = x.shape
     if v.shape[0] != B or v.shape[3] != C:
         raise ValueError(f"upsample_add: v {tuple(v.shape)} must be (B={B}, Hr, Wr, C={C}) to match x {tuple(x.shape)}")

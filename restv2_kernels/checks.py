@@ -1,0 +1,30 @@
+"""The argument checks the ops share. Each raises TypeError or ValueError with a message that names
+the op and the argument; the op-specific shape checks stay beside each reference."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensors(
+    op: str, named: Sequence[tuple[str, object]], *, optional: Collection[str] = (), same_dtype: bool = True
+) -> None:
+    """Each ``(name, value)`` of ``named`` is a tensor of a floating dtype (fp16, bf16, fp32, fp64)
+    on the first one's device and, with ``same_dtype``, of the first one's dtype; those named in
+    ``optional`` may be None instead."""
+    first_name, first = named[0]
+    for name, t in named:
+        if t is None and name in optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+        if same_dtype and t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}, but {first_name} has {first.dtype}; all must match")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, but {first_name} is on {first.device}; all must match")
