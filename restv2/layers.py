@@ -187,11 +187,14 @@ class PA(nn.Module):
         return x * torch.sigmoid(self.pa_conv(x))
 
 
-def conv_pa(conv: nn.Conv2d, pa: PA, x: torch.Tensor) -> torch.Tensor:
-    """``pa(conv(x))``. On the kernel path, both plain (``calls_plainly``), the conv runs without
-    its bias and PA adds it to every tap it loads (``restv2_kernels.pixel_attention``'s
-    ``x_bias``): cuDNN convs take no bias, so PyTorch would add it in a pass of its own over the
-    conv's output, and read the output's gradient once more for the bias gradient."""
+def conv_pa_norm(conv: nn.Conv2d, pa: PA, norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``norm(to_tokens(pa(conv(x))))`` and the map's height and width: how a stem or patch
+    embed ends. On the kernel path, all plain (``calls_plainly``), the conv runs without its
+    bias and PA adds it to every tap it loads (``restv2_kernels.pixel_attention``'s ``x_bias``):
+    cuDNN convs take no bias, so PyTorch would add it in a pass of its own over the conv's
+    output, and read the output's gradient once more for the bias gradient. Where no gradient
+    is needed and ``norm`` is a plain LayerNorm, the same pass normalises each pixel
+    (``restv2_kernels.pixel_attention_layer_norm``): PA's output never goes to memory."""
     fuse = (
         use_kernels(pa.backend, x)
         and calls_plainly(pa, PA)
@@ -201,10 +204,21 @@ def conv_pa(conv: nn.Conv2d, pa: PA, x: torch.Tensor) -> torch.Tensor:
         and conv.padding_mode == "zeros"
     )
     if not fuse:
-        return pa(conv(x))
+        y = pa(conv(x))
+        return norm(to_tokens(y)), *y.shape[-2:]
     y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    H, W = y.shape[-2:]
     weight, bias, x_bias = cast_all(y.dtype, pa.pa_conv.weight, pa.pa_conv.bias, conv.bias)
-    return restv2_kernels.pixel_attention(y, weight, bias, x_bias)
+    tensors = (x, conv.weight, conv.bias, pa.pa_conv.weight, pa.pa_conv.bias, *norm.parameters())
+    if is_plain_layer_norm(norm) and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        # CUDA's autocast runs a LayerNorm in fp32 (the residual stream it starts is fp32); the
+        # CPU's keeps the input's dtype
+        out_dtype = torch.float32 if x.is_cuda and autocast_dtype(x) is not None else None
+        y = restv2_kernels.pixel_attention_layer_norm(
+            y, weight, bias, x_bias, norm.weight, norm.bias, norm.eps, out_dtype
+        )
+        return to_tokens(y), H, W
+    return norm(to_tokens(restv2_kernels.pixel_attention(y, weight, bias, x_bias))), H, W
 
 
 class Mlp(nn.Module):
@@ -260,9 +274,9 @@ class ConvStem(nn.Module):
         if use_kernels(self.backend, x):  # BatchNorm folded into the convs at inference
             p = self.proj
             x = conv_bn_relu(p[0], p[1], p[2], x, kernels=True)
-            x = conv_pa(p[6], self.pos, conv_bn_relu(p[3], p[4], p[5], x, kernels=True))  # PA adds p[6]'s bias
-        else:
-            x = self.pos(self.proj(x))
+            x = conv_bn_relu(p[3], p[4], p[5], x, kernels=True)
+            return conv_pa_norm(p[6], self.pos, self.norm, x)  # PA adds p[6]'s bias
+        x = self.pos(self.proj(x))
         H, W = x.shape[-2:]
         return self.norm(to_tokens(x)), H, W
 
@@ -277,9 +291,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = conv_pa(self.proj, self.pos, x)  # on the kernel path PA adds the conv's bias
-        H, W = x.shape[-2:]
-        return self.norm(to_tokens(x)), H, W
+        return conv_pa_norm(self.proj, self.pos, self.norm, x)  # on the kernel path PA adds the conv's bias
 
 
 # ----------------------------------------------------------------------------- ResTv1

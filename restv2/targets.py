@@ -7,19 +7,20 @@ real GPUs on a machine without one.
 
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
-and backward, in training and in eval mode (where the stems fold their BatchNorm); the fp32
-GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as launched where PyTorch allows TF32.
-The model runs on meta tensors (nothing is allocated) on the kernel path with its calls of the
-fused ops intercepted (attention, ResTv1's attention with the heads' interaction, upsample
-branch, residual add + LayerNorm, linear + GELU and the MLP's GELU-gradient GEMM, pixel
-attention, the stems' bias + ReLU; the add + LayerNorm also as autocast calls it, on an fp32
-stream); each distinct call goes through the real launchers under ``plans.recording()``, once
-per target (the plans depend on it), so the check compiles exactly what a launch on that GPU
-would run. ``restv2_kernels.targets`` specialises, dedupes, compiles and judges; this module
-prints the table, writes ``--json`` rows, and exits 1 when a checked target has a problem (a
-plan that does not compile, shared memory over the opt-in limit, local memory in a 16-bit plan,
-a 16-bit ``tl.dot`` without tensor cores). An fp32 plan that spills is reported, not failed (the
-CI test lists those it accepts).
+and backward in training mode, forward in eval mode without gradients (where the stems fold
+their BatchNorm and PA fuses the LayerNorm after it); the fp32 GEMMs (linear + GELU, the MLP's
+GELU-gradient GEMM) also as launched where PyTorch allows TF32. The model runs on meta tensors
+(nothing is allocated) on the kernel path with its calls of the fused ops intercepted
+(attention, ResTv1's attention with the heads' interaction, upsample branch, residual add +
+LayerNorm, linear + GELU and the MLP's GELU-gradient GEMM, pixel attention, PA + LayerNorm, the
+stems' bias + ReLU; the add + LayerNorm also as autocast calls it, on an fp32 stream); each
+distinct call goes through the real launchers under ``plans.recording()``, once per target (the
+plans depend on it), so the check compiles exactly what a launch on that GPU would run.
+``restv2_kernels.targets`` specialises, dedupes, compiles and judges; this module prints the
+table, writes ``--json`` rows, and exits 1 when a checked target has a problem (a plan that does
+not compile, shared memory over the opt-in limit, local memory in a 16-bit plan, a 16-bit
+``tl.dot`` without tensor cores). An fp32 plan that spills is reported, not failed (the CI test
+lists those it accepts).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ KERNEL_MODULES = {
     "linear_gelu": "restv2_kernels.ffn.triton",
     "mlp": "restv2_kernels.ffn.triton",
     "pixel_attention": "restv2_kernels.pa.triton",
+    "pixel_attention_layer_norm": "restv2_kernels.pa.triton",
     "bias_relu": "restv2_kernels.bn_relu.triton",
 }
 
@@ -101,9 +103,16 @@ class OpCall:
     def autocast_variant(self, dtype: str) -> OpCall | None:
         """The call as autocast makes it in ``dtype`` where that differs from a plain cast: the
         residual add + LayerNorm on an fp32 stream with a 16-bit branch and a 16-bit output;
-        ResTv1's mixed attention on 16-bit q, k, v with the conv's fp32 weight and bias."""
+        ResTv1's mixed attention on 16-bit q, k, v with the conv's fp32 weight and bias; PA +
+        LayerNorm on a 16-bit map with the norm's fp32 weight and bias, writing fp32."""
         if dtype == "fp32":
             return None
+        if self.op == "pixel_attention_layer_norm":
+            x, weight, bias, x_bias, nw, nb, eps, _ = self.args
+            half = [None if t is None else _meta_like(t, DTYPES[dtype]) for t in (x, weight, bias, x_bias)]
+            f32 = torch.float32
+            args = (*half, _meta_like(nw, f32), _meta_like(nb, f32), eps, f32)
+            return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
         if self.op == "emsa_attention_mixed":
             q, k, v, weight, bias, scale, eps = self.args
             f32 = torch.float32
@@ -144,8 +153,9 @@ def _empty_out(shape, dtype, device, channels_last: bool = False) -> torch.Tenso
 
 def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
     """The kernel-path calls of one fp32 forward per (height, width, batch) in ``inputs``, in
-    order, in training mode and then in eval mode (the stems fold their BatchNorm only there,
-    and call ``bias_relu``), traced on meta tensors (``OpCall.to`` gives them in another dtype).
+    order, in training mode with gradients and then in eval mode without (the stems fold their
+    BatchNorm only there, and call ``bias_relu``; PA and the LayerNorm after it fuse only without
+    gradients), traced on meta tensors (``OpCall.to`` gives them in another dtype).
 
     The model runs with ``backend="triton"`` on meta tensors with the fused ops replaced by
     stand-ins that record their arguments (the very views the kernel path passes) and return
@@ -174,18 +184,20 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
         "linear_gelu": lambda x, w, b=None: _empty_out((*x.shape[:-1], w.shape[0]), x.dtype, x.device),
         "mlp": lambda x, w1, b1, w2, b2: _empty_out((*x.shape[:-1], w2.shape[0]), x.dtype, x.device),
         "pixel_attention": lambda x, *_: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
+        "pixel_attention_layer_norm": lambda x, *a: _empty_out(x.shape, a[-1] or x.dtype, x.device, channels_last=True),
         "bias_relu": lambda x, bias: torch.empty_like(x),
     }
     with torch.device("meta"):
         model = MODELS[model_name](backend="triton")
-    with contextlib.ExitStack() as stack, torch.no_grad():
+    with contextlib.ExitStack() as stack:
         for op, output in outputs.items():
             stack.enter_context(mock.patch.object(restv2_kernels, op, recorder(op, output), create=True))
         for training in (True, False):
             model.train(training)
             for height, width, batch in inputs:
                 use = f"{model_name} {{dtype}} {height}x{width} b{batch}" + ("" if training else " eval")
-                model(torch.empty(batch, 3, height, width, device="meta"))
+                with torch.set_grad_enabled(training):
+                    model(torch.empty(batch, 3, height, width, device="meta"))
     return calls
 
 
@@ -235,6 +247,9 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             _, pre = kernels._fwd(x, w1, b1, True)
         elif call.op == "bias_relu":  # its backward is aten: no launch
             kernels._fwd(*call.args)
+        elif call.op == "pixel_attention_layer_norm":  # no gradient: no backward
+            x, weight, bias, x_bias, nw, nb, eps, out_dtype = call.args
+            kernels._fwd(x.permute(0, 2, 3, 1), weight, bias, x_bias, (nw, nb, eps), out_dtype)
         else:  # pixel_attention, on the [B, H, W, C] view as the public function passes it
             x, weight, bias, *x_bias = call.args  # x_bias: the conv's, where PA adds it
             o = kernels._fwd(x.permute(0, 2, 3, 1), weight, bias, *x_bias)

@@ -7,6 +7,8 @@
   branch (depthwise 3x3 conv + pixel-shuffle + crop + LayerNorm + residual add).
 - ``add_layer_norm``, ``linear_gelu``, ``mlp``, ``pixel_attention``, ``bias_relu``: the residual
   add + LayerNorm, the MLP with its GELU, PA, and the stems' folded-BatchNorm bias + ReLU.
+- ``pixel_attention_layer_norm``: PA and the LayerNorm after it (stems, patch embeds), in one
+  pass where no gradient is needed.
 
 ``restv2_kernels.reference`` holds the eager versions. Importing this package neither
 imports Triton nor touches the GPU: the kernel modules load on first use.
@@ -25,6 +27,7 @@ __all__ = [
     "add_layer_norm",
     "linear_gelu",
     "pixel_attention",
+    "pixel_attention_layer_norm",
     "bias_relu",
     "mlp",
     "reference",
@@ -39,6 +42,7 @@ _LAZY = {
     "linear_gelu": "restv2_kernels.ffn.triton",
     "mlp": "restv2_kernels.ffn.triton",
     "pixel_attention": "restv2_kernels.pa.triton",
+    "pixel_attention_layer_norm": "restv2_kernels.pa.triton",
     "bias_relu": "restv2_kernels.bn_relu.triton",
 }
 

@@ -5,7 +5,7 @@ from .attention_mixed.reference import emsa_attention_mixed
 from .bn_relu.reference import bias_relu
 from .ffn.reference import linear_gelu, mlp
 from .layernorm.reference import add_layer_norm
-from .pa.reference import pixel_attention
+from .pa.reference import pixel_attention, pixel_attention_layer_norm
 from .upsample.reference import upsample_add
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "add_layer_norm",
     "linear_gelu",
     "pixel_attention",
+    "pixel_attention_layer_norm",
     "bias_relu",
     "mlp",
 ]

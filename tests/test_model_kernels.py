@@ -616,11 +616,13 @@ def test_parametrized_weights_keep_the_fused_ops(monkeypatch, device):
 
 @pytest.mark.parametrize("cls", [ResTV2, ResT])
 def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
-    """On the kernel path cuDNN-style convs run without their bias, and a fused op adds it: at
-    inference each stem's folded BatchNorm bias with its ReLU (``bias_relu``, twice), and
+    """On the kernel path cuDNN-style convs run without their bias, and a fused op adds it: in
+    eval mode each stem's folded BatchNorm bias with its ReLU (``bias_relu``, twice), and
     ResTv2's PA the bias of the conv before it (``x_bias``: the stem's and every patch
-    embed's). In training the stems keep their true BatchNorm (no ``bias_relu``). The logits
-    and gradients are the reference's."""
+    embed's). In training the stems keep their true BatchNorm (no ``bias_relu``). Where no
+    gradient is needed, ResTv2's PA also applies the LayerNorm after it
+    (``pixel_attention_layer_norm``) instead of storing its output for ``norm``. The logits are
+    the reference's."""
     torch.manual_seed(0)
     model = cls(**MINI_V2, backend="reference")
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -632,14 +634,59 @@ def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
         return pixel_attention(x, weight, bias, x_bias)
 
     relu = CountCalls(restv2_kernels.bias_relu)
+    pa_norm = CountCalls(restv2_kernels.pixel_attention_layer_norm)
     monkeypatch.setattr(restv2_kernels, "bias_relu", relu)
     monkeypatch.setattr(restv2_kernels, "pixel_attention", spy_pa)
-    for train in (False, True):
+    monkeypatch.setattr(restv2_kernels, "pixel_attention_layer_norm", pa_norm)
+    for train, grad in ((False, True), (True, True), (False, False)):
         model.train(train)
+        with torch.set_grad_enabled(grad):
+            ref = copy.deepcopy(model).double()(x)
+            eager = model.to(device)(x.float().to(device))
+            relu.calls, pa_norm.calls, biases[:] = 0, 0, []
+            kern = copy.deepcopy(model).set_backend("triton")(x.float().to(device))
+        assert_close(f"logits (train={train}, grad={grad})", kern, ref, eager)
+        assert relu.calls == (0 if train else 2)
+        fused = 4 if cls is ResTV2 and not grad else 0  # the stem and 3 patch embeds
+        assert pa_norm.calls == fused
+        assert biases == ([] if fused else [True] * 4 if cls is ResTV2 else [False] * 4)
+
+
+def test_hooked_norm_is_called_after_pa(monkeypatch, device):
+    """Where no gradient is needed, a patch embed whose LayerNorm has a forward hook runs PA,
+    then calls its norm (the hook runs, as on the reference path); the others fuse the two."""
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="reference").eval()
+    calls = []
+    model.patch_3.norm.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    pa_norm = CountCalls(restv2_kernels.pixel_attention_layer_norm)
+    monkeypatch.setattr(restv2_kernels, "pixel_attention_layer_norm", pa_norm)
+    with torch.no_grad():
         ref = copy.deepcopy(model).double()(x)
         eager = model.to(device)(x.float().to(device))
-        relu.calls, biases[:] = 0, []
-        kern = copy.deepcopy(model).set_backend("triton")(x.float().to(device))
-        assert_close(f"logits (train={train})", kern, ref, eager)
-        assert relu.calls == (0 if train else 2)
-        assert biases == ([True] * 4 if cls is ResTV2 else [False] * 4)
+        calls.clear()
+        kern = model.set_backend("triton")(x.float().to(device))
+    assert calls == [1] and pa_norm.calls == 3
+    assert_close("logits", kern, ref, eager)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)], ids=["fp16", "bf16"]
+)
+def test_fused_stem_keeps_the_reference_dtype_under_autocast(dtype, device):
+    """Under autocast, without gradients, the stem's PA + LayerNorm writes the dtype the
+    reference's LayerNorm gives (CUDA's autocast: fp32, the residual stream's; the CPU's: the
+    map's), as close to float64 as the reference under the same autocast."""
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="reference").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref64, _, _ = copy.deepcopy(model).double().stem(x.double())
+        model.to(device)
+        with torch.autocast(device_type=device, dtype=dtype):
+            eager, H, W = model.stem(x.to(device))
+            out, H2, W2 = model.set_backend("triton").stem(x.to(device))
+    assert out.dtype == eager.dtype == (torch.float32 if device == "cuda" else dtype)
+    assert (H, W) == (H2, W2) == (16, 16)
+    assert_close("stem tokens", out, ref64, eager, dtype=dtype)

@@ -128,6 +128,16 @@ def test_every_kernel_dtype_and_target_is_compiled(check):
     assert all(r["uses"] for r in rows)
 
 
+def test_pa_layer_norm_is_compiled(check):
+    """PA + LayerNorm (``NORM``: the stems and patch embeds without gradients) is compiled in
+    every dtype on every checked target, and as autocast calls it (16-bit map, fp32 output)."""
+    _, rows = check
+    fused = [r for r in rows if r["kernel"] == "pixel_attention_fwd" and "NORM=1" in r["specialization"]]
+    assert {(r["dtype"], r["target"]) for r in fused} == set(itertools.product(("fp32", "fp16", "bf16"), CHECKED))
+    assert all("eval pixel_attention_layer_norm fwd" in u for r in fused for u in r["uses"])
+    assert {r["dtype"] for r in fused if any("autocast" in u for u in r["uses"])} == {"fp16", "bf16"}
+
+
 def _tf32(row: dict) -> bool:
     return targets.is_tf32(types.SimpleNamespace(**row))
 

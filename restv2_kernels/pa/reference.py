@@ -39,3 +39,54 @@ def pixel_attention(
     if x_bias is not None:
         x = x + x_bias.view(1, -1, 1, 1)
     return x * torch.sigmoid(F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]))
+
+
+def check_pixel_attention_layer_norm_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None,
+) -> None:
+    """Raises TypeError/ValueError naming the problem unless the arguments fit
+    ``pixel_attention_layer_norm``."""
+    check_pixel_attention_inputs(x, weight, bias, x_bias)
+    # the LayerNorm's parameters may stay fp32 beside a 16-bit map (autocast)
+    named = (("x", x), ("norm_weight", norm_weight), ("norm_bias", norm_bias))
+    check_tensors("pixel_attention_layer_norm", named, same_dtype=False)
+    C = x.shape[1]
+    for name, t in named[1:]:
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"pixel_attention_layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"pixel_attention_layer_norm: eps must be a non-negative number, got {eps!r}")
+    if out_dtype is not None and out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"pixel_attention_layer_norm: out_dtype must be a floating dtype or None, got {out_dtype!r}")
+
+
+def pixel_attention_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """PA, then LayerNorm over the channels of each pixel, as a stem or patch embed applies them
+    (``norm(to_tokens(pixel_attention(x, ...)))``), in plain eager PyTorch.
+
+    The PA output is rounded to x's dtype, as it is stored between the two ops; the LayerNorm
+    computes in fp32 (fp64 for fp64) and rounds once to ``out_dtype`` (None: x's dtype; fp32 is
+    what autocast gives a LayerNorm on a 16-bit map). Returns [B, C, H, W] in ``out_dtype``;
+    its ``permute(0, 2, 3, 1)`` holds the normalised tokens.
+    """
+    check_pixel_attention_layer_norm_inputs(x, weight, bias, x_bias, norm_weight, norm_bias, eps, out_dtype)
+    y = pixel_attention(x, weight, bias, x_bias).permute(0, 2, 3, 1)
+    f = torch.promote_types(x.dtype, torch.float32)
+    out = F.layer_norm(y.to(f), (x.shape[1],), norm_weight.to(f), norm_bias.to(f), eps)
+    return out.to(out_dtype or x.dtype).permute(0, 3, 1, 2)

@@ -50,14 +50,15 @@ so a program's per-tap weight vectors are contiguous over channels.
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
-from .reference import check_pixel_attention_inputs
+from .reference import check_pixel_attention_inputs, check_pixel_attention_layer_norm_inputs
 
-__all__ = ["pixel_attention"]
+__all__ = ["pixel_attention", "pixel_attention_layer_norm"]
 
 MAX_C = plans.PIXEL_ATTENTION_MAX_C
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,14 +126,15 @@ def _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs
 # size reuses the compiled kernel instead of compiling one per divisibility pattern.
 @triton.jit(do_not_specialize=["NP", "H", "W"])
 def _pa_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, xb_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, xb_ptr, nw_ptr, nb_ptr, out_ptr,
     NP, H, W, C,
-    sxb, sxh, sxw,
-    HAS_XB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    sxb, sxh, sxw, eps,
+    HAS_XB: tl.constexpr, NORM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """x: [B, H, W, C] (strided, unit channel stride), w: [9, C], bias: [C], xb: [C] (HAS_XB:
     added to x first) -> out: [B, H, W, C] contiguous. One program: BLOCK_P pixels (NP = B*H*W
-    of them) x C."""
+    of them) x C. NORM: out is the LayerNorm over C (weight nw, bias nb: [C]) of PA's output
+    rounded to x's dtype, in out's dtype."""
     pid = tl.program_id(0)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = offs_p < NP
@@ -143,6 +145,15 @@ def _pa_fwd_kernel(
     xb = _x_bias(xb_ptr, offs_c, c_mask, HAS_XB, BLOCK_C)
     z, xc = _conv_stream(x_ptr, w_ptr, bias_ptr, b64, y, x, H, W, C, sxb, sxh, sxw, offs_c, p_mask, c_mask, xb, HAS_XB)
     res = xc * tl.sigmoid(z)
+    if NORM:
+        # as stored between the two ops; a padded channel is 0 (its tap loads are 0)
+        r = res.to(x_ptr.dtype.element_ty).to(tl.float32)
+        mean = tl.sum(r, axis=1) / C
+        d = tl.where(c_mask[None, :], r - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        nw = tl.load(nw_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        nb = tl.load(nb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        res = d * rstd[:, None] * nw + nb
     o_row = offs_p.to(tl.int64) * C  # out is contiguous: pixel p's row starts at p * C
     tl.store(
         out_ptr + o_row[:, None] + offs_c[None, :],
@@ -312,21 +323,30 @@ def _tap_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [B, H, W, C] (any strides) -> out: [B, H, W, C] contiguous."""
+def _fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x: [B, H, W, C] (any strides) -> out: [B, H, W, C] contiguous, in x's dtype; with ``norm``
+    = (weight, bias, eps), the LayerNorm over C of PA's output, in ``out_dtype`` (None: x's)."""
     x = _unit_channel_stride(x)
     B, H, W, C = x.shape
-    out = _empty((B, H, W, C), x.dtype, x.device)
+    out = _empty((B, H, W, C), out_dtype or x.dtype, x.device)
     if out.numel() == 0:
         return out
+    nw, nb, eps = (bias, bias, 0.0) if norm is None else (norm[0].contiguous(), norm[1].contiguous(), norm[2])
     plan = plans.pixel_attention_fwd_plan(B, H, W, C, x.dtype, plans.device_target(x.device))
     with _device_ctx(x):
         plans.launch(
             _pa_fwd_kernel, plan,
-            x, _tap_major(weight), bias.contiguous(), _x_bias_arg(x_bias, bias), out,
+            x, _tap_major(weight), bias.contiguous(), _x_bias_arg(x_bias, bias), nw, nb, out,
             B * H * W, H, W, C,
-            x.stride(0), x.stride(1), x.stride(2),
-            x_bias is not None,
+            x.stride(0), x.stride(1), x.stride(2), float(eps),
+            x_bias is not None, norm is not None,
         )  # fmt: skip
     return out
 
@@ -401,6 +421,25 @@ def _(dout, x, weight, bias, x_bias):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), dx_bias
 
 
+@torch.library.custom_op("restv2::pixel_attention_ln_fwd", mutates_args=())
+def pixel_attention_ln_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _fwd(x, weight, bias, x_bias, (norm_weight, norm_bias, eps), out_dtype)
+
+
+@pixel_attention_ln_fwd.register_fake
+def _(x, weight, bias, x_bias, norm_weight, norm_bias, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -436,12 +475,56 @@ def pixel_attention(
     (tokens without a copy). Differentiable w.r.t. every tensor; dx comes back channels-last.
     """
     check_pixel_attention_inputs(x, weight, bias, x_bias)
-    if x.dtype not in _KERNEL_DTYPES:
+    _check_kernel_arguments("pixel_attention", x, weight, bias, x_bias)
+    return _PixelAttention.apply(x.permute(0, 2, 3, 1), weight, bias, x_bias).permute(0, 3, 1, 2)
+
+
+def pixel_attention_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """PA (as ``pixel_attention``), then LayerNorm over the channels of each pixel: what a stem
+    or patch embed computes before its first block, ``norm(to_tokens(pa(x)))``.
+
+    Where no gradient is needed (grad mode off, or no argument requiring one), one pass: the PA
+    forward kernel normalises each pixel's row of channels, which it holds whole, before storing
+    it; PA's output (rounded to x's dtype, as it would be stored) never goes to memory. Where a
+    gradient is needed: ``pixel_attention``, then ``F.layer_norm`` in fp32 (the LayerNorm's
+    backward needs PA's output stored). The LayerNorm computes in fp32 and rounds once to
+    ``out_dtype`` (None: x's dtype; autocast gives a LayerNorm of a 16-bit map fp32).
+
+    x, weight, bias, x_bias: as ``pixel_attention``; norm_weight, norm_bias: [C], any floating
+    dtype. Returns [B, C, H, W] in channels_last memory format: ``out.permute(0, 2, 3, 1)`` is a
+    contiguous [B, H, W, C] (the normalised tokens without a copy).
+    """
+    check_pixel_attention_layer_norm_inputs(x, weight, bias, x_bias, norm_weight, norm_bias, eps, out_dtype)
+    if out_dtype not in (None, *_KERNEL_DTYPES):
         raise TypeError(
-            f"pixel_attention: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use the reference for fp64)"
+            f"pixel_attention_layer_norm: the Triton kernels write fp16/bf16/fp32, got out_dtype {out_dtype}"
         )
+    _check_kernel_arguments("pixel_attention_layer_norm", x, weight, bias, x_bias, norm_weight, norm_bias)
+    dtype = out_dtype or x.dtype
+    tensors = (x, weight, bias, x_bias, norm_weight, norm_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y = pixel_attention(x, weight, bias, x_bias).permute(0, 2, 3, 1)
+        f = torch.float32
+        out = F.layer_norm(y.to(f), (x.shape[1],), norm_weight.to(f), norm_bias.to(f), eps).to(dtype)
+        return out.permute(0, 3, 1, 2)
+    args = (x.permute(0, 2, 3, 1), weight, bias, x_bias, norm_weight, norm_bias, float(eps), dtype)
+    return torch.ops.restv2.pixel_attention_ln_fwd(*args).permute(0, 3, 1, 2)
+
+
+def _check_kernel_arguments(op: str, x: torch.Tensor, *tensors: torch.Tensor | None) -> None:
+    """What the kernels take beyond what the reference checks: dtype, width, device."""
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{op}: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use the reference for fp64)")
     C = x.shape[1]
     if not 1 <= C <= MAX_C:
-        raise ValueError(f"pixel_attention: the Triton kernels take 1 to {MAX_C} channels, got C={C}")
-    check_kernel_device(x, weight, bias, *([] if x_bias is None else [x_bias]))
-    return _PixelAttention.apply(x.permute(0, 2, 3, 1), weight, bias, x_bias).permute(0, 3, 1, 2)
+        raise ValueError(f"{op}: the Triton kernels take 1 to {MAX_C} channels, got C={C}")
+    check_kernel_device(x, *[t for t in tensors if t is not None])
