@@ -43,6 +43,14 @@ pads the biased map), and the dx kernel sums its [BLOCK_P, C] tile of dx per pro
 fp32 [programs, C] scratch, which torch sums into x_bias's gradient (the conv's backward would
 have read dx once more for it).
 
+PA + LayerNorm (``pixel_attention_layer_norm``, the forward kernel's ``NORM``): a stem or patch
+embed normalises PA's output over the channels of each pixel before its first block. Where no
+gradient is needed, the forward kernel, which holds each pixel's whole channel row, rounds PA's
+output to x's dtype (as it would be stored), normalises the row in fp32 and stores that instead:
+x read once, the normalised map written once (in ``out_dtype``: the model asks for fp32 under
+CUDA's autocast, whose LayerNorm writes fp32), and PA's output never goes to memory. Where a gradient is needed it is stored, as
+the LayerNorm's backward reads it: ``pixel_attention``, then the LayerNorm.
+
 Weights: the launchers re-lay the conv weight tap-major, [9, C] (one small copy per call),
 so a program's per-tap weight vectors are contiguous over channels.
 """
