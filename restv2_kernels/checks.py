@@ -28,3 +28,9 @@ def check_tensors(
             raise TypeError(f"{op}: {name} has dtype {t.dtype}, but {first_name} has {first.dtype}; all must match")
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device}, but {first_name} is on {first.device}; all must match")
+
+
+def check_eps(op: str, eps: object) -> None:
+    """A LayerNorm's eps: a non-negative int or float (not a bool)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")

@@ -4,7 +4,7 @@ the op and the argument named, and what it must let through."""
 import pytest
 import torch
 
-from restv2_kernels.checks import check_tensors
+from restv2_kernels.checks import check_eps, check_tensors
 
 X = torch.zeros(2, 3)
 W = torch.zeros(3)
@@ -34,3 +34,11 @@ def test_refuses_with_the_argument_named(named, optional, error, match):
 def test_device_is_checked_without_same_dtype():
     with pytest.raises(ValueError, match="bias is on meta"):
         check_tensors("op", (("x", X), ("bias", W.half().to("meta"))), same_dtype=False)
+
+
+def test_eps_is_a_non_negative_number():
+    for eps in (0, 1e-6, 1e-5):
+        check_eps("op", eps)
+    for eps in (-1e-6, float("nan"), True, "1e-6", None):
+        with pytest.raises(ValueError, match="op: eps must be a non-negative number"):
+            check_eps("op", eps)

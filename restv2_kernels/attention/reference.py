@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import FLOAT_DTYPES
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = "emsa_attention") -> None:
@@ -15,7 +15,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D (B, L, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

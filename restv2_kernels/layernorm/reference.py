@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_tensors
+from ..checks import check_eps, check_tensors
 
 
 def check_add_layer_norm_inputs(
@@ -25,8 +25,7 @@ def check_add_layer_norm_inputs(
             raise ValueError(
                 f"add_layer_norm: {name} must have shape ({C},) for x {tuple(x.shape)}, got {tuple(t.shape)}"
             )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"add_layer_norm: eps must be a non-negative number, got {eps!r}")
+    check_eps("add_layer_norm", eps)
 
 
 def add_layer_norm(

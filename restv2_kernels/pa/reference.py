@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_tensors
+from ..checks import FLOAT_DTYPES, check_eps, check_tensors
 
 
 def check_pixel_attention_inputs(
@@ -61,9 +61,8 @@ def check_pixel_attention_layer_norm_inputs(
     for name, t in named[1:]:
         if tuple(t.shape) != (C,):
             raise ValueError(f"pixel_attention_layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"pixel_attention_layer_norm: eps must be a non-negative number, got {eps!r}")
-    if out_dtype is not None and out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    check_eps("pixel_attention_layer_norm", eps)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"pixel_attention_layer_norm: out_dtype must be a floating dtype or None, got {out_dtype!r}")
 
 

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
+from ..checks import check_eps
 from .reference import check_upsample_inputs
 
 __all__ = ["upsample_add"]
@@ -524,7 +525,6 @@ def upsample_add(
     C = x.shape[3]
     if not 1 <= C <= MAX_C:
         raise ValueError(f"upsample_add: the Triton kernels take 1 to {MAX_C} channels, got C={C}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"upsample_add: eps must be a non-negative number, got {eps!r}")
+    check_eps("upsample_add", eps)
     check_kernel_device(x, v, weight, bias, norm_weight, norm_bias)
     return _UpsampleAdd.apply(x, v, weight, bias, norm_weight, norm_bias, sr, float(eps))
