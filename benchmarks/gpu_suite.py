@@ -810,7 +810,7 @@ def _env_summary(rec: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start
-    ("cuda", "cuda", 90.0, 30.0),
+    ("cuda", "cuda", 150.0, 30.0),  # about 60 s of it: Inductor compiling (test_model_kernels, test_cuda_graphs)
     ("not-cuda", "not cuda", 360.0, 30.0),
 )
 
