@@ -16,6 +16,7 @@ from einops import rearrange
 import restv2_kernels
 from restv2_kernels import reference
 from restv2_kernels.backend import check_backend, use_kernels
+from restv2_kernels.upsample.reference import crop
 
 MIN_INPUT_SIZE = 32
 
@@ -71,6 +72,12 @@ def is_plain_layer_norm(norm: nn.Module) -> bool:
     )
 
 
+def is_plain_instance_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is the InstanceNorm2d ``emsa_attention_mixed`` computes (with its eps): no
+    affine parameters, no running statistics, called plainly (``calls_plainly``)."""
+    return calls_plainly(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats
+
+
 def add_norm(
     ops: ModuleType, x: torch.Tensor, branch: torch.Tensor | None, norm: nn.Module, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +127,35 @@ def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.Module, x: torch.
     weight, bias = folded
     y = _conv(conv, x, weight, None)
     return restv2_kernels.bias_relu(y, bias.to(y.dtype))
+
+
+def add_upsample(
+    ops: ModuleType, up: nn.Module, up_norm: nn.Module, x: torch.Tensor, v: torch.Tensor, sr: int
+) -> torch.Tensor:
+    """EMSAv2's upsample branch added to the attention's output, ``x + up_norm(crop(up(v)))``:
+    x [B, H, W, C], v [B, Hr, Wr, C] (channels last) -> [B, H, W, C], contiguous. One op
+    (``ops.upsample_add``: the kernel or its eager reference) reading the parameters where ``up``
+    is the plain Sequential(Conv2d with a bias, PixelShuffle(sr)) and ``up_norm`` a plain
+    LayerNorm (``calls_plainly``, ``is_plain_layer_norm``); else the modules are called, as the
+    published code calls them, so that pruning's mask, a hook or a replacement takes effect."""
+    conv = up[0] if isinstance(up, nn.Sequential) and len(up) == 2 else None
+    plain = (
+        conv is not None
+        and calls_plainly(up, nn.Sequential)
+        and calls_plainly(conv, nn.Conv2d)
+        and conv.bias is not None
+        and conv.padding_mode == "zeros"
+        and calls_plainly(up[1], nn.PixelShuffle)
+        and up[1].upscale_factor == sr
+        and is_plain_layer_norm(up_norm)
+    )
+    if plain:
+        # under autocast the activations are half while the parameters stay fp32
+        params = cast_all(x.dtype, conv.weight, conv.bias, up_norm.weight, up_norm.bias)
+        return ops.upsample_add(x, v, *params, sr, up_norm.eps)
+    H, W = x.shape[1:3]
+    branch = crop(up(v.permute(0, 3, 1, 2)), H, W)
+    return (x + up_norm(branch.permute(0, 2, 3, 1))).contiguous()
 
 
 def check_image(x: torch.Tensor, in_chans: int) -> None:

@@ -18,6 +18,8 @@ from .layers import (
     PatchEmbedV1,
     add_norm,
     autocast_dtype,
+    calls_plainly,
+    is_plain_instance_norm,
     linear_and_input,
     ops_for,
     reduce_tokens,
@@ -31,7 +33,9 @@ class EMSA(nn.Module):
     On the kernel backend every stage runs fused: ``emsa_attention`` without the head transform,
     ``emsa_attention_mixed`` with it (conv, softmax and InstanceNorm in the kernels). Attention
     dropout in training drops entries of the score maps, so it keeps the eager path (the
-    transform through ``restv2_kernels.attention_mixed.reference.mixed_scores``).
+    transform through ``restv2_kernels.attention_mixed.reference.mixed_scores``). So does a
+    hooked or replaced ``transform_conv`` or ``transform_norm`` (pruning's mask, a feature hook,
+    an InstanceNorm with affine parameters or running statistics), which is called on both paths.
     """
 
     def __init__(
@@ -83,13 +87,21 @@ class EMSA(nn.Module):
         kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
         k, v = kv.unbind(2)  # views; the backward stacks dk and dv into one buffer (two selects: two zero-filled ones)
 
-        if self.training and self.attn_drop.p > 0:
+        # the head transform's modules, hooked or replaced (pruning's mask, a feature hook), are
+        # called as the published code calls them; plain, the fused ops read their parameters
+        plain = not self.apply_transform or (
+            calls_plainly(self.transform_conv, nn.Conv2d) and is_plain_instance_norm(self.transform_norm)
+        )
+        if (self.training and self.attn_drop.p > 0) or not plain:
             # attention dropout drops entries of the [B, h, N, M] score maps: the eager path
-            if self.apply_transform:
+            if not self.apply_transform:
+                attn = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale).softmax(dim=-1)
+            elif plain:
                 conv = self.transform_conv
                 attn = mixed_scores(q, k, conv.weight, conv.bias, self.scale, self.transform_norm.eps)
             else:
-                attn = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale).softmax(dim=-1)
+                scores = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale
+                attn = self.transform_norm(self.transform_conv(scores).softmax(dim=-1))
             out = (self.attn_drop(attn) @ v.transpose(1, 2)).transpose(1, 2)
         elif self.apply_transform:
             conv = self.transform_conv

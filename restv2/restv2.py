@@ -19,6 +19,7 @@ from .layers import (
     Mlp,
     PatchEmbed,
     add_norm,
+    add_upsample,
     autocast_dtype,
     linear_and_input,
     ops_for,
@@ -75,9 +76,7 @@ class EMSAv2(nn.Module):
         ops = restv2_kernels if kernels else reference
         out = ops.emsa_attention(q, k, v, self.scale)  # [B, N, h, d]
         v_map = v.view(B, Hr, Wr, C)  # channel = head * d + j, as the checkpoints expect
-        # Under autocast the activations are half while the parameters stay fp32.
-        params = [p.to(out.dtype) for p in (self.up[0].weight, self.up[0].bias, self.up_norm.weight, self.up_norm.bias)]
-        out = ops.upsample_add(out.view(B, H, W, C), v_map, *params, self.sr_ratio, self.up_norm.eps)
+        out = add_upsample(ops, self.up, self.up_norm, out.view(B, H, W, C), v_map, self.sr_ratio)
         return self.proj(out.view(B, N, C))
 
     def extra_repr(self) -> str:

@@ -690,3 +690,46 @@ def test_fused_stem_keeps_the_reference_dtype_under_autocast(dtype, device):
     assert out.dtype == eager.dtype == (torch.float32 if device == "cuda" else dtype)
     assert (H, W) == (H2, W2) == (16, 16)
     assert_close("stem tokens", out, ref64, eager, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "cls, extra",
+    [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],
+)
+def test_attention_calls_pruned_or_hooked_branch_modules(cls, extra, device):
+    """The attention's modules whose parameters the fused ops read, EMSAv2's upsample branch
+    (``up``'s conv, ``up_norm``) and ResTv1's head transform (``transform_conv``,
+    ``transform_norm``), are called on both paths where pruned or hooked: the logits are those of
+    a model with the masked weight baked in and the hook's scaling folded into a parameter
+    (``up_norm``'s affine, or ``proj``'s weight, which the attention output reaches linearly),
+    two training steps run (a pruned weight read but never recomputed would be backpropagated
+    through twice), and the hook runs once per forward."""
+    torch.manual_seed(0)
+    model = cls(**MINI_V2, **extra, backend="reference").eval()
+    baked = copy.deepcopy(model)
+    attn = model.stage2[0].attn
+    conv, norm = (attn.up[0], attn.up_norm) if cls is ResTV2 else (attn.transform_conv, attn.transform_norm)
+    torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.5)  # a pre-hook applies the mask
+    with torch.no_grad():
+        conv.weight_orig.add_(0.5 * torch.randn_like(conv.weight_orig))  # as an optimizer step
+    calls = []
+    norm.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+    battn = baked.stage2[0].attn
+    with torch.no_grad():
+        (battn.up[0] if cls is ResTV2 else battn.transform_conv).weight.copy_(conv.weight_orig * conv.weight_mask)
+        for p in (battn.up_norm.weight, battn.up_norm.bias) if cls is ResTV2 else (battn.proj.weight,):
+            p.mul_(0.5)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = baked.double()(x)
+        eager = baked.float().to(device)(x.float().to(device))
+    model.to(device)
+    for backend in ("reference", "triton"):
+        model.set_backend(backend)
+        for step in range(2):
+            calls.clear()
+            logits = model(x.float().to(device))
+            logits.square().mean().backward()
+            assert calls == [1], (backend, step)
+            assert_close(f"{backend} logits, step {step}", logits, ref, eager)
+        assert conv.weight_orig.grad is not None

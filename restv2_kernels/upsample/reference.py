@@ -78,13 +78,16 @@ def upsample_add(
     check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr)
     B, H, W, C = x.shape
     up = F.conv2d(v.permute(0, 3, 1, 2), weight, bias, padding=1, groups=C)
-    up = F.pixel_shuffle(up, sr)
+    up = crop(F.pixel_shuffle(up, sr), H, W)
+    up = F.layer_norm(up.permute(0, 2, 3, 1), (C,), norm_weight, norm_bias, eps)
+    return (x + up).contiguous()
+
+
+def crop(up: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The top-left H x W of an NCHW map (the upsampled map is (Hr*sr) x (Wr*sr), at least H x W)."""
     if exporting():
         # The crop as a gather: its size is H x W whatever Hr*sr is, so an exported graph keeps
         # sides that do not divide by 32 dynamic (a slice specialises on whether Hr*sr == H).
         rows, cols = (torch.arange(n, device=up.device) for n in (H, W))
-        up = up.index_select(2, rows).index_select(3, cols)
-    else:
-        up = up[:, :, :H, :W]
-    up = F.layer_norm(up.permute(0, 2, 3, 1), (C,), norm_weight, norm_bias, eps)
-    return (x + up).contiguous()
+        return up.index_select(2, rows).index_select(3, cols)
+    return up[:, :, :H, :W]
