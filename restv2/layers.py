@@ -223,6 +223,21 @@ class PA(nn.Module):
         return x * torch.sigmoid(self.pa_conv(x))
 
 
+def conv_bn_pa(conv: nn.Conv2d, bn: nn.BatchNorm2d, pa: PA, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """``pa(bn(conv(x)))``. On the kernel path (``kernels``), where the BatchNorm folds
+    (``_folded``) and PA is plain, the conv runs without the fold's bias and PA adds it to every
+    tap it loads (``restv2_kernels.pixel_attention``'s ``x_bias``): cuDNN convs take no bias, so
+    PyTorch would add it in a pass of its own over the conv's output."""
+    folded = _folded(conv, bn, kernels)
+    plain_pa = use_kernels(pa.backend, x) and calls_plainly(pa, PA) and calls_plainly(pa.pa_conv, nn.Conv2d)
+    if folded is None or not plain_pa:
+        return pa(conv_bn(conv, bn, x, kernels))
+    weight, bias = folded
+    y = _conv(conv, x, weight, None)
+    pa_weight, pa_bias, x_bias = cast_all(y.dtype, pa.pa_conv.weight, pa.pa_conv.bias, bias)
+    return restv2_kernels.pixel_attention(y, pa_weight, pa_bias, x_bias)
+
+
 def conv_pa_norm(conv: nn.Conv2d, pa: PA, norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """``norm(to_tokens(pa(conv(x))))`` and the map's height and width: how a stem or patch
     embed ends. On the kernel path, all plain (``calls_plainly``), the conv runs without its
@@ -358,7 +373,8 @@ class BasicStem(nn.Module):
 
 
 class PatchEmbedV1(nn.Module):
-    """ResTv1 downsampling between stages: 3x3/s2 conv, BatchNorm, then PA (no LN)."""
+    """ResTv1 downsampling between stages: 3x3/s2 conv, BatchNorm, then PA (no LN). On the kernel
+    path in eval mode the BatchNorm folds into the conv and PA adds its bias (``conv_bn_pa``)."""
 
     def __init__(self, in_dim: int, dim: int, backend: str = "auto"):
         super().__init__()
@@ -368,7 +384,7 @@ class PatchEmbedV1(nn.Module):
         self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.pos(conv_bn(self.conv, self.norm, x, fold=use_kernels(self.backend, x)))
+        x = conv_bn_pa(self.conv, self.norm, self.pos, x, kernels=use_kernels(self.backend, x))
         H, W = x.shape[-2:]
         return to_tokens(x), H, W
 

@@ -618,8 +618,8 @@ def test_parametrized_weights_keep_the_fused_ops(monkeypatch, device):
 def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
     """On the kernel path cuDNN-style convs run without their bias, and a fused op adds it: in
     eval mode each stem's folded BatchNorm bias with its ReLU (``bias_relu``, twice), and
-    ResTv2's PA the bias of the conv before it (``x_bias``: the stem's and every patch
-    embed's). In training the stems keep their true BatchNorm (no ``bias_relu``). Where no
+    PA the bias of the conv before it (``x_bias``: ResTv2's stem's and every patch embed's;
+    in eval, ResTv1's patch embeds' folded BatchNorm bias). In training the stems keep their true BatchNorm (no ``bias_relu``). Where no
     gradient is needed, ResTv2's PA also applies the LayerNorm after it
     (``pixel_attention_layer_norm``) instead of storing its output for ``norm``. The logits are
     the reference's."""
@@ -649,7 +649,9 @@ def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
         assert relu.calls == (0 if train else 2)
         fused = 4 if cls is ResTV2 and not grad else 0  # the stem and 3 patch embeds
         assert pa_norm.calls == fused
-        assert biases == ([] if fused else [True] * 4 if cls is ResTV2 else [False] * 4)
+        # ResTv1: no bias before the stem's PA; each patch embed's folded BatchNorm bias in eval
+        v1 = [False] * 4 if train else [False, True, True, True]
+        assert biases == ([] if fused else [True] * 4 if cls is ResTV2 else v1)
 
 
 def test_hooked_norm_is_called_after_pa(monkeypatch, device):
