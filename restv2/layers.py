@@ -228,9 +228,9 @@ def conv_bn_pa(conv: nn.Conv2d, bn: nn.BatchNorm2d, pa: PA, x: torch.Tensor, ker
     (``_folded``) and PA is plain, the conv runs without the fold's bias and PA adds it to every
     tap it loads (``restv2_kernels.pixel_attention``'s ``x_bias``): cuDNN convs take no bias, so
     PyTorch would add it in a pass of its own over the conv's output."""
-    folded = _folded(conv, bn, kernels)
     plain_pa = use_kernels(pa.backend, x) and calls_plainly(pa, PA) and calls_plainly(pa.pa_conv, nn.Conv2d)
-    if folded is None or not plain_pa:
+    folded = _folded(conv, bn, kernels) if plain_pa else None
+    if folded is None:
         return pa(conv_bn(conv, bn, x, kernels))
     weight, bias = folded
     y = _conv(conv, x, weight, None)

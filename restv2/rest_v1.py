@@ -94,14 +94,15 @@ class EMSA(nn.Module):
         )
         if (self.training and self.attn_drop.p > 0) or not plain:
             # attention dropout drops entries of the [B, h, N, M] score maps: the eager path
-            if not self.apply_transform:
-                attn = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            elif plain:
+            if self.apply_transform and plain:
                 conv = self.transform_conv
                 attn = mixed_scores(q, k, conv.weight, conv.bias, self.scale, self.transform_norm.eps)
             else:
-                scores = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale
-                attn = self.transform_norm(self.transform_conv(scores).softmax(dim=-1))
+                attn = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) * self.scale
+                if self.apply_transform:  # the modules, called
+                    attn = self.transform_norm(self.transform_conv(attn).softmax(dim=-1))
+                else:
+                    attn = attn.softmax(dim=-1)
             out = (self.attn_drop(attn) @ v.transpose(1, 2)).transpose(1, 2)
         elif self.apply_transform:
             conv = self.transform_conv

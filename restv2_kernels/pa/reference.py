@@ -85,7 +85,14 @@ def pixel_attention_layer_norm(
     its ``permute(0, 2, 3, 1)`` holds the normalised tokens.
     """
     check_pixel_attention_layer_norm_inputs(x, weight, bias, x_bias, norm_weight, norm_bias, eps, out_dtype)
-    y = pixel_attention(x, weight, bias, x_bias).permute(0, 2, 3, 1)
-    f = torch.promote_types(x.dtype, torch.float32)
-    out = F.layer_norm(y.to(f), (x.shape[1],), norm_weight.to(f), norm_bias.to(f), eps)
-    return out.to(out_dtype or x.dtype).permute(0, 3, 1, 2)
+    return layer_norm_pixels(pixel_attention(x, weight, bias, x_bias), norm_weight, norm_bias, eps, out_dtype)
+
+
+def layer_norm_pixels(
+    y: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """LayerNorm over the channels of each pixel of y [B, C, H, W], in fp32 (fp64 for fp64),
+    rounded once to ``out_dtype`` (None: y's dtype); [B, C, H, W], a permuted view of the tokens."""
+    f = torch.promote_types(y.dtype, torch.float32)
+    out = F.layer_norm(y.permute(0, 2, 3, 1).to(f), (y.shape[1],), norm_weight.to(f), norm_bias.to(f), eps)
+    return out.to(out_dtype or y.dtype).permute(0, 3, 1, 2)

@@ -58,13 +58,12 @@ so a program's per-tap weight vectors are contiguous over channels.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
-from .reference import check_pixel_attention_inputs, check_pixel_attention_layer_norm_inputs
+from .reference import check_pixel_attention_inputs, check_pixel_attention_layer_norm_inputs, layer_norm_pixels
 
 __all__ = ["pixel_attention", "pixel_attention_layer_norm"]
 
@@ -520,10 +519,7 @@ def pixel_attention_layer_norm(
     dtype = out_dtype or x.dtype
     tensors = (x, weight, bias, x_bias, norm_weight, norm_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y = pixel_attention(x, weight, bias, x_bias).permute(0, 2, 3, 1)
-        f = torch.float32
-        out = F.layer_norm(y.to(f), (x.shape[1],), norm_weight.to(f), norm_bias.to(f), eps).to(dtype)
-        return out.permute(0, 3, 1, 2)
+        return layer_norm_pixels(pixel_attention(x, weight, bias, x_bias), norm_weight, norm_bias, eps, dtype)
     args = (x.permute(0, 2, 3, 1), weight, bias, x_bias, norm_weight, norm_bias, float(eps), dtype)
     return torch.ops.restv2.pixel_attention_ln_fwd(*args).permute(0, 3, 1, 2)
 
