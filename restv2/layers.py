@@ -117,16 +117,44 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) ->
 
 
 def conv_bn_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
-    """``relu(bn(conv(x)))``. On the kernel path (``kernels``), where the BatchNorm folds
-    (``_folded``) and ``relu`` is a plain ReLU, the conv runs without the fold's bias and one
-    pass adds it and applies the ReLU (``restv2_kernels.bias_relu``): cuDNN convs take no bias,
-    so PyTorch would add it in a pass of its own, and the ReLU make another."""
-    folded = _folded(conv, bn, kernels)
-    if folded is None or not calls_plainly(relu, nn.ReLU):
+    """``relu(bn(conv(x)))``. On the kernel path (``kernels``), with ``relu`` a plain ReLU:
+    where the BatchNorm folds (``_folded``: eval mode), the conv runs without the fold's bias
+    and one pass adds it and applies the ReLU (``restv2_kernels.bias_relu``; cuDNN convs take no
+    bias, so PyTorch would add it in a pass of its own, and the ReLU make another); where it
+    normalises with the batch's statistics (training) and is a plain BatchNorm2d, it and the
+    ReLU are ``restv2_kernels.batch_norm_relu`` (``batch_norm_relu``)."""
+    if not (kernels and calls_plainly(relu, nn.ReLU)):
         return relu(conv_bn(conv, bn, x, kernels))
-    weight, bias = folded
-    y = _conv(conv, x, weight, None)
-    return restv2_kernels.bias_relu(y, bias.to(y.dtype))
+    folded = _folded(conv, bn, kernels)
+    if folded is not None:
+        weight, bias = folded
+        y = _conv(conv, x, weight, None)
+        return restv2_kernels.bias_relu(y, bias.to(y.dtype))
+    if calls_plainly(bn, nn.BatchNorm2d):
+        return batch_norm_relu(bn, conv(x))
+    return relu(bn(conv(x)))
+
+
+def batch_norm_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(bn(x))`` in ``restv2_kernels.batch_norm_relu``, with the arguments BatchNorm2d's
+    forward passes F.batch_norm (it counts the batch and picks the momentum as it does)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a cumulative average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    running = not bn.training or bn.track_running_stats
+    return restv2_kernels.batch_norm_relu(
+        x,
+        bn.running_mean if running else None,
+        bn.running_var if running else None,
+        bn.weight,
+        bn.bias,
+        batch_stats,
+        momentum,
+        bn.eps,
+    )
 
 
 def add_upsample(

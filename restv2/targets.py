@@ -73,6 +73,7 @@ KERNEL_MODULES = {
     "pixel_attention": "restv2_kernels.pa.triton",
     "pixel_attention_layer_norm": "restv2_kernels.pa.triton",
     "bias_relu": "restv2_kernels.bn_relu.triton",
+    "batch_norm_relu": "restv2_kernels.bn_relu.triton",
 }
 
 
@@ -104,9 +105,15 @@ class OpCall:
         """The call as autocast makes it in ``dtype`` where that differs from a plain cast: the
         residual add + LayerNorm on an fp32 stream with a 16-bit branch and a 16-bit output;
         ResTv1's mixed attention on 16-bit q, k, v with the conv's fp32 weight and bias; PA +
-        LayerNorm on a 16-bit map with the norm's fp32 weight and bias, writing fp32."""
+        LayerNorm on a 16-bit map with the norm's fp32 weight and bias, writing fp32; a stem's
+        BatchNorm + ReLU on a 16-bit map with fp32 parameters and running statistics."""
         if dtype == "fp32":
             return None
+        if self.op == "batch_norm_relu":
+            x, *vectors = self.args[:5]
+            f32 = [None if t is None else _meta_like(t, torch.float32) for t in vectors]
+            args = (_meta_like(x, DTYPES[dtype]), *f32, *self.args[5:])
+            return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
         if self.op == "pixel_attention_layer_norm":
             x, weight, bias, x_bias, nw, nb, eps, _ = self.args
             half = [None if t is None else _meta_like(t, DTYPES[dtype]) for t in (x, weight, bias, x_bias)]
@@ -154,7 +161,7 @@ def _empty_out(shape, dtype, device, channels_last: bool = False) -> torch.Tenso
 def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
     """The kernel-path calls of one fp32 forward per (height, width, batch) in ``inputs``, in
     order, in training mode with gradients and then in eval mode without (the stems fold their
-    BatchNorm only there, and call ``bias_relu``; PA and the LayerNorm after it fuse only without
+    BatchNorm only there, and call ``bias_relu``; in training ``batch_norm_relu``; PA and the LayerNorm after it fuse only without
     gradients), traced on meta tensors (``OpCall.to`` gives them in another dtype).
 
     The model runs with ``backend="triton"`` on meta tensors with the fused ops replaced by
@@ -186,6 +193,7 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
         "pixel_attention": lambda x, *_: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
         "pixel_attention_layer_norm": lambda x, *a: _empty_out(x.shape, a[-1] or x.dtype, x.device, channels_last=True),
         "bias_relu": lambda x, bias: torch.empty_like(x),
+        "batch_norm_relu": lambda x, *_: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
     }
     with torch.device("meta"):
         model = MODELS[model_name](backend="triton")
@@ -247,6 +255,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             _, pre = kernels._fwd(x, w1, b1, True)
         elif call.op == "bias_relu":  # its backward is aten: no launch
             kernels._fwd(*call.args)
+        elif call.op == "batch_norm_relu":  # the statistics (where the batch's), the pass
+            x, running_mean, running_var, weight, bias, training, *_ = call.args
+            mean, var = kernels._stats(x) if training else (running_mean.float(), running_var.float())
+            kernels._bn_relu(x, mean, var, weight, bias)
         elif call.op == "pixel_attention_layer_norm":  # no gradient: no backward
             x, weight, bias, x_bias, nw, nb, eps, out_dtype = call.args
             kernels._fwd(x.permute(0, 2, 3, 1), weight, bias, x_bias, (nw, nb, eps), out_dtype)
@@ -276,6 +288,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             )
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias, *x_bias)
+        elif call.op == "batch_norm_relu":  # dout as the next conv's backward writes it: channels-last
+            dout = torch.empty_like(x)
+            sums = kernels._bwd_sums(dout, x, mean, var, weight, bias)
+            kernels._bwd_dx(dout, x, mean, var, weight, bias, sums[0], sums[1], training)
         elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre), db1 and gelu(pre); the rest is cuBLAS
             dy = torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
             kernels._gelu_grad(dy, w2, pre, b1 is not None, True)

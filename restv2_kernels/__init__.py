@@ -7,6 +7,7 @@
   branch (depthwise 3x3 conv + pixel-shuffle + crop + LayerNorm + residual add).
 - ``add_layer_norm``, ``linear_gelu``, ``mlp``, ``pixel_attention``, ``bias_relu``: the residual
   add + LayerNorm, the MLP with its GELU, PA, and the stems' folded-BatchNorm bias + ReLU.
+- ``batch_norm_relu``: the stems' BatchNorm + ReLU in training (F.batch_norm's arguments).
 - ``pixel_attention_layer_norm``: PA and the LayerNorm after it (stems, patch embeds), in one
   pass where no gradient is needed.
 
@@ -29,6 +30,7 @@ __all__ = [
     "pixel_attention",
     "pixel_attention_layer_norm",
     "bias_relu",
+    "batch_norm_relu",
     "mlp",
     "reference",
     "backend",
@@ -44,6 +46,7 @@ _LAZY = {
     "pixel_attention": "restv2_kernels.pa.triton",
     "pixel_attention_layer_norm": "restv2_kernels.pa.triton",
     "bias_relu": "restv2_kernels.bn_relu.triton",
+    "batch_norm_relu": "restv2_kernels.bn_relu.triton",
 }
 
 

@@ -1048,3 +1048,112 @@ def bias_relu_plan(n: int, dtype: torch.dtype, target: Target) -> Launch:
 
 
 _FAMILIES.update({"bias_relu": _fields(ElementwiseTile)})
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm (batch statistics) + ReLU (restv2_kernels/bn_relu/triton.py)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelTile:
+    """A [block_p pixels, block_c channels] tile of a channels-last map, about ``per_thread``
+    fp32 values a thread at ``num_warps``; ``block_c`` is the channels rounded up to a power of
+    two, at most ``max_block_c`` (wider maps take more channel blocks: the grid's second axis).
+    ``block_p`` and ``block_c`` are exact when forced."""
+
+    per_thread: int
+    max_block_c: int
+    num_warps: int
+    num_stages: int = 1
+    block_p: int | None = None
+    block_c: int | None = None
+
+
+# The normalisation and the reductions (the statistics, the gradient sums): 8 values a thread
+# at 4 warps, an [8, 128] or [16, 64] tile; a channel row of 64 16-bit values is 128 contiguous
+# bytes. dx, which holds the most per element (x, dout, x_hat, the mask), 4 a thread at 8 warps:
+# at 8 a thread at 4 warps ptxas spilled 8 B at 48 registers in 16 bits on sm_80 and sm_89 (C =
+# 96, Triton 3.9). Starting points, untimed.
+_BN_FWD = {"default": ChannelTile(per_thread=8, max_block_c=128, num_warps=4)}
+_BN_BWD_DX = {"default": ChannelTile(per_thread=4, max_block_c=128, num_warps=8)}
+_BN_REDUCE = {"default": ChannelTile(per_thread=8, max_block_c=128, num_warps=4)}
+_BN_INTERPRETER_TILE = 8192  # elements per program in the interpreter: few, large programs
+BN_REDUCE_PROGRAMS = 2  # reduction programs per SM (all channel blocks together)
+_BN_INTERPRETER_PROGRAMS = 4
+
+
+def _bn_tile(family: str, table: dict, P: int, C: int, target: Target) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps, num_stages) of a kernel over P pixels of C channels."""
+    tile = _apply_forced(family, _table_row(table, target))
+    block_c = tile.block_c or min(next_power_of_2(max(C, 1)), tile.max_block_c)
+    size = _BN_INTERPRETER_TILE if target.interpreter else tile.per_thread * 32 * tile.num_warps
+    block_p = tile.block_p or max(1, min(size // block_c, next_power_of_2(max(P, 1))))
+    if P >= 2**31 or cdiv(P, block_p) * block_p >= 2**31:
+        raise ValueError(f"batch_norm_relu: {P} pixels (B * H * W) do not fit 32-bit pixel indices; split the batch")
+    return block_p, block_c, tile.num_warps, tile.num_stages
+
+
+@dataclass(frozen=True)
+class ChannelReducePlan:
+    """A reduction over the pixels: ``programs`` programs per channel block, each over
+    ``blocks_per_program`` consecutive pixel blocks, writing its own slot of fp32 partials."""
+
+    launch: Launch
+    programs: int
+    blocks_per_program: int
+
+
+def _bn_reduce_plan(family: str, P: int, C: int, target: Target) -> ChannelReducePlan:
+    block_p, block_c, num_warps, stages = _bn_tile(family, _BN_REDUCE, P, C, target)
+    n_blocks = cdiv(max(P, 1), block_p)
+    c_blocks = cdiv(max(C, 1), block_c)
+    if target.interpreter:
+        programs = _BN_INTERPRETER_PROGRAMS
+    else:
+        programs = max(1, BN_REDUCE_PROGRAMS * target.sm_count // c_blocks)
+    programs = max(1, min(n_blocks, _forced_fields(family).get("programs", programs)))
+    per_program = cdiv(n_blocks, programs)
+    programs = cdiv(n_blocks, per_program)  # no empty program
+    meta = (("BLOCK_P", block_p), ("BLOCK_C", block_c))
+    return ChannelReducePlan(Launch(family, (programs, c_blocks), meta, num_warps, stages), programs, per_program)
+
+
+def bn_stats_plan(P: int, C: int, dtype: torch.dtype, target: Target) -> ChannelReducePlan:
+    """``_bn_stats_kernel``: each program's count, mean and centred sum of squares per channel."""
+    return _bn_reduce_plan("bn_stats", P, C, target)
+
+
+def bn_relu_fwd_plan(P: int, C: int, dtype: torch.dtype, target: Target) -> Launch:
+    """``_bn_relu_fwd_kernel``: one program per [BLOCK_P, BLOCK_C] tile."""
+    block_p, block_c, num_warps, stages = _bn_tile("bn_relu_fwd", _BN_FWD, P, C, target)
+    meta = (("BLOCK_P", block_p), ("BLOCK_C", block_c))
+    return Launch("bn_relu_fwd", (cdiv(max(P, 1), block_p), cdiv(max(C, 1), block_c)), meta, num_warps, stages)
+
+
+@dataclass(frozen=True)
+class BatchNormReluBwdPlan:
+    """``sums``: the reduction of the ReLU-masked gradient and its product with x-hat; ``dx``:
+    one program per tile."""
+
+    sums: ChannelReducePlan
+    dx: Launch
+
+
+def bn_relu_bwd_plan(P: int, C: int, dtype: torch.dtype, target: Target) -> BatchNormReluBwdPlan:
+    block_p, block_c, num_warps, stages = _bn_tile("bn_relu_bwd_dx", _BN_BWD_DX, P, C, target)
+    meta = (("BLOCK_P", block_p), ("BLOCK_C", block_c))
+    grid = (cdiv(max(P, 1), block_p), cdiv(max(C, 1), block_c))
+    return BatchNormReluBwdPlan(
+        _bn_reduce_plan("bn_relu_bwd_sums", P, C, target), Launch("bn_relu_bwd_dx", grid, meta, num_warps, stages)
+    )
+
+
+_FAMILIES.update(
+    {
+        "bn_stats": _fields(ChannelTile) | {"programs"},
+        "bn_relu_fwd": _fields(ChannelTile),
+        "bn_relu_bwd_sums": _fields(ChannelTile) | {"programs"},
+        "bn_relu_bwd_dx": _fields(ChannelTile),
+    }
+)

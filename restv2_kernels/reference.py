@@ -2,7 +2,7 @@
 
 from .attention.reference import emsa_attention
 from .attention_mixed.reference import emsa_attention_mixed
-from .bn_relu.reference import bias_relu
+from .bn_relu.reference import batch_norm_relu, bias_relu
 from .ffn.reference import linear_gelu, mlp
 from .layernorm.reference import add_layer_norm
 from .pa.reference import pixel_attention, pixel_attention_layer_norm
@@ -17,5 +17,6 @@ __all__ = [
     "pixel_attention",
     "pixel_attention_layer_norm",
     "bias_relu",
+    "batch_norm_relu",
     "mlp",
 ]

@@ -1,4 +1,5 @@
-"""Parity, gradients, layouts and errors of the stems' fused bias + ReLU.
+"""Parity, gradients, layouts and errors of the stems' fused bias + ReLU (inference) and
+BatchNorm + ReLU (training).
 
 The kernel against a float64 reference on the same (dtype-rounded) inputs, judged by the
 error of eager PyTorch in the kernel's dtype (``helpers.assert_close``). Without a GPU these
@@ -13,7 +14,7 @@ from helpers import assert_close, nan_buffers_for
 
 from restv2_kernels import plans, reference
 from restv2_kernels.bn_relu import triton as kernels
-from restv2_kernels.bn_relu.triton import bias_relu
+from restv2_kernels.bn_relu.triton import batch_norm_relu, bias_relu
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CL = torch.channels_last
@@ -134,3 +135,209 @@ def test_parity_compiled_16bit(dtype, device):
     x = torch.randn(4, 48, 56, 57, device=device, dtype=dtype).contiguous(memory_format=CL)
     bias = torch.randn(48, device=device, dtype=dtype)
     torch.testing.assert_close(bias_relu(x, bias), torch.relu(x + bias.view(1, -1, 1, 1)), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- BatchNorm + ReLU
+
+
+def _run_bn(fn, x, params, dout, dtype, device, layout, mode, param_dtype=None):
+    """(out, dx, dweight, dbias, running_mean, running_var) of ``fn`` in ``mode``: "train"
+    (batch statistics, running ones updated), "eval" (running statistics) or "untracked"
+    (batch statistics, no running ones); parameters and statistics in ``param_dtype`` (as
+    autocast leaves them: fp32) or x's dtype."""
+    param_dtype = param_dtype or dtype
+    x = _layout(x.to(device=device, dtype=dtype, copy=True), layout).detach().requires_grad_()
+    weight, bias, running_mean, running_var = (p.to(device=device, dtype=param_dtype, copy=True) for p in params)
+    weight.requires_grad_(), bias.requires_grad_()
+    if mode == "untracked":
+        running_mean = running_var = None
+    out = fn(x, running_mean, running_var, weight, bias, mode != "eval", 0.1, 1e-5)
+    out.backward(dout.to(device=device, dtype=dtype))
+    return out, x.grad, weight.grad, bias.grad, running_mean, running_var
+
+
+def _bn_inputs(shape, seed=0, loc=0.5, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = torch.randn(shape, generator=g) * spread + loc
+    dout = torch.randn(shape, generator=g)
+    params = (
+        torch.randn(C, generator=g),  # weight: some negative, so the ReLU masks either side
+        torch.randn(C, generator=g),
+        torch.randn(C, generator=g),  # running_mean
+        torch.rand(C, generator=g) + 0.5,  # running_var
+    )
+    return x, params, dout
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,layout,mode",
+    [
+        pytest.param((2, 24, 7, 9), FP32, "channels_last", "train", id="C24-7x9-cl-fp32-train"),
+        pytest.param((3, 5, 4, 6), FP32, "nchw", "train", id="C5-4x6-nchw-fp32-train"),
+        pytest.param((2, 7, 3, 5), FP32, "strided", "train", id="C7-3x5-strided-fp32-train"),
+        pytest.param((2, 48, 5, 3), FP16, "channels_last", "train", id="C48-5x3-cl-fp16-train"),
+        pytest.param((1, 200, 3, 2), FP32, "channels_last", "eval", id="C200-3x2-cl-fp32-eval"),
+        pytest.param((2, 16, 4, 5), FP16, "nchw", "eval", id="C16-4x5-nchw-fp16-eval"),
+        pytest.param((2, 6, 5, 5), FP32, "channels_last", "untracked", id="C6-5x5-cl-fp32-untracked"),
+    ],
+)
+def test_batch_norm_relu_parity(shape, dtype, layout, mode, device, nan_buffers):
+    """Output, the three gradients and the updated running statistics against float64 on the
+    same rounded inputs; the 16-bit cases keep fp32 parameters and statistics, as autocast."""
+    x, params, dout = _bn_inputs(shape)
+    param_dtype = FP32 if dtype == FP16 else dtype
+    x = x.to(dtype).double()
+    params = tuple(p.to(param_dtype).double() for p in params)
+    got = _run_bn(batch_norm_relu, x, params, dout, dtype, device, layout, mode, param_dtype)
+    ref = _run_bn(reference.batch_norm_relu, x, params, dout, torch.float64, "cpu", layout, mode)
+    eager = _run_bn(reference.batch_norm_relu, x, params, dout, dtype, device, layout, mode, param_dtype)
+    out = got[0]
+    assert out.dtype == dtype and out.shape == shape and out.is_contiguous(memory_format=CL)
+    names = ("out", "dx", "dweight", "dbias", "running_mean", "running_var")
+    for name, a, r, e in zip(names, got, ref, eager):
+        if r is None:
+            assert a is None, name
+            continue
+        assert_close(name, a, r, e)
+    # out and dx, and the fp32 partial sums of the statistics (train) and of the gradient sums
+    written = [s for s, _ in nan_buffers]
+    assert written.count((shape[0], shape[2], shape[3], shape[1])) == 2, written
+
+
+def test_batch_norm_relu_many_programs(device, nan_buffers):
+    """Tiles of 4 pixels x 16 channels, 3 reduction programs: 3 channel blocks (the last one
+    partial) and program boundaries inside the pixel range; the statistics combine 3 slots."""
+    shape = (3, 40, 5, 7)
+    x, params, dout = _bn_inputs(shape, seed=1)
+    x = x.double()
+    tiles = dict(block_p=4, block_c=16)
+    with plans.forced(
+        bn_stats=dict(programs=3, **tiles),
+        bn_relu_fwd=tiles,
+        bn_relu_bwd_sums=dict(programs=3, **tiles),
+        bn_relu_bwd_dx=tiles,
+    ):
+        got = _run_bn(batch_norm_relu, x, params, dout, FP32, device, "channels_last", "train")
+    ref = _run_bn(reference.batch_norm_relu, x, params, dout, torch.float64, "cpu", "channels_last", "train")
+    eager = _run_bn(reference.batch_norm_relu, x, params, dout, FP32, device, "channels_last", "train")
+    for name, a, r, e in zip(("out", "dx", "dweight", "dbias", "running_mean", "running_var"), got, ref, eager):
+        assert_close(name, a, r, e)
+    assert ((3, 3, 40), FP32) in nan_buffers and ((3, 2, 40), FP32) in nan_buffers
+
+
+def test_batch_norm_relu_statistics_with_a_large_mean(device):
+    """x = 1000 + N(0, 1e-3 ** 2) in fp32: the variance from a sum and a sum of squares would
+    lose every digit to cancellation (fp32 keeps about 7); the per-block centred sums keep it
+    as close to float64 as eager's BatchNorm."""
+    shape = (4, 8, 9, 11)
+    x, params, dout = _bn_inputs(shape, seed=2, loc=1000.0, spread=1e-3)
+    x = x.double()
+    got = _run_bn(batch_norm_relu, x, params, dout, FP32, device, "channels_last", "train")
+    ref = _run_bn(reference.batch_norm_relu, x, params, dout, torch.float64, "cpu", "channels_last", "train")
+    eager = _run_bn(reference.batch_norm_relu, x, params, dout, FP32, device, "channels_last", "train")
+    for name, a, r, e in zip(("out", "running_var"), got[::5], ref[::5], eager[::5]):
+        assert_close(name, a, r, e)
+
+
+def test_batch_norm_relu_empty_batch(device):
+    """As F.batch_norm: an empty output, zero gradients, the running statistics unchanged."""
+    x = torch.randn(0, 4, 3, 3, device=device, requires_grad=True)
+    weight = torch.randn(4, device=device, requires_grad=True)
+    mean, var = torch.randn(4, device=device), torch.rand(4, device=device)
+    before = mean.clone(), var.clone()
+    out = batch_norm_relu(x, mean, var, weight, None, True)
+    out.sum().backward()
+    assert out.shape == (0, 4, 3, 3) and x.grad.shape == (0, 4, 3, 3)
+    assert weight.grad.eq(0).all() and mean.equal(before[0]) and var.equal(before[1])
+
+
+def test_batch_norm_relu_one_value_per_channel(device):
+    """Training on one value a channel is refused with F.batch_norm's message; eval runs."""
+    x = torch.randn(1, 4, 1, 1, device=device)
+    mean, var = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_relu(x, mean, var, training=True)
+    torch.testing.assert_close(batch_norm_relu(x, mean, var), torch.relu(x / (1 + 1e-5) ** 0.5))
+
+
+def test_batch_norm_relu_custom_ops_opcheck(device):
+    x = torch.randn(2, 8, 3, 5, device=device).contiguous(memory_format=CL)
+    dout = torch.randn_like(x)
+    vectors = [torch.randn(8, device=device) for _ in range(4)]
+    mean, rstd, weight, bias = vectors[0], vectors[1].abs() + 0.5, vectors[2], vectors[3]
+    torch.library.opcheck(torch.ops.restv2.bn_stats.default, (x,))
+    torch.library.opcheck(torch.ops.restv2.bn_relu_fwd.default, (x, mean, rstd, weight, bias))
+    torch.library.opcheck(torch.ops.restv2.bn_relu_bwd_sums.default, (dout, x, mean, rstd, weight, bias))
+    sums = torch.randn(2, 8, device=device)
+    args = (dout, x, mean, rstd, weight, bias, sums[0], sums[1], True)
+    torch.library.opcheck(torch.ops.restv2.bn_relu_bwd_dx.default, args)
+
+
+def test_batch_norm_relu_launchers_record_on_meta():
+    """restv2_tiny's first stem map at b256 (48 channels, 112x112) on sm_90: the statistics and
+    the gradient sums on 2 programs per SM, the passes one program per [64, 64] tile."""
+    x = torch.empty(256, 48, 112, 112, device="meta", dtype=BF16).contiguous(memory_format=CL)
+    vec = torch.empty(48, device="meta")
+    target = plans.TARGETS["sm_90"]
+    P = 256 * 112 * 112
+    with plans.using_target("sm_90"), plans.recording() as seen:
+        kernels._stats(x)
+        kernels._bn_relu(x, vec, vec, vec, vec)
+        kernels._bwd_sums(x, x, vec, vec, vec, vec)
+        kernels._bwd_dx(x, x, vec, vec, vec, vec, vec, vec, True)
+    bwd = plans.bn_relu_bwd_plan(P, 48, BF16, target)
+    expected = [plans.bn_stats_plan(P, 48, BF16, target).launch, plans.bn_relu_fwd_plan(P, 48, BF16, target)]
+    assert [r.plan for r in seen] == expected + [bwd.sums.launch, bwd.dx]
+    assert seen[0].plan.grid == (264, 1) and seen[1].plan.grid == (P // 16, 1)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        pytest.param(dict(x=lambda x: x[0]), ValueError, "4-D", id="x-3d"),
+        pytest.param(dict(weight=lambda w: w[:3]), ValueError, "weight must have shape", id="weight-shape"),
+        pytest.param(dict(running_var=lambda v: None), ValueError, "both be tensors or both be None", id="one-stat"),
+        pytest.param(
+            dict(running_mean=lambda v: None, running_var=lambda v: None, training=lambda t: False),
+            ValueError,
+            "running statistics are required",
+            id="eval-without-stats",
+        ),
+        pytest.param(dict(eps=lambda e: -1.0), ValueError, "eps must be a non-negative", id="eps"),
+        pytest.param(dict(momentum=lambda m: True), ValueError, "momentum must be", id="momentum-bool"),
+        pytest.param(dict(training=lambda t: 1), TypeError, "training must be a bool", id="training-int"),
+        pytest.param(dict(x=lambda x: x.double()), TypeError, "fp16/bf16/fp32", id="fp64"),
+        pytest.param(dict(bias=lambda b: b.tolist()), TypeError, "bias must be a torch.Tensor", id="not-tensor"),
+        pytest.param(dict(weight=lambda w: w.int()), TypeError, "weight has dtype", id="int-weight"),
+    ],
+)
+def test_batch_norm_relu_errors(change, error, match, device):
+    args = dict(
+        x=torch.randn(2, 4, 3, 3, device=device),
+        running_mean=torch.zeros(4, device=device),
+        running_var=torch.ones(4, device=device),
+        weight=torch.randn(4, device=device),
+        bias=torch.randn(4, device=device),
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+    )
+    args = {k: change.get(k, lambda t: t)(t) for k, t in args.items()}
+    with pytest.raises(error, match=match):
+        batch_norm_relu(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_batch_norm_relu_compiled_16bit(dtype, device):
+    """Compiled, in bf16 (which the interpreter cannot run) and fp16, on a stem's map with fp32
+    parameters, as autocast runs it: as close to float64 as cuDNN's BatchNorm and the ReLU."""
+    shape = (4, 48, 56, 57)
+    x, params, dout = _bn_inputs(shape, seed=3)
+    x = x.to(dtype).double()
+    got = _run_bn(batch_norm_relu, x, params, dout, dtype, device, "channels_last", "train", FP32)
+    ref = _run_bn(reference.batch_norm_relu, x, params, dout, torch.float64, "cpu", "channels_last", "train")
+    eager = _run_bn(reference.batch_norm_relu, x, params, dout, dtype, device, "channels_last", "train", FP32)
+    for name, a, r, e in zip(("out", "dx", "dweight", "dbias", "running_mean", "running_var"), got, ref, eager):
+        assert_close(name, a, r, e, dtype=dtype)

@@ -619,10 +619,11 @@ def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
     """On the kernel path cuDNN-style convs run without their bias, and a fused op adds it: in
     eval mode each stem's folded BatchNorm bias with its ReLU (``bias_relu``, twice), and
     PA the bias of the conv before it (``x_bias``: ResTv2's stem's and every patch embed's;
-    in eval, ResTv1's patch embeds' folded BatchNorm bias). In training the stems keep their true BatchNorm (no ``bias_relu``). Where no
-    gradient is needed, ResTv2's PA also applies the LayerNorm after it
-    (``pixel_attention_layer_norm``) instead of storing its output for ``norm``. The logits are
-    the reference's."""
+    in eval, ResTv1's patch embeds' folded BatchNorm bias). In training the stems' BatchNorms
+    normalise with the batch's statistics, each with its ReLU (``batch_norm_relu``, twice),
+    and update the running statistics as the reference's do. Where no gradient is needed,
+    ResTv2's PA also applies the LayerNorm after it (``pixel_attention_layer_norm``) instead of
+    storing its output for ``norm``. The logits are the reference's."""
     torch.manual_seed(0)
     model = cls(**MINI_V2, backend="reference")
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -634,19 +635,26 @@ def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
         return pixel_attention(x, weight, bias, x_bias)
 
     relu = CountCalls(restv2_kernels.bias_relu)
+    bn_relu = CountCalls(restv2_kernels.batch_norm_relu)
     pa_norm = CountCalls(restv2_kernels.pixel_attention_layer_norm)
     monkeypatch.setattr(restv2_kernels, "bias_relu", relu)
+    monkeypatch.setattr(restv2_kernels, "batch_norm_relu", bn_relu)
     monkeypatch.setattr(restv2_kernels, "pixel_attention", spy_pa)
     monkeypatch.setattr(restv2_kernels, "pixel_attention_layer_norm", pa_norm)
     for train, grad in ((False, True), (True, True), (False, False)):
         model.train(train)
         with torch.set_grad_enabled(grad):
-            ref = copy.deepcopy(model).double()(x)
-            eager = model.to(device)(x.float().to(device))
-            relu.calls, pa_norm.calls, biases[:] = 0, 0, []
-            kern = copy.deepcopy(model).set_backend("triton")(x.float().to(device))
+            ref_model, kernel_model = copy.deepcopy(model).double(), copy.deepcopy(model).set_backend("triton")
+            ref = ref_model(x)
+            eager_model = copy.deepcopy(model).to(device)
+            eager = eager_model(x.float().to(device))
+            relu.calls, bn_relu.calls, pa_norm.calls, biases[:] = 0, 0, 0, []
+            kern = kernel_model.to(device)(x.float().to(device))
         assert_close(f"logits (train={train}, grad={grad})", kern, ref, eager)
-        assert relu.calls == (0 if train else 2)
+        assert (relu.calls, bn_relu.calls) == ((0, 2) if train else (2, 0))
+        # the running statistics (updated in training) and the batch counts
+        for (name, r), k, e in zip(ref_model.named_buffers(), kernel_model.buffers(), eager_model.buffers()):
+            assert_close(f"{name} (train={train})", k.double(), r.double(), e.double(), dtype=torch.float32)
         fused = 4 if cls is ResTV2 and not grad else 0  # the stem and 3 patch embeds
         assert pa_norm.calls == fused
         # ResTv1: no bias before the stem's PA; each patch embed's folded BatchNorm bias in eval

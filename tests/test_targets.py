@@ -49,6 +49,10 @@ KERNELS = (
     "pixel_attention_bwd_g",
     "pixel_attention_bwd_dx",
     "bias_relu",
+    "bn_stats",
+    "bn_relu_fwd",
+    "bn_relu_bwd_sums",
+    "bn_relu_bwd_dx",
 )
 DOT_KERNELS = (
     "attn_fwd",
