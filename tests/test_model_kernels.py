@@ -662,6 +662,49 @@ def test_stems_add_conv_biases_in_the_fused_ops(cls, monkeypatch, device):
         assert biases == ([] if fused else [True] * 4 if cls is ResTV2 else v1)
 
 
+@pytest.mark.parametrize(
+    "options, training",
+    [
+        pytest.param({}, True, id="train"),
+        pytest.param(dict(momentum=None), True, id="cumulative-average"),
+        pytest.param(dict(track_running_stats=False), True, id="untracked-train"),
+        pytest.param(dict(track_running_stats=False), False, id="untracked-eval"),
+        pytest.param(dict(affine=False), True, id="no-affine"),
+        pytest.param({}, False, id="eval"),
+    ],
+)
+def test_batch_norm_relu_follows_batch_norm2d(options, training, device):
+    """``layers.batch_norm_relu(bn, x)`` passes the kernels what BatchNorm2d's forward passes
+    F.batch_norm: over three steps the outputs, the running statistics and the batch count
+    are those of ``relu(bn(x))``, whatever the momentum (None: a cumulative average) and
+    whether the statistics are tracked."""
+    from restv2.layers import batch_norm_relu
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6, **options).train(training).to(device)
+    if bn.running_mean is not None:
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    fused = copy.deepcopy(bn)
+    for step in range(3):
+        x = torch.randn(2, 6, 5, 7, device=device).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(batch_norm_relu(fused, x), torch.relu(bn(x)), msg=f"step {step}")
+        for (name, a), b in zip(fused.named_buffers(), bn.buffers()):
+            torch.testing.assert_close(a, b, msg=f"{name} after step {step}")
+
+
+def test_hooked_stem_norm_keeps_the_module(monkeypatch, device):
+    """In training a stem BatchNorm with a forward hook is called (the hook runs each step); the
+    other, plain one runs on ``batch_norm_relu``."""
+    torch.manual_seed(0)
+    model = ResTV2(**MINI_V2, backend="triton").train().to(device)
+    calls = []
+    model.stem.proj[4].register_forward_hook(lambda module, args, out: calls.append(1))
+    fused = CountCalls(restv2_kernels.batch_norm_relu)
+    monkeypatch.setattr(restv2_kernels, "batch_norm_relu", fused)
+    model(torch.randn(2, 3, 64, 64, device=device)).sum().backward()
+    assert calls == [1] and fused.calls == 1
+
+
 def test_hooked_norm_is_called_after_pa(monkeypatch, device):
     """Where no gradient is needed, a patch embed whose LayerNorm has a forward hook runs PA,
     then calls its norm (the hook runs, as on the reference path); the others fuse the two."""
