@@ -161,8 +161,9 @@ def _empty_out(shape, dtype, device, channels_last: bool = False) -> torch.Tenso
 def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list[OpCall]:
     """The kernel-path calls of one fp32 forward per (height, width, batch) in ``inputs``, in
     order, in training mode with gradients and then in eval mode without (the stems fold their
-    BatchNorm only there, and call ``bias_relu``; in training ``batch_norm_relu``; PA and the LayerNorm after it fuse only without
-    gradients), traced on meta tensors (``OpCall.to`` gives them in another dtype).
+    BatchNorm only there, and call ``bias_relu``, in training ``batch_norm_relu``; PA and the
+    LayerNorm after it fuse only without gradients), traced on meta tensors (``OpCall.to``
+    gives them in another dtype).
 
     The model runs with ``backend="triton"`` on meta tensors with the fused ops replaced by
     stand-ins that record their arguments (the very views the kernel path passes) and return
@@ -255,10 +256,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             _, pre = kernels._fwd(x, w1, b1, True)
         elif call.op == "bias_relu":  # its backward is aten: no launch
             kernels._fwd(*call.args)
-        elif call.op == "batch_norm_relu":  # the statistics (where the batch's), the pass
-            x, running_mean, running_var, weight, bias, training, *_ = call.args
-            mean, var = kernels._stats(x) if training else (running_mean.float(), running_var.float())
-            kernels._bn_relu(x, mean, var, weight, bias)
+        elif call.op == "batch_norm_relu":  # the batch's statistics (in training), then the pass
+            x, running_mean, running_var, weight, bias, batch_stats, *_ = call.args
+            mean, rstd = kernels._stats(x) if batch_stats else (running_mean.float(), running_var.float())
+            kernels._bn_relu(x, mean, rstd, weight, bias)  # (meta: the values do not matter)
         elif call.op == "pixel_attention_layer_norm":  # no gradient: no backward
             x, weight, bias, x_bias, nw, nb, eps, out_dtype = call.args
             kernels._fwd(x.permute(0, 2, 3, 1), weight, bias, x_bias, (nw, nb, eps), out_dtype)
@@ -290,8 +291,8 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias, *x_bias)
         elif call.op == "batch_norm_relu":  # dout as the next conv's backward writes it: channels-last
             dout = torch.empty_like(x)
-            sums = kernels._bwd_sums(dout, x, mean, var, weight, bias)
-            kernels._bwd_dx(dout, x, mean, var, weight, bias, sums[0], sums[1], training)
+            sums = kernels._bwd_sums(dout, x, mean, rstd, weight, bias)
+            kernels._bwd_dx(dout, x, mean, rstd, weight, bias, sums[0], sums[1], batch_stats)
         elif call.op == "mlp":  # d_pre = (dy @ fc2.weight) * gelu'(pre), db1 and gelu(pre); the rest is cuBLAS
             dy = torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
             kernels._gelu_grad(dy, w2, pre, b1 is not None, True)

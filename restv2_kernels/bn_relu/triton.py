@@ -512,6 +512,6 @@ def batch_norm_relu(
     elif training:  # an empty batch: nothing to normalise, the running statistics unchanged
         mean = var = torch.zeros(C, dtype=torch.float32, device=x.device)
     else:
-        mean, var = running_mean.detach().float(), running_var.detach().float()
+        mean, var = running_mean.detach().float().contiguous(), running_var.detach().float()
     rstd = torch.rsqrt(var + eps)
-    return _BatchNormReLU.apply(x, weight, bias, mean, rstd, training)
+    return _BatchNormReLU.apply(x, weight.contiguous(), bias.contiguous(), mean, rstd, training)
