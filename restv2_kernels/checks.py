@@ -30,7 +30,12 @@ def check_tensors(
             raise ValueError(f"{op}: {name} is on {t.device}, but {first_name} is on {first.device}; all must match")
 
 
+def check_non_negative(op: str, name: str, value: object) -> None:
+    """A scalar argument (an eps, a momentum): a non-negative int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{op}: {name} must be a non-negative number, got {value!r}")
+
+
 def check_eps(op: str, eps: object) -> None:
     """A LayerNorm's eps: a non-negative int or float (not a bool)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+    check_non_negative(op, "eps", eps)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_tensors
+from ..checks import check_non_negative, check_tensors
 
 
 def check_bias_relu_inputs(x: torch.Tensor, bias: torch.Tensor) -> None:
@@ -56,9 +56,8 @@ def check_batch_norm_relu_inputs(
         raise ValueError(
             f"{op}: outside training the running statistics are required (training=False, running_mean None)"
         )
-    for name, value in (("momentum", momentum), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{op}: {name} must be a non-negative number, got {value!r}")
+    check_non_negative(op, "momentum", momentum)
+    check_non_negative(op, "eps", eps)
     if training and x.numel() and x.numel() // x.shape[1] == 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 

@@ -446,6 +446,7 @@ class _BatchNormReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        dout = _channels_last(dout)  # once for both passes (a conv's channels-last gradient: itself)
         sum_g, sum_gx = torch.ops.restv2.bn_relu_bwd_sums(dout, x, mean, rstd, weight, bias)  # [2, C]
         dx = None
         if ctx.needs_input_grad[0]:
