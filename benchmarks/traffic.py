@@ -168,6 +168,7 @@ def conv_bias_passes(func, args: tuple, out) -> list[tuple[str, int, int]]:
 CUSTOM_FLOPS: dict[str, Callable[..., int]] = {
     "restv2::emsa_attention_fwd": _attention_flops,
     "restv2::emsa_attention_bwd": _attention_bwd_flops,
+    "restv2::emsa_attention_kv_bwd": lambda do, q, kv, *_, **__: _attention_bwd_flops(do, q, kv[:, :, 0]),
     "restv2::emsa_attention_mixed_fwd": _mixed_flops,
     "restv2::emsa_attention_mixed_bwd": _mixed_bwd_flops,
     "restv2::linear_gelu_fwd": _linear_flops,

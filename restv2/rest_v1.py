@@ -107,8 +107,8 @@ class EMSA(nn.Module):
         elif self.apply_transform:
             conv = self.transform_conv
             out = ops.emsa_attention_mixed(q, k, v, conv.weight, conv.bias, self.scale, self.transform_norm.eps)
-        else:
-            out = ops.emsa_attention(q, k, v, self.scale)
+        else:  # kv packed: the kernels' backward writes its gradient as one buffer (no stack)
+            out = ops.emsa_attention_kv(q, kv, self.scale)[0]
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
     def extra_repr(self) -> str:

@@ -70,11 +70,11 @@ class EMSAv2(nn.Module):
             Hr, Wr = H, W
         kv = self.kv(x).view(B, Hr * Wr, 2, h, d)
 
-        # views; the backward adds v's two gradients and stacks dk and dv into one buffer (with
-        # a select per use it would zero-fill one kv-sized gradient per use and add them)
-        k, v = kv.unbind(2)
+        # k and v are views of kv; v comes back for the upsample branch. The kernels' backward
+        # writes kv's gradient as one buffer with v's two gradients added inside it; the
+        # reference unbinds (its backward adds them and stacks dk and dv in two more passes)
         ops = restv2_kernels if kernels else reference
-        out = ops.emsa_attention(q, k, v, self.scale)  # [B, N, h, d]
+        out, v = ops.emsa_attention_kv(q, kv, self.scale)  # [B, N, h, d], [B, Hr*Wr, h, d]
         v_map = v.view(B, Hr, Wr, C)  # channel = head * d + j, as the checkpoints expect
         out = add_upsample(ops, self.up, self.up_norm, out.view(B, H, W, C), v_map, self.sr_ratio)
         return self.proj(out.view(B, N, C))

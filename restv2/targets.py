@@ -65,6 +65,7 @@ INPUTS = ((224, 224, 1), (224, 224, 256), (384, 384, 1), (384, 384, 256), (800, 
 # The fused ops the models call, by name: the module of their launchers.
 KERNEL_MODULES = {
     "emsa_attention": "restv2_kernels.attention.triton",
+    "emsa_attention_kv": "restv2_kernels.attention.triton",
     "emsa_attention_mixed": "restv2_kernels.attention_mixed.triton",
     "upsample_add": "restv2_kernels.upsample.triton",
     "add_layer_norm": "restv2_kernels.layernorm.triton",
@@ -186,6 +187,7 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
 
     outputs = {
         "emsa_attention": lambda q, k, v, scale=None: _empty_out(q.shape, q.dtype, q.device),
+        "emsa_attention_kv": lambda q, kv, scale=None: (_empty_out(q.shape, q.dtype, q.device), kv[:, :, 1]),
         "emsa_attention_mixed": lambda q, *_: _empty_out(q.shape, q.dtype, q.device),
         "upsample_add": lambda x, *_: _empty_out(x.shape, x.dtype, x.device),
         "add_layer_norm": add_layer_norm_out,
@@ -234,8 +236,9 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
     """The forward launches (inference and training variants) and backward launches of one call."""
     kernels = importlib.import_module(KERNEL_MODULES[call.op])
     with plans.recording() as fwd:
-        if call.op == "emsa_attention":
-            q, k, v, scale = call.args
+        if call.op in ("emsa_attention", "emsa_attention_kv"):
+            q, *kv, scale = call.args
+            k, v = kv if len(kv) == 2 else kv[0].unbind(2)
             scale = q.shape[-1] ** -0.5 if scale is None else scale
             o, lse = kernels.attention_fwd(q, k, v, scale)
         elif call.op == "emsa_attention_mixed":
@@ -269,6 +272,9 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
     with plans.recording() as bwd:
         if call.op == "emsa_attention":
             kernels.attention_bwd(_grad_of(o), q, k, v, o, lse, scale)
+        elif call.op == "emsa_attention_kv":  # v used elsewhere (EMSAv2's upsample branch) or not (ResTv1)
+            kernels.attention_kv_bwd(_grad_of(o), q, kv[0], o, lse, scale, _grad_of(v))
+            kernels.attention_kv_bwd(_grad_of(o), q, kv[0], o, lse, scale, None)
         elif call.op == "emsa_attention_mixed":
             kernels.attention_mixed_bwd(_grad_of(o), q, k, v, weight, rows, norm, scale)
         elif call.op == "upsample_add":

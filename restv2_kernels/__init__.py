@@ -1,6 +1,8 @@
 """Fused Triton kernels for EMSAv2's hot path, each beside an eager reference.
 
-- ``emsa_attention(q, k, v, scale=None)``: softmax attention of N queries over M reduced keys.
+- ``emsa_attention(q, k, v, scale=None)``: softmax attention of N queries over M reduced keys;
+  ``emsa_attention_kv(q, kv, scale=None)`` the same on keys and values packed as the kv Linear
+  writes them (one kv gradient, v's other gradient added inside the backward).
 - ``emsa_attention_mixed(q, k, v, weight, bias, scale=None, eps=1e-5)``: ResTv1's attention with
   the heads' interaction (1x1 conv across the heads' scores, softmax, InstanceNorm).
 - ``upsample_add(x, v, weight, bias, norm_weight, norm_bias, sr, eps=1e-6)``: the upsample
@@ -23,6 +25,7 @@ from . import backend, reference
 
 __all__ = [
     "emsa_attention",
+    "emsa_attention_kv",
     "emsa_attention_mixed",
     "upsample_add",
     "add_layer_norm",
@@ -38,6 +41,7 @@ __all__ = [
 
 _LAZY = {
     "emsa_attention": "restv2_kernels.attention.triton",
+    "emsa_attention_kv": "restv2_kernels.attention.triton",
     "emsa_attention_mixed": "restv2_kernels.attention_mixed.triton",
     "upsample_add": "restv2_kernels.upsample.triton",
     "add_layer_norm": "restv2_kernels.layernorm.triton",

@@ -1,6 +1,6 @@
 """The eager references of every op, with the same signatures as the fused ones."""
 
-from .attention.reference import emsa_attention
+from .attention.reference import emsa_attention, emsa_attention_kv
 from .attention_mixed.reference import emsa_attention_mixed
 from .bn_relu.reference import batch_norm_relu, bias_relu
 from .ffn.reference import linear_gelu, mlp
@@ -10,6 +10,7 @@ from .upsample.reference import upsample_add
 
 __all__ = [
     "emsa_attention",
+    "emsa_attention_kv",
     "emsa_attention_mixed",
     "upsample_add",
     "add_layer_norm",

@@ -8,16 +8,17 @@ kernel's dtype. Without a GPU these run in Triton's interpreter (see conftest.py
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
-from helpers import assert_close, copies_made_by, nan_buffers_for
+from helpers import RecordShapes, assert_close, copies_made_by, nan_buffers_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from restv2_kernels import plans, reference
 from restv2_kernels.attention import triton as kernels
-from restv2_kernels.attention.triton import emsa_attention
+from restv2_kernels.attention.triton import emsa_attention, emsa_attention_kv
 
 
 @pytest.fixture(autouse=True)
@@ -320,6 +321,157 @@ def test_compile_traces_fullgraph(device):
         assert torch.equal(a, b)
 
 
+# --- packed keys and values: emsa_attention_kv ---------------------------------------------
+
+
+def _run_kv(fn, q, kv, grads, scale=None):
+    """(out, v) = fn(q, kv) and the gradients w.r.t. q and kv of <out, grads[0]> + <v, grads[1]>
+    (a None grad: that output reaches no loss; "sum": its plain sum, an expanded gradient)."""
+    q, kv = (t.detach().clone().requires_grad_() for t in (q, kv))
+    out, v = fn(q, kv, scale)
+    assert v.data_ptr() == kv[:, :, 1].data_ptr() and v.stride() == kv[:, :, 1].stride()  # v is a view of kv
+    loss = 0
+    for t, g in zip((out, v), grads):
+        if isinstance(g, str):
+            loss = loss + t.sum()
+        elif g is not None:
+            loss = loss + (t * g).sum()
+    loss.backward()
+    return [out, v, q.grad, kv.grad]
+
+
+def _kv_inputs(B, N, M, h, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, grad = (torch.randn(B, N, h, d, generator=g) for _ in range(2))
+    kv, grad_v = torch.randn(B, M, 2, h, d, generator=g), torch.randn(B, M, h, d, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (q, kv, grad, grad_v)]
+
+
+def _check_kv_parity(q, kv, grads, scale=None):
+    """emsa_attention_kv against the float64 reference and eager: out, v, dq and dkv."""
+    kernel = _run_kv(emsa_attention_kv, q, kv, grads, scale)
+    grads64 = [g.double() if isinstance(g, torch.Tensor) else g for g in grads]
+    ref64 = _run_kv(reference.emsa_attention_kv, q.double(), kv.double(), grads64, scale)
+    eager = _run_kv(reference.emsa_attention_kv, q, kv, grads, scale)
+    for name, a, r, e in zip(("out", "v", "dq", "dkv"), kernel, ref64, eager):
+        if r is None:  # q's gradient when only v reached the loss
+            assert a is None, name
+            continue
+        assert a.dtype == q.dtype, name
+        assert_close(name, a, r, e)
+
+
+KV_SHAPES = [
+    pytest.param(2, 97, 13, 3, 16, False, id="fused-dq"),
+    pytest.param(2, 75, 37, 2, 32, True, id="small-blocks-splits"),
+    pytest.param(1, 60, 100, 2, 64, False, id="separate-dq"),
+    pytest.param(1, 196, 49, 3, 96, False, id="stage3"),
+]
+
+
+@pytest.mark.parametrize("uses", ["both", "out", "v", "v-summed"])
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, N, M, h, d, small", KV_SHAPES)
+def test_kv_parity(B, N, M, h, d, small, dtype, uses, device):
+    """out and both gradients as the reference (unbind, then emsa_attention): v's other gradient
+    joins the attention's own (added in split 0 of the backward kernel; with several splits,
+    once), with v used or not, and as an expanded (stride 0) gradient."""
+    q, kv, grad, grad_v = _kv_inputs(B, N, M, h, d, dtype, device, seed=13)
+    grads = {"both": (grad, grad_v), "out": (grad, None), "v": (None, grad_v), "v-summed": (grad, "sum")}[uses]
+    with _small_blocks() if small else contextlib.nullcontext():
+        if small:  # the forced plan really splits the queries
+            assert plans.attention_bwd_plan(B, N, M, h, d, dtype, plans.TARGETS["sm_90"]).splits > 1
+        _check_kv_parity(q, kv, grads)
+
+
+def test_kv_custom_scale_and_strided_kv(device, monkeypatch):
+    """A kv whose rows are wider than 2 * H * D (a slice of a wider Linear's output) is read in
+    place, and a custom scale reaches every kernel."""
+    copies = copies_made_by(monkeypatch, kernels)
+    q, kv, grad, grad_v = _kv_inputs(1, 50, 20, 2, 32, FP32, device, seed=14)
+    wide = torch.cat([kv, kv[:, :, :1]], dim=2)[:, :, :2]  # [B, M, 2, h, d] with 3 * h * d per row
+    assert not wide.is_contiguous() and torch.equal(wide, kv)
+    _check_kv_parity(q, wide, (grad, grad_v), scale=0.3)
+    assert copies and not any(copies), "a view with unit stride on d was copied"
+
+
+def test_kv_backward_makes_one_kv_gradient(device):
+    """The kernel path's backward neither stacks dk and dv nor adds v's two gradients: kv's
+    gradient comes out of the backward op whole (the reference stacks and adds: the test can
+    fail). The loss's own backward (expand, mul) is left out."""
+    q, kv, grad, grad_v = _kv_inputs(1, 40, 12, 2, 32, FP32, device, seed=15)
+
+    def kv_sized_made(fn):
+        qq, kk = (t.detach().clone().requires_grad_() for t in (q, kv))
+        out, v = fn(qq, kk)
+        loss = (out * grad).sum() + (v * grad_v).sum()
+        with RecordShapes() as rec:
+            loss.backward()
+        per_tensor = kv[:, :, 0].numel()
+        return [(op, shape) for op, shape in rec.made if math.prod(shape) in (per_tensor, 2 * per_tensor)]
+
+    loss_ops = {torch.ops.aten.expand, torch.ops.aten.mul, torch.ops.aten.detach}
+    made = [(op, shape) for op, shape in kv_sized_made(emsa_attention_kv) if op not in loss_ops]
+    assert made == [(torch.ops.restv2.emsa_attention_kv_bwd, tuple(kv.shape))], made
+    reference_made = {op for op, _ in kv_sized_made(reference.emsa_attention_kv)}
+    assert torch.ops.aten.stack in reference_made and torch.ops.aten.add in reference_made
+
+
+KV_BAD = [
+    pytest.param(lambda q, kv: (q, kv[:, :, 0]), ValueError, "kv must be 5-D", id="4-D"),
+    pytest.param(lambda q, kv: (q, torch.cat([kv, kv], 2)), ValueError, r"kv must be 5-D \(B, M, 2", id="not-2"),
+    pytest.param(lambda q, kv: (q, kv.numpy()), TypeError, "kv must be a torch.Tensor", id="not-a-tensor"),
+    pytest.param(lambda q, kv: (q.half(), kv), TypeError, "share a dtype", id="mixed-dtype"),
+    pytest.param(lambda q, kv: (q[:, :, :1], kv), ValueError, "head counts differ", id="heads"),
+]
+
+
+@pytest.mark.parametrize("fn", [emsa_attention_kv, reference.emsa_attention_kv], ids=["kernels", "reference"])
+@pytest.mark.parametrize("bad, error, match", KV_BAD)
+def test_kv_bad_inputs(fn, bad, error, match, interpreter_on_and_off):
+    q, k, _ = _bad()
+    kv = torch.stack([k, k], dim=2)
+    with pytest.raises(error, match=match):
+        fn(*bad(q, kv))
+
+
+def test_kv_fp64_and_scale_errors(interpreter_on_and_off):
+    q, k, _ = _bad()
+    kv = torch.stack([k, k], dim=2)
+    with pytest.raises(TypeError, match="emsa_attention_kv: the Triton kernels take fp16/bf16/fp32"):
+        emsa_attention_kv(q.double(), kv.double())
+    with pytest.raises(ValueError, match="emsa_attention_kv: scale must be finite"):
+        emsa_attention_kv(q, kv, scale=float("nan"))
+
+
+def test_kv_empty_batch(device):
+    q, kv, grad, grad_v = _kv_inputs(0, 10, 4, 2, 16, FP32, device)
+    out, v, dq, dkv = _run_kv(emsa_attention_kv, q, kv, (grad, grad_v))
+    assert out.shape == q.shape and dq.shape == q.shape and dkv.shape == kv.shape
+
+
+def test_kv_custom_op_opcheck(device):
+    """The packed backward's schema and fake implementation agree with the real op, with and
+    without v's other gradient."""
+    q, kv, grad, grad_v = _kv_inputs(1, 20, 6, 2, 16, FP32, device, seed=16)
+    out, lse = torch.ops.restv2.emsa_attention_fwd(q, kv[:, :, 0], kv[:, :, 1], 0.25)
+    for extra in (grad_v, None):
+        torch.library.opcheck(torch.ops.restv2.emsa_attention_kv_bwd.default, (grad, q, kv, out, lse, 0.25, extra))
+
+
+def test_kv_compile_traces_fullgraph(device):
+    """Dynamo traces the two-output autograd.Function (v a view of its input) without a break."""
+    q, kv, grad, grad_v = _kv_inputs(1, 30, 7, 2, 16, FP32, device, seed=17)
+
+    def fn(q, kv, scale=None):
+        out, v = emsa_attention_kv(q * 2, kv, scale)
+        return out.sin(), v  # v: still a view of kv, also compiled
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for a, b in zip(_run_kv(compiled, q, kv, (grad, grad_v)), _run_kv(fn, q, kv, (grad, grad_v))):
+        assert torch.equal(a, b)
+
+
 # --- compiled only (bf16 gives wrong numbers in the interpreter) -------------------------
 
 
@@ -337,6 +489,21 @@ def test_compile_traces_fullgraph(device):
 def test_parity_bf16(B, N, M, h, d):
     q, k, v, grad = _inputs(B, N, M, h, d, torch.bfloat16, "cuda")
     _check_parity(q, k, v, grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("uses", ["both", "out"])
+@pytest.mark.parametrize(
+    "B, N, M, h, d",
+    [
+        pytest.param(2, 3136, 49, 1, 96, id="N3136-M49-d96-h1"),
+        pytest.param(2, 196, 49, 4, 96, id="N196-M49-d96-h4"),
+        pytest.param(1, 1000, 300, 1, 96, id="N1000-M300-d96-h1"),
+    ],
+)
+def test_kv_parity_bf16(B, N, M, h, d, uses):
+    q, kv, grad, grad_v = _kv_inputs(B, N, M, h, d, torch.bfloat16, "cuda")
+    _check_kv_parity(q, kv, (grad, grad_v if uses == "both" else None))
 
 
 @pytest.mark.cuda

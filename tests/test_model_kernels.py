@@ -53,7 +53,7 @@ def spies(monkeypatch):
     """Counts calls of the fused ops and of the references, as the models reach them."""
     out = {}
     for module, prefix in ((restv2_kernels, "kernel"), (reference, "reference")):
-        for op in ("emsa_attention", "emsa_attention_mixed", "upsample_add"):
+        for op in ("emsa_attention_kv", "emsa_attention_mixed", "upsample_add"):
             spy = CountCalls(getattr(module, op))
             monkeypatch.setattr(module, op, spy)
             out[f"{prefix}.{op}"] = spy
@@ -68,19 +68,19 @@ def test_backend_selection(spies, monkeypatch, device):
     model = ResTV2(**MINI_V2, backend="reference").to(device).eval()
     with torch.no_grad():
         model(x)
-    assert spies["reference.emsa_attention"].calls == 4 and spies["kernel.emsa_attention"].calls == 0
+    assert spies["reference.emsa_attention_kv"].calls == 4 and spies["kernel.emsa_attention_kv"].calls == 0
 
     model.set_backend("triton")
     assert model.backend == "triton" and all(blk.attn.backend == "triton" for blk in model.stage1)
     with torch.no_grad():
         model(x)
-    assert spies["kernel.emsa_attention"].calls == 4 and spies["kernel.upsample_add"].calls == 4
+    assert spies["kernel.emsa_attention_kv"].calls == 4 and spies["kernel.upsample_add"].calls == 4
 
     model.set_backend("auto")  # kernels exactly when the activations are CUDA tensors
     with torch.no_grad():
         model(x)
     expected = 8 if device == "cuda" else 4
-    assert spies["kernel.emsa_attention"].calls == expected
+    assert spies["kernel.emsa_attention_kv"].calls == expected
 
     with pytest.raises(ValueError, match="backend must be one of"):
         model.set_backend("cuda")
@@ -173,8 +173,8 @@ def test_golden_minis_through_kernels(name, spies, device):
             logits = model(case["input"].float().to(device)).double().cpu()
         err = ((logits - case["logits"]).norm() / case["logits"].norm()).item()
         assert err < 1e-4, f"{name}: relative logits error {err:.2e} through the kernels"
-    assert spies["kernel.emsa_attention"].calls > 0
-    assert spies["reference.emsa_attention"].calls == spies["reference.emsa_attention_mixed"].calls == 0
+    assert spies["kernel.emsa_attention_kv"].calls > 0
+    assert spies["reference.emsa_attention_kv"].calls == spies["reference.emsa_attention_mixed"].calls == 0
     if name == "rest_v1_mini":  # the head transform in stages 2-4: on the mixed kernel
         assert spies["kernel.emsa_attention_mixed"].calls == 4 * len(cases)  # depths 1, 2, 1, 1
 

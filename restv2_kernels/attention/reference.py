@@ -36,6 +36,18 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op
         raise ValueError(f"{op}: need at least one query and one key, got N={q.shape[1]}, M={k.shape[1]}")
 
 
+def check_attention_kv_inputs(q: torch.Tensor, kv: torch.Tensor, op: str = "emsa_attention_kv") -> None:
+    """Raises TypeError/ValueError naming the problem unless q and kv fit ``emsa_attention_kv``."""
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"{op}: kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(
+            f"{op}: kv must be 5-D (B, M, 2, heads, head_dim), keys then values, got shape {tuple(kv.shape)}"
+        )
+    k, v = kv.unbind(2)
+    check_attention_inputs(q, k, v, op)
+
+
 def emsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` per head, in plain eager PyTorch.
 
@@ -50,3 +62,18 @@ def emsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     attn = (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
     return (attn @ v).transpose(1, 2).contiguous()
+
+
+def emsa_attention_kv(
+    q: torch.Tensor, kv: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``emsa_attention`` on keys and values packed as the kv Linear writes them, in plain eager
+    PyTorch: kv [B, M, 2, H, D] (``kv[:, :, 0]`` the keys, ``kv[:, :, 1]`` the values).
+
+    Returns ``(out, v)``: out [B, N, H, D] as ``emsa_attention(q, k, v, scale)``, and v, the
+    values (a view of kv), for their other uses (EMSAv2's upsample branch). The same aten ops
+    as the published code (``unbind``; its backward stacks dk and dv).
+    """
+    check_attention_kv_inputs(q, kv)
+    k, v = kv.unbind(2)
+    return emsa_attention(q, k, v, scale), v
