@@ -165,8 +165,11 @@ def test_kernel_path_traffic_target_restv2_tiny(train, target):
     assert len([o for o in ref.ops if o.op == "conv bias add (cuDNN)" and o.module in before_pa]) == 4
     assert not [o for o in ker.ops if o.op == "conv bias add (cuDNN)" and o.module in before_pa]
     if train:
-        # k and v split by unbind: one stacked kv gradient, not a zero-filled one per use
-        assert not [o for o in ker.ops if o.op == "aten::select_backward"]
+        # kv's gradient comes out of the attention's backward whole, v's two gradients added
+        # inside it: no select_backward, no stack, no add in the backward (the reference has them)
+        for op in ("aten::select_backward", "aten::stack", "aten::add"):
+            assert not [o for o in ker.ops if o.op == op and o.phase == "bwd"], op
+        assert {"aten::stack", "aten::add"} <= {o.op for o in ref.ops if o.phase == "bwd"}
         # fc1's bias gradient comes from the MLP backward's GEMM: no sum reads a d_pre
         d_pre = 256 * 56 * 56 * 4 * 96 * 2  # stage 1's [tokens, 4C] in bf16
         assert max(o.read for o in ker.ops if o.op == "aten::sum") < d_pre
