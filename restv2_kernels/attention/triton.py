@@ -454,7 +454,6 @@ def attention_kv_bwd(
     part_dtype = q.dtype if plan.splits == 1 else torch.float32
     part = _empty((plan.splits, B, M, 2, H, D), part_dtype, q.device)
     k, v = kv.unbind(2)
-    dv_extra = None if dv_extra is None else _unit_last(dv_extra)
     dq = _launch_bwd(plan, do, q, k, v, o, lse, scale, part[:, :, :, 0], part[:, :, :, 1], dv_extra)
     return dq, (part[0] if plan.splits == 1 else part.sum(0).to(q.dtype))
 
@@ -473,8 +472,9 @@ def _launch_bwd(
     dv_extra: torch.Tensor | None,
 ) -> torch.Tensor:
     """Launches both backward kernels into dk_part, dv_part ([S, B, M, H, D] with one layout,
-    unit last stride); returns dq. dv_extra (unit last stride) is added to dv by split 0."""
+    unit last stride); returns dq. dv_extra, where given, is added to dv by split 0."""
     do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
+    dv_extra = None if dv_extra is None else _unit_last(dv_extra)
     B, N, H, D = q.shape
     M = k.shape[1]
     dq = _empty((B, N, H, D), q.dtype, q.device)
