@@ -24,8 +24,9 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
            and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
            candidate's time, and the best plan per shape next to the current plan's (attention,
-           upsample, the MLP's linear + GELU GEMM and add + LayerNorm; the last two with the eager
-           ops they replace timed beside the current plan).
+           upsample, the MLP's linear + GELU GEMM, add + LayerNorm, PA (+ LayerNorm) and the stems'
+           bias + ReLU and BatchNorm + ReLU; all but the first two with the eager ops they replace
+           timed beside the current plan).
   profile  where the time goes, for a missed target: the e2e target rows (restv2_tiny inference,
            training, 800x1333 features; reference and kernels side by side) and the attention and
            upsample ops at the stage-1 shape under ``torch.profiler`` (``kernel_profile.py``): each
@@ -61,6 +62,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import pathlib
 import re
@@ -116,6 +118,10 @@ limits of 8 files per command and 2 folders):
       --tag sweep-mlp --out $OUT/sweep-mlp                                          # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families add_ln_fwd add_ln_bwd \\
       --tag sweep-ln --out $OUT/sweep-ln                                            # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families pixel_attention_fwd \\
+      pixel_attention_bwd pixel_attention_bwd_dx --tag sweep-pa --out $OUT/sweep-pa # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families bias_relu bn_stats bn_relu_fwd \\
+      bn_relu_bwd_sums bn_relu_bwd_dx --tag sweep-bn --out $OUT/sweep-bn            # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e --part zoo --tag e2e-zoo --out $OUT/e2e-zoo
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --dtypes fp32 --tag kernels-fp32 \\
       --out $OUT/kernels-fp32
@@ -1351,6 +1357,19 @@ _DIMS = {
 }
 LINEAR_SHAPES = {name: (_TOKENS[name], 4 * _DIMS[name], _DIMS[name]) for name in _TOKENS}  # (M, N, K): fc1 + GELU
 ADD_LN_SHAPES = {name: (_TOKENS[name], _DIMS[name]) for name in _TOKENS}  # (R, C): a block's add + LayerNorm
+PA_SHAPES = {  # name: (B, H, W, C), the map PA runs on: the stem's (stage 1) and the patch embeds' (2-4)
+    "tiny-s1-224-b256": (256, 56, 56, 96),
+    "tiny-s2-224-b256": (256, 28, 28, 192),
+    "tiny-s3-224-b256": (256, 14, 14, 384),
+    "tiny-s4-224-b256": (256, 7, 7, 768),
+    "det-s1-800x1333": (2, 200, 334, 96),
+}
+STEM_SHAPES = {  # name: (B, C, H, W), the maps of the stem's two conv-BN-ReLU (restv2_tiny: 48 and 96 channels)
+    "tiny-stem1-224-b256": (256, 48, 112, 112),
+    "tiny-stem2-224-b256": (256, 96, 56, 56),
+    "det-stem1-800x1333": (2, 48, 400, 667),
+    "det-stem2-800x1333": (2, 96, 200, 334),
+}
 SWEEP_FAMILIES = {  # family: (shapes, mode)
     "attn_fwd": (ATTN_SHAPES, "fwd"),
     "attn_bwd": (ATTN_SHAPES, "bwd"),
@@ -1361,7 +1380,18 @@ SWEEP_FAMILIES = {  # family: (shapes, mode)
     "linear_gelu_bwd": (LINEAR_SHAPES, "bwd"),  # the MLP backward's (dy @ fc2.weight) * gelu'(pre)
     "add_ln_fwd": (ADD_LN_SHAPES, "fwd"),
     "add_ln_bwd": (ADD_LN_SHAPES, "bwd"),
+    "pixel_attention_fwd": (PA_SHAPES, "fwd"),  # PA + LayerNorm, as inference runs it (training's PA: same plan)
+    "pixel_attention_bwd": (PA_SHAPES, "bwd"),  # the g kernel (the weight and bias sums)
+    "pixel_attention_bwd_dx": (PA_SHAPES, "bwd"),
+    "bias_relu": (STEM_SHAPES, "fwd"),  # the folded BatchNorm's bias + ReLU (inference)
+    "bn_stats": (STEM_SHAPES, "fwd"),  # batch_norm_relu in training: the statistics ...
+    "bn_relu_fwd": (STEM_SHAPES, "fwd"),  # ... and the normalisation + ReLU pass
+    "bn_relu_bwd_sums": (STEM_SHAPES, "bwd"),
+    "bn_relu_bwd_dx": (STEM_SHAPES, "bwd"),
 }
+_PIXEL_GRID = {"block_p": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)}
+# channels-last rows are contiguous: a channel block narrower than C only splits a pixel's row
+_CHANNEL_GRID = {"block_p": (8, 16, 32, 64), "block_c": (32, 64, 128), "num_warps": (2, 4, 8)}
 SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
     "attn_fwd": {"block_n": (64, 128, 256), "block_m": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4)},
     "attn_bwd": {"block_n": (32, 64, 128), "block_m": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
@@ -1384,6 +1414,14 @@ SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
     },
     "add_ln_fwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "add_ln_bwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2)},
+    "pixel_attention_fwd": _PIXEL_GRID,
+    "pixel_attention_bwd": _PIXEL_GRID,
+    "pixel_attention_bwd_dx": _PIXEL_GRID,
+    "bias_relu": {"block": (256, 512, 1024, 2048, 4096, 8192), "num_warps": (1, 2, 4, 8)},
+    "bn_stats": _CHANNEL_GRID,
+    "bn_relu_fwd": _CHANNEL_GRID,
+    "bn_relu_bwd_sums": _CHANNEL_GRID,
+    "bn_relu_bwd_dx": _CHANNEL_GRID,
 }
 SWEEP_WEIGHT = {
     "attn_fwd": 1.0,
@@ -1395,6 +1433,14 @@ SWEEP_WEIGHT = {
     "linear_gelu_bwd": 1.0,
     "add_ln_fwd": 0.6,
     "add_ln_bwd": 0.8,
+    "pixel_attention_fwd": 0.8,
+    "pixel_attention_bwd": 0.8,
+    "pixel_attention_bwd_dx": 0.5,
+    "bias_relu": 0.3,
+    "bn_stats": 0.5,
+    "bn_relu_fwd": 0.5,
+    "bn_relu_bwd_sums": 0.6,
+    "bn_relu_bwd_dx": 0.6,
 }
 SWEEP_COMPILE_S = {
     "attn_fwd": 2.0,
@@ -1406,6 +1452,14 @@ SWEEP_COMPILE_S = {
     "linear_gelu_bwd": 3.0,
     "add_ln_fwd": 1.5,
     "add_ln_bwd": 2.5,
+    "pixel_attention_fwd": 2.0,
+    "pixel_attention_bwd": 2.5,
+    "pixel_attention_bwd_dx": 2.0,
+    "bias_relu": 1.0,
+    "bn_stats": 1.0,
+    "bn_relu_fwd": 1.0,
+    "bn_relu_bwd_sums": 1.0,
+    "bn_relu_bwd_dx": 1.0,
 }
 SWEEP_TIME_S = 0.5  # do_bench and the output check of one plan at one shape, once compiled
 SWEEP_FOLLOW_UP = 3  # candidates per family (besides the current plan) re-timed in the other dtypes
@@ -1413,7 +1467,8 @@ WRONG_ULPS = 4  # a candidate whose result differs from the current plan's by mo
 #                 tensor's largest magnitude, in eps of the dtype; 1e-5 at least) is wrong, whatever its time
 ATTN_MAX_REGS = 256  # fp32 accumulator + score values a thread: past this, a plan spills (pruned)
 UPSAMPLE_MAX_PER_THREAD = 4  # x the table's per_thread values a thread of a [BLOCK_P, BLOCK_C] tile
-#                              (and of add + LayerNorm's [BLOCK_R, BLOCK_C] tile)
+#                              (and of add + LayerNorm's [BLOCK_R, BLOCK_C] tile, PA's, BatchNorm's, and
+#                              bias + ReLU's [BLOCK] run, whose table holds 8 a thread)
 LINEAR_MAX_ACC = 128  # fp32 accumulator values a thread of a [BLOCK_M, BLOCK_N] GEMM tile: past this it spills
 LINEAR_BWD_MAX_ACC = 32  # the same in the MLP backward's GEMM: its epilogue holds 3 tiles (plans._LINEAR_GELU_BWD)
 _ABBR = {
@@ -1424,11 +1479,15 @@ _ABBR = {
     "block_p": "p",
     "block_k": "k",
     "block_r": "r",
+    "block_c": "c",
+    "block": "b",
     "BLOCK_N": "n",
     "BLOCK_M": "m",
     "BLOCK_P": "p",
     "BLOCK_K": "k",
     "BLOCK_R": "r",
+    "BLOCK_C": "c",
+    "BLOCK": "b",
 }
 
 
@@ -1437,9 +1496,14 @@ def cid(fields: dict | None) -> str:
     return "current" if fields is None else ".".join(f"{_ABBR[k]}{v}" for k, v in fields.items())
 
 
+_LAST_LAUNCH = ("attn_bwd", "upsample_bwd_dv", "pixel_attention_bwd_dx", "bn_relu_fwd", "bn_relu_bwd_dx")
+
+
 def _main_launch(family: str, launches: list[plans.Launch]) -> plans.Launch:
-    """The launch a family's fields shape: the dk/dv pass of attn_bwd, the dv gather of upsample_bwd_dv."""
-    return launches[-1] if family in ("attn_bwd", "upsample_bwd_dv") else launches[0]
+    """The launch a family's fields shape: the last of the op's launches for the dk/dv pass of
+    attn_bwd, the dv gather of upsample_bwd_dv, PA's dx pass and BatchNorm's normalising passes
+    (after the statistics, after the gradient sums); the first for the others."""
+    return launches[-1] if family in _LAST_LAUNCH else launches[0]
 
 
 def sweep_plan(
@@ -1468,9 +1532,25 @@ def sweep_plan(
             launches, extra = [plan(*shape, dtype, target)], ""
         elif family == "add_ln_fwd":
             launches, extra = [plans.add_layer_norm_fwd_plan(*shape, dtype, target)], ""
-        else:
+        elif family == "add_ln_bwd":
             p = plans.add_layer_norm_bwd_plan(*shape, dtype, target)
             launches, extra = [p.launch], f" split{p.split}"
+        elif family == "pixel_attention_fwd":
+            launches, extra = [plans.pixel_attention_fwd_plan(*shape, dtype, target)], ""
+        elif family.startswith("pixel_attention_bwd"):
+            p = plans.pixel_attention_bwd_plan(*shape, dtype, target)
+            launches, extra = [p.g, p.dx], ""
+        elif family == "bias_relu":
+            launches, extra = [plans.bias_relu_plan(math.prod(shape), dtype, target)], ""
+        else:  # batch_norm_relu in training: the statistics, then the pass; the gradient sums, then dx
+            B, C, H, W = shape
+            if family in ("bn_stats", "bn_relu_fwd"):
+                launches = [plans.bn_stats_plan(B * H * W, C, dtype, target).launch]
+                launches.append(plans.bn_relu_fwd_plan(B * H * W, C, dtype, target))
+            else:
+                p = plans.bn_relu_bwd_plan(B * H * W, C, dtype, target)
+                launches = [p.sums.launch, p.dx]
+            extra = ""
     key = " | ".join(f"{lch.kernel}{list(lch.grid)} {lch.describe()}" for lch in launches) + extra
     main = _main_launch(family, launches)
     short = ".".join(f"{_ABBR[k]}{v}" for k, v in main.constexprs if k in _ABBR)
@@ -1495,9 +1575,18 @@ def prune_reason(family: str, launch: plans.Launch) -> str | None:
             "upsample_bwd_dv": plans._UPSAMPLE_BWD_DV,
             "add_ln_fwd": plans._ADD_LN_FWD,
             "add_ln_bwd": plans._ADD_LN_BWD,
+            "pixel_attention_fwd": plans._PA_FWD,
+            "pixel_attention_bwd": plans._PA_BWD,
+            "pixel_attention_bwd_dx": plans._PA_BWD_DX,
+            "bias_relu": plans._BIAS_RELU,
+            "bn_stats": plans._BN_REDUCE,
+            "bn_relu_fwd": plans._BN_FWD,
+            "bn_relu_bwd_sums": plans._BN_REDUCE,
+            "bn_relu_bwd_dx": plans._BN_BWD_DX,
         }[family]
-        per_thread = table["default"].per_thread
-        per = c.get("BLOCK_P", c.get("BLOCK_R")) * c["BLOCK_C"] / threads
+        row = table["default"]
+        per_thread = getattr(row, "per_thread", None) or row.block // (32 * row.num_warps)  # bias_relu: 8
+        per = c["BLOCK"] / threads if "BLOCK" in c else c.get("BLOCK_P", c.get("BLOCK_R")) * c["BLOCK_C"] / threads
         if per > UPSAMPLE_MAX_PER_THREAD * per_thread:
             return f"{per:.0f} values a thread per tile (> {UPSAMPLE_MAX_PER_THREAD} x {per_thread}): spills"
         if per < 0.25:
@@ -1667,7 +1756,120 @@ def _add_ln_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
     }
 
 
-_CASES = {"attn": _attention_case, "upsample": _upsample_case, "linear_gelu": _linear_case, "add_ln": _add_ln_case}
+def _autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast at ``dtype`` as the model's eager path runs under it (off for fp32)."""
+    return torch.autocast(torch.device(DEVICE).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _pa_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """PA on a conv's channels-last output with that conv's bias added at each tap (``x_bias``),
+    as the stem and the patch embeds call it: forward, PA + LayerNorm with no gradient (inference;
+    fp32 out, as under autocast); backward, PA's (training, where the LayerNorm is eager). Beside
+    the eager ops they replace as ``eager``: the conv's bias, the depthwise conv, the sigmoid and
+    the product (and the LayerNorm, under autocast)."""
+    from restv2_kernels import pixel_attention, pixel_attention_layer_norm
+
+    B, H, W, C = shape
+    torch.manual_seed(0)
+
+    def param(*size: int, scale: float, shift: float = 0.0, dt: torch.dtype = dtype) -> torch.Tensor:
+        return (shift + scale * torch.randn(*size, device=DEVICE)).to(dt).requires_grad_()
+
+    x = torch.randn(B, C, H, W, device=DEVICE).to(dtype, memory_format=torch.channels_last).requires_grad_()
+    weight, bias, x_bias = param(C, 1, 3, 3, scale=0.2), param(C, scale=0.1), param(C, scale=0.1)
+    leaves = (x, weight, bias, x_bias)
+
+    def eager_pa() -> torch.Tensor:
+        xb = x + x_bias.view(1, C, 1, 1)  # the conv's bias: cuDNN takes none, so a pass of its own
+        return xb * torch.sigmoid(torch.nn.functional.conv2d(xb, weight, bias, padding=1, groups=C))
+
+    if not bwd:
+        norm_weight, norm_bias = param(C, scale=0.1, shift=1.0, dt=torch.float32), param(C, scale=0.1, dt=torch.float32)
+        norm = (norm_weight, norm_bias, 1e-6)
+
+        def eager() -> torch.Tensor:
+            with _autocast(dtype):
+                return torch.nn.functional.layer_norm(eager_pa().permute(0, 2, 3, 1), (C,), *norm)
+
+        return {
+            "run": torch.no_grad()(lambda: pixel_attention_layer_norm(*leaves, *norm, torch.float32)),
+            "eager": torch.no_grad()(eager),
+            "keep": (*leaves, *norm),
+        }
+    dout = torch.randn(B, C, H, W, device=DEVICE).to(dtype, memory_format=torch.channels_last)
+    out, eager_out = pixel_attention(*leaves), eager_pa()
+    return {
+        "run": lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
+        "eager": lambda: torch.autograd.grad(eager_out, leaves, dout, retain_graph=True),
+        "keep": (*leaves, out, eager_out),
+    }
+
+
+def _stem_map(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    B, C, H, W = shape
+    return torch.randn(B, C, H, W, device=DEVICE).to(dtype, memory_format=torch.channels_last)
+
+
+def _bias_relu_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """The stem's conv output (channels-last) + the folded BatchNorm's bias, then ReLU (inference),
+    beside what the reference runs there as ``eager``: BatchNorm with its running statistics,
+    then an in-place ReLU."""
+    from restv2_kernels import bias_relu
+
+    C = shape[1]
+    torch.manual_seed(0)
+    x, bias = _stem_map(shape, dtype), (0.1 * torch.randn(C, device=DEVICE)).to(dtype)
+    stats = (0.1 * torch.randn(C, device=DEVICE), 1 + torch.rand(C, device=DEVICE))
+    affine = (1 + 0.1 * torch.randn(C, device=DEVICE), 0.1 * torch.randn(C, device=DEVICE))
+
+    def eager() -> torch.Tensor:
+        with _autocast(dtype):
+            return torch.relu_(torch.nn.functional.batch_norm(x, *stats, *affine, False, 0.0, 1e-5))
+
+    return {"run": torch.no_grad()(lambda: bias_relu(x, bias)), "eager": torch.no_grad()(eager), "keep": (x, bias)}
+
+
+def _bn_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """The stem's BatchNorm + ReLU in training (the batch's statistics, fp32 parameters and
+    running statistics, a channels-last map): ``batch_norm_relu`` forward, or its backward alone;
+    beside eager BatchNorm and an in-place ReLU under autocast as ``eager``."""
+    from restv2_kernels import batch_norm_relu
+
+    C = shape[1]
+    torch.manual_seed(0)
+    x = _stem_map(shape, dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    bias = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    running = [(torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)) for _ in range(2)]
+    leaves = (x, weight, bias)
+
+    def kernel() -> torch.Tensor:
+        return batch_norm_relu(x, *running[0], weight, bias, True, 0.1, 1e-5)
+
+    def eager() -> torch.Tensor:
+        with _autocast(dtype):
+            return torch.relu_(torch.nn.functional.batch_norm(x, *running[1], weight, bias, True, 0.1, 1e-5))
+
+    if not bwd:
+        return {"run": torch.no_grad()(kernel), "eager": torch.no_grad()(eager), "keep": leaves}
+    dout = _stem_map(shape, dtype)
+    out, eager_out = kernel(), eager()
+    return {
+        "run": lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
+        "eager": lambda: torch.autograd.grad(eager_out, leaves, dout, retain_graph=True),
+        "keep": (*leaves, out, eager_out),
+    }
+
+
+_CASES = {
+    "attn": _attention_case,
+    "upsample": _upsample_case,
+    "linear_gelu": _linear_case,
+    "add_ln": _add_ln_case,
+    "pixel_attention": _pa_case,
+    "bias_relu": _bias_relu_case,
+    "bn_": _bn_case,
+}
 
 
 def _case(family: str, shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
@@ -1817,29 +2019,44 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
     return best, overall
 
 
-def _sweep_table(best: list[dict], overall: list[dict]) -> list[str]:
+SWEEP_TABLE_CHARS = 9000  # the printed table's budget: the summary must fit the remote tool's last 12,000 characters
+
+
+def _sweep_table(best: list[dict], overall: list[dict], limit: int = SWEEP_TABLE_CHARS) -> list[str]:
+    """The summary: first the one plan per (family, dtype) a table row would hold, then the best
+    plan per shape; rows past ``limit`` characters are counted, not printed (the JSON has all)."""
+
     def ms(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "-"
 
-    header = (
-        f"{'family':<15} | {'shape':<16} | {'dtype':<5} | {'current plan':<28} | {'current ms':>10} | "
-        f"{'best plan':<28} | {'best ms':>10} | speed-up"
-    )
-    lines = [header, "-" * len(header)]
-    for b in best:
-        speed = f"{b['speedup']:.2f}x" if b["speedup"] else "-"
-        lines.append(
-            f"{b['family']:<15} | {b['shape']:<16} | {b['dtype']:<5} | {b['current_plan'] or '-':<28} | "
-            f"{ms(b['current_ms']):>10} | {b['best_plan'] or '-':<28} | {ms(b['best_ms']):>10} | {speed}"
-            + (f"  (eager {b['eager_ms']:.4f} ms)" if b.get("eager_ms") else "")
-            + (f"  ({b['wrong']} wrong, {b['errors']} errors)" if b["wrong"] or b["errors"] else "")
-        )
+    lines = []
     for o in overall:
         speed = f"{o['speedup']:.2f}x" if o["speedup"] else "-"
         lines.append(
             f"{o['family']} {o['dtype']}: one plan for the {len(o['shapes'])} 224 px shapes: {o['best_cid']} "
             f"{o['best_total_ms']:.4f} ms total vs current {ms(o['current_total_ms'])} ms ({speed})"
         )
+    fam = max([6, *(len(b["family"]) for b in best)])
+    shp = max([5, *(len(b["shape"]) for b in best)])
+    header = (
+        f"{'family':<{fam}} | {'shape':<{shp}} | {'dtype':<5} | {'current plan':<28} | {'current ms':>10} | "
+        f"{'best plan':<28} | {'best ms':>10} | speed-up"
+    )
+    lines += [header, "-" * len(header)]
+    used = sum(len(line) + 1 for line in lines)
+    for i, b in enumerate(best):
+        speed = f"{b['speedup']:.2f}x" if b["speedup"] else "-"
+        line = (
+            f"{b['family']:<{fam}} | {b['shape']:<{shp}} | {b['dtype']:<5} | {b['current_plan'] or '-':<28} | "
+            f"{ms(b['current_ms']):>10} | {b['best_plan'] or '-':<28} | {ms(b['best_ms']):>10} | {speed}"
+            + (f"  (eager {b['eager_ms']:.4f} ms)" if b.get("eager_ms") else "")
+            + (f"  ({b['wrong']} wrong, {b['errors']} errors)" if b["wrong"] or b["errors"] else "")
+        )
+        if used + len(line) + 1 > limit:
+            lines.append(f"... {len(best) - i} more shapes in sweep.json (sweep.best)")
+            break
+        lines.append(line)
+        used += len(line) + 1
     return lines
 
 
@@ -1904,6 +2121,13 @@ def phase_sweep(run: Run) -> list[str]:
                 "_LINEAR_GELU_BWD",
                 "_ADD_LN_FWD",
                 "_ADD_LN_BWD",
+                "_PA_FWD",
+                "_PA_BWD",
+                "_PA_BWD_DX",
+                "_BIAS_RELU",
+                "_BN_FWD",
+                "_BN_BWD_DX",
+                "_BN_REDUCE",
             )
         },
         rules={

@@ -147,14 +147,24 @@ def test_dry_run_phase_contents(dry_runs):
         "linear_gelu_bwd",
         "add_ln_fwd",
         "add_ln_bwd",
+        "pixel_attention_fwd",
+        "pixel_attention_bwd",
+        "pixel_attention_bwd_dx",
+        "bias_relu",
+        "bn_stats",
+        "bn_relu_fwd",
+        "bn_relu_bwd_sums",
+        "bn_relu_bwd_dx",
     }
     assert {b["family"] for b in sweep["best"]} == families
-    assert len(sweep["best"]) == len(families) * 5 and all(
+    stem = {"bias_relu", "bn_stats", "bn_relu_fwd", "bn_relu_bwd_sums", "bn_relu_bwd_dx"}  # 4 stem maps
+    assert len(sweep["best"]) == (len(families) - len(stem)) * 5 + len(stem) * 4 and all(
         b["current_ms"] is None and b["current_plan"] for b in sweep["best"]
     )
     assert {c["cid"] for c in sweep["candidates"] if c["family"] == "attn_fwd"} >= {"current", "n128.m64.w8.s3"}
     assert sweep["dry_run_counts"]["upsample_fwd/tiny-s4-224-b256"]["pruned"] > 0
-    assert "family          | shape" in results["sweep"][1]
+    assert "family                 | shape               | dtype" in results["sweep"][1]
+    assert "more shapes in sweep.json" in results["sweep"][1]  # all families at once: the table is cut
 
     profile = load("profile")
     ids = [r["id"] for r in profile["rows"]]
@@ -333,11 +343,19 @@ def test_sweep_worker_times_candidates(suite, monkeypatch, sweep_on_device):
         ),
         ("add_ln_fwd", (37, 24), {"block_r": 2, "num_warps": 1}),
         ("add_ln_bwd", (37, 24), {"block_r": 4, "num_warps": 2, "num_stages": 1}),
+        ("pixel_attention_fwd", (2, 5, 6, 24), {"block_p": 4, "num_warps": 1}),
+        ("pixel_attention_bwd", (2, 5, 6, 24), {"block_p": 4, "num_warps": 2}),
+        ("pixel_attention_bwd_dx", (2, 5, 6, 24), {"block_p": 2, "num_warps": 1}),
+        ("bias_relu", (2, 24, 5, 6), {"block": 64, "num_warps": 1}),
+        ("bn_stats", (2, 24, 5, 6), {"block_p": 8, "block_c": 16, "num_warps": 2}),
+        ("bn_relu_fwd", (2, 24, 5, 6), {"block_p": 8, "block_c": 16, "num_warps": 2}),
+        ("bn_relu_bwd_sums", (2, 24, 5, 6), {"block_p": 16, "block_c": 16, "num_warps": 4}),
+        ("bn_relu_bwd_dx", (2, 24, 5, 6), {"block_p": 8, "block_c": 32, "num_warps": 2}),
     ],
 )
-def test_sweep_worker_mlp_and_layernorm(suite, monkeypatch, sweep_on_device, family, shape, fields):
-    """The MLP GEMM and add + LayerNorm families: the current plan with its eager twin timed, and a
-    forced candidate whose launch differs and whose result matches the current plan's."""
+def test_sweep_worker_families_with_an_eager_twin(suite, monkeypatch, sweep_on_device, family, shape, fields):
+    """The MLP GEMM, add + LayerNorm, PA and stem families: the current plan with its eager twin
+    timed, and a forced candidate whose launch differs and whose result matches the current plan's."""
     monkeypatch.setitem(suite.SWEEP_FAMILIES, family, ({"tiny-x": shape}, suite.SWEEP_FAMILIES[family][1]))
     handle = suite._sweep_worker({"warmup_ms": 1, "rep_ms": 1})
 
@@ -432,3 +450,25 @@ def test_profile_worker_and_tables(suite, monkeypatch, device, tmp_path):
     }
     text = report.markdown(report.collect([record]), [])
     assert "### Profiles" in text and "**attention tiny-x fp32 fwd+bwd**" in text and "| host wall |" in text
+
+
+def test_sweep_fields_reach_the_launch_they_shape(suite):
+    """Each sweep family is a ``plans.forced`` family that takes its grid's fields, and each field a
+    candidate forces shows in the launch ``_main_launch`` picks (the one the candidate is named and
+    pruned by), at every shape on sm_90; for the attention and GEMM families, as far as the
+    problem's size allows (their blocks are clipped to it)."""
+    target = suite.plans.TARGETS["sm_90"]
+    clipped = {"attn_fwd", "attn_bwd", "linear_gelu_fwd", "linear_gelu_bwd"}
+    for family, (shapes, _) in suite.SWEEP_FAMILIES.items():
+        assert set(suite.SWEEP_GRIDS[family]) <= suite.plans._FAMILIES[family], family
+        assert family in suite.SWEEP_WEIGHT and family in suite.SWEEP_COMPILE_S, family
+        for fields in suite.sweep_candidates(family, shapes, target)[::7]:
+            for name, shape in shapes.items():
+                launches = suite.sweep_plan(family, shape, torch.bfloat16, target, fields)[2]
+                launch = suite._main_launch(family, launches)
+                got = {**dict(launch.constexprs), "NUM_WARPS": launch.num_warps, "NUM_STAGES": launch.num_stages}
+                for key, value in fields.items():
+                    if family in clipped:
+                        assert got[key.upper()] <= value, (family, name, fields, got)
+                    else:
+                        assert got[key.upper()] == value, (family, name, fields, got)
