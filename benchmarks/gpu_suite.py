@@ -24,9 +24,9 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
            and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
            candidate's time, and the best plan per shape next to the current plan's (attention,
-           upsample, the MLP's linear + GELU GEMM, add + LayerNorm, PA (+ LayerNorm) and the stems'
-           bias + ReLU and BatchNorm + ReLU; all but the first two with the eager ops they replace
-           timed beside the current plan).
+           ResTv1's mixed-head attention, upsample, the MLP's linear + GELU GEMM, add + LayerNorm,
+           PA (+ LayerNorm), the stems' bias + ReLU and BatchNorm + ReLU; all but the attention and
+           upsample families with the eager ops they replace timed beside the current plan).
   profile  where the time goes, for a missed target: the e2e target rows (restv2_tiny inference,
            training, 800x1333 features; reference and kernels side by side) and the attention and
            upsample ops at the stage-1 shape under ``torch.profiler`` (``kernel_profile.py``): each
@@ -118,6 +118,8 @@ limits of 8 files per command and 2 folders):
       --tag sweep-mlp --out $OUT/sweep-mlp                                          # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families add_ln_fwd add_ln_bwd \\
       --tag sweep-ln --out $OUT/sweep-ln                                            # <= 480 s
+  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families mixed_fwd mixed_bwd \\
+      --tag sweep-mixed --out $OUT/sweep-mixed                                      # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families pixel_attention_fwd \\
       pixel_attention_bwd pixel_attention_bwd_dx --tag sweep-pa --out $OUT/sweep-pa # <= 480 s
   PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families bias_relu bn_stats bn_relu_fwd \\
@@ -1364,6 +1366,15 @@ PA_SHAPES = {  # name: (B, H, W, C), the map PA runs on: the stem's (stage 1) an
     "tiny-s4-224-b256": (256, 7, 7, 768),
     "det-s1-800x1333": (2, 200, 334, 96),
 }
+MIXED_SHAPES = {  # name: (B, N, M, h, d), ResTv1's mixed-head attention: rest_small (d 64), rest_large (d 96)
+    "small-s2-224-b256": (256, 28 * 28, 7 * 7, 2, 64),
+    "small-s3-224-b256": (256, 14 * 14, 7 * 7, 4, 64),
+    "small-s4-224-b256": (256, 7 * 7, 7 * 7, 8, 64),
+    "large-s2-224-b256": (256, 28 * 28, 7 * 7, 2, 96),
+    "large-s3-224-b256": (256, 14 * 14, 7 * 7, 4, 96),
+    "large-s4-224-b256": (256, 7 * 7, 7 * 7, 8, 96),
+    "det-large-s2-800x1333": (2, 100 * 167, 25 * 42, 2, 96),
+}
 STEM_SHAPES = {  # name: (B, C, H, W), the maps of the stem's two conv-BN-ReLU (restv2_tiny: 48 and 96 channels)
     "tiny-stem1-224-b256": (256, 48, 112, 112),
     "tiny-stem2-224-b256": (256, 96, 56, 56),
@@ -1380,6 +1391,8 @@ SWEEP_FAMILIES = {  # family: (shapes, mode)
     "linear_gelu_bwd": (LINEAR_SHAPES, "bwd"),  # the MLP backward's (dy @ fc2.weight) * gelu'(pre)
     "add_ln_fwd": (ADD_LN_SHAPES, "fwd"),
     "add_ln_bwd": (ADD_LN_SHAPES, "bwd"),
+    "mixed_fwd": (MIXED_SHAPES, "fwd"),  # ResTv1's attention with the heads' interaction (stages 2-4)
+    "mixed_bwd": (MIXED_SHAPES, "bwd"),
     "pixel_attention_fwd": (PA_SHAPES, "fwd"),  # PA + LayerNorm, as inference runs it (training's PA: same plan)
     "pixel_attention_bwd": (PA_SHAPES, "bwd"),  # the g kernel (the weight and bias sums)
     "pixel_attention_bwd_dx": (PA_SHAPES, "bwd"),
@@ -1414,6 +1427,8 @@ SWEEP_GRIDS = {  # the fields plans.forced takes, and their candidate values
     },
     "add_ln_fwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (1, 2, 4, 8)},
     "add_ln_bwd": {"block_r": (1, 2, 4, 8, 16, 32, 64), "num_warps": (2, 4, 8, 16), "num_stages": (1, 2)},
+    "mixed_fwd": {"block_n": (16, 32, 64), "block_m": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
+    "mixed_bwd": {"block_n": (16, 32, 64), "block_m": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
     "pixel_attention_fwd": _PIXEL_GRID,
     "pixel_attention_bwd": _PIXEL_GRID,
     "pixel_attention_bwd_dx": _PIXEL_GRID,
@@ -1433,6 +1448,8 @@ SWEEP_WEIGHT = {
     "linear_gelu_bwd": 1.0,
     "add_ln_fwd": 0.6,
     "add_ln_bwd": 0.8,
+    "mixed_fwd": 1.0,
+    "mixed_bwd": 1.2,
     "pixel_attention_fwd": 0.8,
     "pixel_attention_bwd": 0.8,
     "pixel_attention_bwd_dx": 0.5,
@@ -1452,6 +1469,8 @@ SWEEP_COMPILE_S = {
     "linear_gelu_bwd": 3.0,
     "add_ln_fwd": 1.5,
     "add_ln_bwd": 2.5,
+    "mixed_fwd": 2.5,
+    "mixed_bwd": 4.0,
     "pixel_attention_fwd": 2.0,
     "pixel_attention_bwd": 2.5,
     "pixel_attention_bwd_dx": 2.0,
@@ -1496,12 +1515,12 @@ def cid(fields: dict | None) -> str:
     return "current" if fields is None else ".".join(f"{_ABBR[k]}{v}" for k, v in fields.items())
 
 
-_LAST_LAUNCH = ("attn_bwd", "upsample_bwd_dv", "pixel_attention_bwd_dx", "bn_relu_fwd", "bn_relu_bwd_dx")
+_LAST_LAUNCH = ("attn_bwd", "mixed_bwd", "upsample_bwd_dv", "pixel_attention_bwd_dx", "bn_relu_fwd", "bn_relu_bwd_dx")
 
 
 def _main_launch(family: str, launches: list[plans.Launch]) -> plans.Launch:
     """The launch a family's fields shape: the last of the op's launches for the dk/dv pass of
-    attn_bwd, the dv gather of upsample_bwd_dv, PA's dx pass and BatchNorm's normalising passes
+    attn_bwd and mixed_bwd (their fields shape the other passes too), the dv gather of upsample_bwd_dv, PA's dx pass and BatchNorm's normalising passes
     (after the statistics, after the gradient sums); the first for the others."""
     return launches[-1] if family in _LAST_LAUNCH else launches[0]
 
@@ -1520,6 +1539,12 @@ def sweep_plan(
                 p = plans.attention_bwd_plan(B, N, M, h, d, dtype, target)
                 launches = [lch for lch in (p.dq, p.dkdv) if lch is not None]
                 extra = f" split{p.splits}" + ("" if p.fuse_dq else " 2pass")
+        elif family == "mixed_fwd":
+            p = plans.attention_mixed_fwd_plan(*shape, dtype, target)
+            launches, extra = [p.main, p.norm], ""
+        elif family == "mixed_bwd":
+            p = plans.attention_mixed_bwd_plan(*shape, dtype, target)
+            launches, extra = [p.stats, p.dq, p.dkdv], f" split{p.splits}"
         elif family.startswith("upsample"):
             B, Hr, Wr, _, _, C, sr = shape
             if family == "upsample_fwd":
@@ -1560,10 +1585,14 @@ def sweep_plan(
 def prune_reason(family: str, launch: plans.Launch) -> str | None:
     """Why a candidate plan is not worth compiling at a shape (a register estimate), or None."""
     c, threads = dict(launch.constexprs), 32 * launch.num_warps
-    if family == "attn_fwd":  # o accumulator [BLOCK_N, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
+    if family in ("attn_fwd", "mixed_fwd"):  # o accumulator [BLOCK_N, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
         regs = (c["BLOCK_N"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family == "attn_bwd":  # dk, dv accumulators [BLOCK_M, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
         regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
+    elif (
+        family == "mixed_bwd"
+    ):  # dk, dv [BLOCK_M, BLOCK_D] + the mixed scores and their gradient, 2 x [BLOCK_M, BLOCK_N]
+        regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + 2 * c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family.startswith("linear_gelu"):  # the fp32 accumulator [BLOCK_M, BLOCK_N]
         acc = c["BLOCK_M"] * c["BLOCK_N"] / threads
         limit = LINEAR_BWD_MAX_ACC if family == "linear_gelu_bwd" else LINEAR_MAX_ACC
@@ -1664,6 +1693,30 @@ def _attention_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
     dout = torch.randn(B, N, h, d, device=DEVICE, dtype=dtype)
     out = emsa_attention(q, k, v)  # one graph, the current forward plan; the backward alone is timed
     return {"run": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), "keep": (q_buf, kv_buf, out)}
+
+
+def _mixed_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
+    """q and k/v as ResTv1's views of its q and kv Linear outputs, the heads' 1x1 conv in fp32 as
+    under autocast (bench_attention_mixed.time_impl)."""
+    from restv2_kernels import emsa_attention_mixed
+
+    B, N, M, h, d = shape
+    C = h * d
+    torch.manual_seed(0)
+    q_buf = torch.randn(B, N, C, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv_buf = torch.randn(B, M, 2 * C, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(h, h, 1, 1, device=DEVICE) * (2.0 / h) ** 0.5).requires_grad_()
+    bias = torch.randn(h, device=DEVICE).requires_grad_()
+    kv = kv_buf.view(B, M, 2, h, d)
+    args = (q_buf.view(B, N, h, d), kv[:, :, 0], kv[:, :, 1], weight, bias)
+    if not bwd:
+        return {"run": torch.no_grad()(lambda: emsa_attention_mixed(*args)), "keep": (q_buf, kv_buf, weight, bias)}
+    dout = torch.randn(B, N, h, d, device=DEVICE, dtype=dtype)
+    out = emsa_attention_mixed(*args)
+    return {
+        "run": lambda: torch.autograd.grad(out, (q_buf, kv_buf, weight, bias), dout, retain_graph=True),
+        "keep": (q_buf, kv_buf, weight, bias, out),
+    }
 
 
 def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
@@ -1863,6 +1916,7 @@ def _bn_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
 _CASES = {
     "attn": _attention_case,
+    "mixed": _mixed_case,
     "upsample": _upsample_case,
     "linear_gelu": _linear_case,
     "add_ln": _add_ln_case,
@@ -1993,11 +2047,11 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
                     "pruned": sum(r.get("status") == "pruned" for _, r in timed),
                 }
             )
-        tiny = [s for s in shapes if s.startswith("tiny")]
+        at_224 = [s for s in shapes if "-224" in s]
 
-        def total(it: dict, tiny: list[str] = tiny) -> float | None:
-            rs = [it["result"]["shapes"].get(s, {}) for s in tiny]
-            ok = tiny and all(r.get("status") == "ok" and r.get("ms") is not None for r in rs)
+        def total(it: dict, at_224: list[str] = at_224) -> float | None:
+            rs = [it["result"]["shapes"].get(s, {}) for s in at_224]
+            ok = at_224 and all(r.get("status") == "ok" and r.get("ms") is not None for r in rs)
             return sum(r["ms"] for r in rs) if ok else None
 
         totals = [(it, total(it)) for it in done if total(it) is not None]
@@ -2008,7 +2062,7 @@ def sweep_best(items: list[dict]) -> tuple[list[dict], list[dict]]:
                 {
                     "family": family,
                     "dtype": dtype,
-                    "shapes": tiny,
+                    "shapes": at_224,
                     "best_cid": win_item["spec"]["cid"],
                     "best_fields": win_item["spec"]["fields"],
                     "best_total_ms": win_total,
@@ -2114,6 +2168,8 @@ def phase_sweep(run: Run) -> list[str]:
             for name in (
                 "_ATTN_FWD",
                 "_ATTN_BWD",
+                "_MIXED_FWD",
+                "_MIXED_BWD",
                 "_UPSAMPLE_FWD",
                 "_UPSAMPLE_BWD",
                 "_UPSAMPLE_BWD_DV",
