@@ -1519,9 +1519,10 @@ _LAST_LAUNCH = ("attn_bwd", "mixed_bwd", "upsample_bwd_dv", "pixel_attention_bwd
 
 
 def _main_launch(family: str, launches: list[plans.Launch]) -> plans.Launch:
-    """The launch a family's fields shape: the last of the op's launches for the dk/dv pass of
-    attn_bwd and mixed_bwd (their fields shape the other passes too), the dv gather of upsample_bwd_dv, PA's dx pass and BatchNorm's normalising passes
-    (after the statistics, after the gradient sums); the first for the others."""
+    """The launch a family's fields shape (and name and prune a candidate by): the op's last for
+    the dk/dv pass of attn_bwd and mixed_bwd (their fields shape the other passes too), the dv
+    gather of upsample_bwd_dv, PA's dx pass and BatchNorm's normalising passes (after the
+    statistics, after the gradient sums); the first for the others."""
     return launches[-1] if family in _LAST_LAUNCH else launches[0]
 
 
@@ -1589,9 +1590,7 @@ def prune_reason(family: str, launch: plans.Launch) -> str | None:
         regs = (c["BLOCK_N"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family == "attn_bwd":  # dk, dv accumulators [BLOCK_M, BLOCK_D] + scores [BLOCK_N, BLOCK_M]
         regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + c["BLOCK_N"] * c["BLOCK_M"]) / threads
-    elif (
-        family == "mixed_bwd"
-    ):  # dk, dv [BLOCK_M, BLOCK_D] + the mixed scores and their gradient, 2 x [BLOCK_M, BLOCK_N]
+    elif family == "mixed_bwd":  # dk, dv accumulators + the mixed scores and their gradient, 2 x [BLOCK_M, BLOCK_N]
         regs = (2 * c["BLOCK_M"] * c["BLOCK_D"] + 2 * c["BLOCK_N"] * c["BLOCK_M"]) / threads
     elif family.startswith("linear_gelu"):  # the fp32 accumulator [BLOCK_M, BLOCK_N]
         acc = c["BLOCK_M"] * c["BLOCK_N"] / threads
