@@ -58,6 +58,7 @@ import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -1676,46 +1677,54 @@ def _compare(outs: Any, refs: Any, dtype: torch.dtype) -> dict:
     return {"max_abs_diff": worst_abs, "rel_diff": worst_rel, "tolerance": tol, "correct": finite and worst_rel <= tol}
 
 
+def _qkv(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(q_buf, kv_buf, q, k, v): a q Linear's and a kv Linear's outputs, and the model's views of
+    them, [B, N, h, d] and [B, M, h, d] (bench_attention.time_impl, bench_attention_mixed.time_impl)."""
+    B, N, M, h, d = shape
+    torch.manual_seed(0)
+    q_buf = torch.randn(B, N, h * d, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv_buf = torch.randn(B, M, 2 * h * d, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv = kv_buf.view(B, M, 2, h, d)
+    return q_buf, kv_buf, q_buf.view(B, N, h, d), kv[:, :, 0], kv[:, :, 1]
+
+
 def _attention_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
-    """q and k/v as the model's views of a q Linear output and a kv Linear output (bench_attention.time_impl)."""
+    """q and k/v as the model's views of a q Linear output and a kv Linear output (``_qkv``)."""
     from restv2_kernels import emsa_attention
 
-    B, N, M, h, d = shape
-    C = h * d
-    torch.manual_seed(0)
-    q_buf = torch.randn(B, N, C, device=DEVICE, dtype=dtype, requires_grad=True)
-    kv_buf = torch.randn(B, M, 2 * C, device=DEVICE, dtype=dtype, requires_grad=True)
-    q, kv = q_buf.view(B, N, h, d), kv_buf.view(B, M, 2, h, d)
-    k, v = kv[:, :, 0], kv[:, :, 1]
+    q_buf, kv_buf, q, k, v = _qkv(shape, dtype)
     if not bwd:
         return {"run": torch.no_grad()(lambda: emsa_attention(q, k, v)), "keep": (q_buf, kv_buf)}
-    dout = torch.randn(B, N, h, d, device=DEVICE, dtype=dtype)
+    dout = torch.randn(q.shape, device=DEVICE, dtype=dtype)
     out = emsa_attention(q, k, v)  # one graph, the current forward plan; the backward alone is timed
     return {"run": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), "keep": (q_buf, kv_buf, out)}
 
 
 def _mixed_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
-    """q and k/v as ResTv1's views of its q and kv Linear outputs, the heads' 1x1 conv in fp32 as
+    """ResTv1's views of its q and kv Linear outputs (``_qkv``), the heads' 1x1 conv in fp32 as
     under autocast (bench_attention_mixed.time_impl)."""
     from restv2_kernels import emsa_attention_mixed
 
-    B, N, M, h, d = shape
-    C = h * d
-    torch.manual_seed(0)
-    q_buf = torch.randn(B, N, C, device=DEVICE, dtype=dtype, requires_grad=True)
-    kv_buf = torch.randn(B, M, 2 * C, device=DEVICE, dtype=dtype, requires_grad=True)
+    h = shape[3]
+    q_buf, kv_buf, q, k, v = _qkv(shape, dtype)
     weight = (torch.randn(h, h, 1, 1, device=DEVICE) * (2.0 / h) ** 0.5).requires_grad_()
     bias = torch.randn(h, device=DEVICE).requires_grad_()
-    kv = kv_buf.view(B, M, 2, h, d)
-    args = (q_buf.view(B, N, h, d), kv[:, :, 0], kv[:, :, 1], weight, bias)
+    leaves = (q_buf, kv_buf, weight, bias)
     if not bwd:
-        return {"run": torch.no_grad()(lambda: emsa_attention_mixed(*args)), "keep": (q_buf, kv_buf, weight, bias)}
-    dout = torch.randn(B, N, h, d, device=DEVICE, dtype=dtype)
-    out = emsa_attention_mixed(*args)
-    return {
-        "run": lambda: torch.autograd.grad(out, (q_buf, kv_buf, weight, bias), dout, retain_graph=True),
-        "keep": (q_buf, kv_buf, weight, bias, out),
-    }
+        return {"run": torch.no_grad()(lambda: emsa_attention_mixed(q, k, v, weight, bias)), "keep": leaves}
+    dout = torch.randn(q.shape, device=DEVICE, dtype=dtype)
+    out = emsa_attention_mixed(q, k, v, weight, bias)
+    return {"run": lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), "keep": (*leaves, out)}
+
+
+def _leaf(*size: int, dtype: torch.dtype, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    """``shift + scale * randn(size)`` in ``dtype``, requiring its gradient."""
+    return (shift + scale * torch.randn(*size, device=DEVICE)).to(dtype).requires_grad_()
+
+
+def _channels_last_map(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, C, H, W] randn map in ``dtype``, channels-last in memory (as a conv writes it there)."""
+    return torch.randn(*shape, device=DEVICE).to(dtype, memory_format=torch.channels_last)
 
 
 def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
@@ -1724,10 +1733,7 @@ def _upsample_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
     B, Hr, Wr, H, W, C, sr = shape
     torch.manual_seed(0)
-
-    def leaf(*size: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        return (shift + scale * torch.randn(*size, device=DEVICE, dtype=dtype)).requires_grad_()
-
+    leaf = functools.partial(_leaf, dtype=dtype)
     x, kv = leaf(B, H, W, C), leaf(B, Hr, Wr, 2 * C)
     weight, bias = leaf(sr * sr * C, 1, 3, 3, scale=0.2), leaf(sr * sr * C, scale=0.1)
     norm_weight, norm_bias = leaf(C, scale=0.1, shift=1.0), leaf(C, scale=0.1)
@@ -1783,9 +1789,8 @@ def _add_ln_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
     R, C = shape
     torch.manual_seed(0)
-    x, branch = (torch.randn(R, C, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
-    weight = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
-    bias = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    x, branch = _leaf(R, C, dtype=dtype), _leaf(R, C, dtype=dtype)
+    weight, bias = _leaf(C, dtype=torch.float32, scale=0.1, shift=1.0), _leaf(C, dtype=torch.float32, scale=0.1)
     leaves = (x, branch, weight, bias)
 
     def eager() -> tuple[torch.Tensor, torch.Tensor]:
@@ -1823,12 +1828,9 @@ def _pa_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
     B, H, W, C = shape
     torch.manual_seed(0)
-
-    def param(*size: int, scale: float, shift: float = 0.0, dt: torch.dtype = dtype) -> torch.Tensor:
-        return (shift + scale * torch.randn(*size, device=DEVICE)).to(dt).requires_grad_()
-
-    x = torch.randn(B, C, H, W, device=DEVICE).to(dtype, memory_format=torch.channels_last).requires_grad_()
-    weight, bias, x_bias = param(C, 1, 3, 3, scale=0.2), param(C, scale=0.1), param(C, scale=0.1)
+    x = _channels_last_map((B, C, H, W), dtype).requires_grad_()
+    weight, bias = _leaf(C, 1, 3, 3, dtype=dtype, scale=0.2), _leaf(C, dtype=dtype, scale=0.1)
+    x_bias = _leaf(C, dtype=dtype, scale=0.1)
     leaves = (x, weight, bias, x_bias)
 
     def eager_pa() -> torch.Tensor:
@@ -1836,8 +1838,7 @@ def _pa_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
         return xb * torch.sigmoid(torch.nn.functional.conv2d(xb, weight, bias, padding=1, groups=C))
 
     if not bwd:
-        norm_weight, norm_bias = param(C, scale=0.1, shift=1.0, dt=torch.float32), param(C, scale=0.1, dt=torch.float32)
-        norm = (norm_weight, norm_bias, 1e-6)
+        norm = (_leaf(C, dtype=torch.float32, scale=0.1, shift=1.0), _leaf(C, dtype=torch.float32, scale=0.1), 1e-6)
 
         def eager() -> torch.Tensor:
             with _autocast(dtype):
@@ -1848,18 +1849,13 @@ def _pa_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
             "eager": torch.no_grad()(eager),
             "keep": (*leaves, *norm),
         }
-    dout = torch.randn(B, C, H, W, device=DEVICE).to(dtype, memory_format=torch.channels_last)
+    dout = _channels_last_map((B, C, H, W), dtype)
     out, eager_out = pixel_attention(*leaves), eager_pa()
     return {
         "run": lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
         "eager": lambda: torch.autograd.grad(eager_out, leaves, dout, retain_graph=True),
         "keep": (*leaves, out, eager_out),
     }
-
-
-def _stem_map(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    B, C, H, W = shape
-    return torch.randn(B, C, H, W, device=DEVICE).to(dtype, memory_format=torch.channels_last)
 
 
 def _bias_relu_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
@@ -1870,7 +1866,7 @@ def _bias_relu_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
     C = shape[1]
     torch.manual_seed(0)
-    x, bias = _stem_map(shape, dtype), (0.1 * torch.randn(C, device=DEVICE)).to(dtype)
+    x, bias = _channels_last_map(shape, dtype), (0.1 * torch.randn(C, device=DEVICE)).to(dtype)
     stats = (0.1 * torch.randn(C, device=DEVICE), 1 + torch.rand(C, device=DEVICE))
     affine = (1 + 0.1 * torch.randn(C, device=DEVICE), 0.1 * torch.randn(C, device=DEVICE))
 
@@ -1889,9 +1885,8 @@ def _bn_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
     C = shape[1]
     torch.manual_seed(0)
-    x = _stem_map(shape, dtype).requires_grad_()
-    weight = (1 + 0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
-    bias = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_()
+    x = _channels_last_map(shape, dtype).requires_grad_()
+    weight, bias = _leaf(C, dtype=torch.float32, scale=0.1, shift=1.0), _leaf(C, dtype=torch.float32, scale=0.1)
     running = [(torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)) for _ in range(2)]
     leaves = (x, weight, bias)
 
@@ -1904,7 +1899,7 @@ def _bn_case(shape: tuple, dtype: torch.dtype, bwd: bool) -> dict:
 
     if not bwd:
         return {"run": torch.no_grad()(kernel), "eager": torch.no_grad()(eager), "keep": leaves}
-    dout = _stem_map(shape, dtype)
+    dout = _channels_last_map(shape, dtype)
     out, eager_out = kernel(), eager()
     return {
         "run": lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
