@@ -46,6 +46,7 @@ from restv2_kernels.plans import TARGETS, Recorded
 from restv2_kernels.targets import (
     CHECKED_TARGETS,
     INFO_TARGETS,
+    Readings,
     Row,
     check,
     format_table,
@@ -332,8 +333,10 @@ def run_check(
     targets: Sequence[str] = CHECKED_TARGETS + INFO_TARGETS,
     jobs: int | None = None,
     log=print,
+    readings: Readings | None = None,
 ) -> list[Row]:
-    """Enumerates the zoo's calls, records their launches per target, compiles and judges them."""
+    """Enumerates the zoo's calls, records their launches per target, compiles and judges them
+    (with ``readings``: compiles only the jobs without a committed reading, and a sample)."""
     t0 = time.perf_counter()
     calls = zoo_calls(models, dtypes, inputs)
     launches = {target: record_launches(calls, target) for target in targets}
@@ -347,7 +350,7 @@ def run_check(
         if done == total or done % 50 == 0:
             log(f"  compiled {done}/{total} distinct plans ({time.perf_counter() - t0:.0f}s)")
 
-    return check(launches, jobs=jobs, progress=progress)
+    return check(launches, jobs=jobs, progress=progress, readings=readings)
 
 
 def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGETS + INFO_TARGETS) -> str:
@@ -400,6 +403,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=str, default=None, help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="also print the per-kernel summary table")
     parser.add_argument(
+        "--readings",
+        type=str,
+        default=None,
+        metavar="FILE",
+        help="reuse the readings committed in FILE where Triton's cache key matches (compiling one a kernel "
+        "afresh to confirm them), e.g. tests/data/target_readings.json, which CI uses",
+    )
+    parser.add_argument(
+        "--update-readings",
+        action="store_true",
+        help="write this run's readings into --readings FILE (this Triton build's group; needs the whole zoo)",
+    )
+    parser.add_argument(
         "--force",
         action="append",
         default=[],
@@ -419,6 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
+    if args.update_readings:  # the file keeps one group a build: a partial run would drop readings
+        partial = args.force or set(args.models) != set(MODELS) or set(args.dtypes) != set(DTYPES)
+        if args.readings is None or partial or not set(CHECKED_TARGETS) <= set(targets):
+            parser.error(
+                "--update-readings needs --readings FILE and the whole zoo: every model and dtype, "
+                f"no --force, and the targets {', '.join(CHECKED_TARGETS)}"
+            )
+    readings = Readings(args.readings) if args.readings else None
     # the kernels must be compiled ones: the interpreter's decorator is chosen at import
     if not any(m in sys.modules for m in KERNEL_MODULES.values()):
         os.environ.pop("TRITON_INTERPRET", None)
@@ -426,18 +450,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with plans.forced(**overrides):
-            rows = run_check(args.models, args.dtypes, INPUTS, targets, args.jobs, log=lambda m: print(m, flush=True))
+            rows = run_check(
+                args.models, args.dtypes, INPUTS, targets, args.jobs, lambda m: print(m, flush=True), readings
+            )
     except ValueError as exc:  # an unknown family or field in --force
         parser.error(str(exc))
     print(format_table(rows))
     if args.markdown:
         print()
         print(markdown_summary(rows, targets))
+    summary = None
+    if readings is not None:
+        summary = {
+            "file": args.readings,
+            "build": readings.build,
+            "build_in_file": readings.has_build,
+            **{how: sum(r.reading == how for r in rows) for how in ("committed", "committed, verified", "compiled")},
+        }
+        print(
+            f"\nreadings ({args.readings}, build {readings.build}"
+            + ("" if readings.has_build else ", not in the file")
+            + f"): {summary['committed'] + summary['committed, verified']} of {len(rows)} plans committed, "
+            f"{summary['committed, verified']} of them compiled afresh to confirm; {summary['compiled']} compiled"
+        )
+        if args.update_readings:
+            readings.save()
+            print(f"wrote {len(readings.seen)} readings to {args.readings}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets}, "rows": to_json(rows)}, f, indent=1
-            )
+            targets_json = {t: dataclasses.asdict(TARGETS[t]) for t in targets}
+            json.dump({"targets": targets_json, "readings": summary, "rows": to_json(rows)}, f, indent=1)
     failing = [r for r in rows if r.problems and r.target not in INFO_TARGETS]  # fp32 spills are no problem
     spilling = [r for r in rows if r.dtype == "fp32" and r.local_bytes and r.target not in INFO_TARGETS]
     print(

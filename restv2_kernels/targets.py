@@ -20,6 +20,10 @@ tensors) and, per target:
    limit, no local memory in 16-bit plans, tensor cores in every 16-bit ``tl.dot`` kernel
    on the targets that have them; and estimates occupancy (programs per SM from registers,
    shared memory, threads and the block limit).
+5. **Keeps readings** (``Readings``, optional): what each compile read, committed to a file under
+   the key Triton's own cache would use (``triton_hash``), so that a machine with an empty Triton
+   cache compiles only the jobs whose key changed; one reused job a kernel is compiled afresh
+   and must read the same.
 
 Compiling needs the compiled ``triton.jit`` kernels: run it in a process without
 ``TRITON_INTERPRET=1`` (the command line drops the variable itself). The model zoo's
@@ -239,6 +243,7 @@ class Row:
     occupancy_limit: str | None = None  # what bounds programs_per_sm
     error: str | None = None
     problems: list[str] = field(default_factory=list)
+    reading: str = "compiled"  # or "committed" (``Readings``), "committed, verified" (compiled afresh too)
 
 
 def _tool(name: str) -> str:
@@ -331,23 +336,31 @@ def cubin_facts(cubin_bytes: bytes, kernel: str) -> tuple[dict[str, int], dict[s
     return facts["usage"], facts["sass"], facts["sass_error"]
 
 
-def compile_job(job: CompileJob) -> dict[str, Any]:
-    """Compiles one job (in a worker process) and reads its cubin: a dict of ``Row`` fields."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+def _source(job: CompileJob) -> Any:
+    """The ``triton.compiler.ASTSource`` that ``triton.compile`` takes for ``job``."""
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(job.module), job.qualname)
     _require_compiled(fn)
-    src = ASTSource(fn, dict(job.signature), dict(job.constexprs), {k: [list(a) for a in v] for k, v in job.attrs})
+    return ASTSource(fn, dict(job.signature), dict(job.constexprs), {k: [list(a) for a in v] for k, v in job.attrs})
+
+
+def compile_job(job: CompileJob) -> dict[str, Any]:
+    """Compiles one job (in a worker process) and reads its cubin: a dict of ``Row`` fields, and
+    under ``"triton_hash"`` the key Triton's cache filed the compile under."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = _source(job)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
     except Exception as exc:  # noqa: BLE001 - a plan that does not compile is a finding, not a crash
         lines = str(exc).strip().splitlines() or [""]
-        return {"error": f"{type(exc).__name__}: {lines[-1][:300]}"}
+        return {"error": f"{type(exc).__name__}: {lines[-1][:300]}", "triton_hash": triton_hash(job)}
     usage, sass, sass_error = cubin_facts(compiled.asm["cubin"], compiled.metadata.name)
     ptx = compiled.asm["ptx"]
     return {
+        "triton_hash": compiled.hash,
         "registers": usage.get("REG"),
         "local_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
         "spill_instructions": sass["spills"],
@@ -360,8 +373,132 @@ def compile_job(job: CompileJob) -> dict[str, Any]:
     }
 
 
-def _worker_init() -> None:
+# ---------------------------------------------------------------------------------------
+# 5. Committed readings: what earlier runs read, keyed as Triton keys its cache
+# ---------------------------------------------------------------------------------------
+
+READING_FIELDS = (
+    "registers",
+    "local_bytes",
+    "spill_instructions",
+    "shared_bytes",
+    "dots",
+    "ptx_mma",
+    "hmma",
+    "hgmma",
+    "sass_error",
+    "error",
+)
+
+
+def triton_hash(job: CompileJob) -> str | None:
+    """The key under which Triton's on-disk cache files ``job``'s compile, computed as
+    ``triton.compile`` computes it, without compiling: a hash of Triton's own sources and
+    library, the kernel's source and the functions and globals it uses, the signature,
+    constants and attributes, the backend (ptxas version, target), the options and the
+    cache-invalidating environment variables. None where this Triton has no such function."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import compiler
+
+        src = _source(job)
+        backend = compiler.make_backend(GPUTarget("cuda", job.arch, 32))
+        options = backend.parse_options(dict(dict(job.options), **src.parse_options()))
+        key = compiler.get_cache_key(src, backend, options, env_vars=compiler.get_cache_invalidating_env_vars())
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def build_id() -> str | None:
+    """This Triton build (its sources and library, the cache-invalidating environment) and this
+    ``cuobjdump``: the readings of one build are filed together. None where Triton has no key."""
+    try:
+        from triton.compiler import compiler
+        from triton.runtime.cache import triton_key
+
+        parts = [triton_key(), str(sorted(compiler.get_cache_invalidating_env_vars().items())), _cuobjdump_version()]
+    except (ImportError, AttributeError, RuntimeError, OSError, subprocess.CalledProcessError):
+        return None
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def reading_mismatch(stored: dict[str, Any], fresh: dict[str, Any]) -> str | None:
+    """How a committed reading differs from a fresh compile's (None: it does not)."""
+    diffs = [
+        f"{name} {stored.get(name)!r} committed, {fresh.get(name)!r} compiled"
+        for name in READING_FIELDS
+        if stored.get(name) != fresh.get(name)
+    ]
+    return "; ".join(diffs) or None
+
+
+class Readings:
+    """What the check read of each compile, committed to a JSON file so that a machine with an
+    empty Triton cache (CI on a fresh machine) compiles only what changed.
+
+    A reading is used only under the key Triton's own cache would use (``triton_hash``): a change
+    to a kernel, a function it calls, a plan, the arguments' specialisation, Triton, ptxas or the
+    cache-invalidating environment changes the key, and that job is compiled. Readings are
+    grouped by build (``build_id``: Triton, ``cuobjdump``); ``save`` rewrites this build's group
+    with the readings of this run (compiled or reused) and keeps the other builds'. ``check``
+    compiles a sample of the reused readings afresh and fails on any difference.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.build = build_id()
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            data = {}
+        self.builds: dict[str, dict] = data.get("builds", {})
+        group = self.builds.get(self.build) if self.build else None
+        usable = group is not None and tuple(group.get("fields", ())) == READING_FIELDS
+        self.stored: dict[str, list] = group["readings"] if usable else {}
+        self.has_build = usable  # the file holds this build's readings (False: every job compiles)
+        self.seen: dict[str, dict[str, Any]] = {}
+
+    def get(self, key: str | None) -> dict[str, Any] | None:
+        values = self.stored.get(key[:32]) if key else None
+        if values is None:
+            return None
+        return {name: value for name, value in zip(READING_FIELDS, values) if value is not None}
+
+    def put(self, key: str | None, reading: dict[str, Any]) -> None:
+        if key:
+            self.seen[key[:32]] = {name: reading.get(name) for name in READING_FIELDS}
+
+    def save(self) -> None:
+        """This build's group becomes this run's readings; the file has one reading a line."""
+        if self.build is None:
+            raise RuntimeError("this Triton has no cache key to file readings under")
+        import triton
+
+        self.builds[self.build] = {
+            "triton": triton.__version__,
+            "cuobjdump": _cuobjdump_version().strip().splitlines()[-1],
+            "fields": list(READING_FIELDS),
+            "readings": {k: [r.get(name) for name in READING_FIELDS] for k, r in sorted(self.seen.items())},
+        }
+        lines = ['{"builds": {']
+        for i, (build, group) in enumerate(sorted(self.builds.items())):
+            head = {k: v for k, v in group.items() if k != "readings"}
+            lines.append(f" {json.dumps(build)}: {json.dumps(head)[:-1]}, " + '"readings": {')
+            items = sorted(group["readings"].items())
+            lines += [
+                f"  {json.dumps(k)}: {json.dumps(v)}" + ("," if j < len(items) - 1 else "")
+                for j, (k, v) in enumerate(items)
+            ]
+            lines.append(" }}" + ("," if i < len(self.builds) - 1 else ""))
+        lines.append("}}")
+        self.path.write_text("\n".join(lines) + "\n")
+
+
+def _worker_init(cache_dir: str | None = None) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
+    if cache_dir:  # a fresh compile: Triton's cache and the cubin readings start empty
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
     # Triton 3.9 warns once a process that its fp-fusion default will change: not this check's news
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -422,12 +559,17 @@ def check(
     launches: dict[str, Sequence[tuple[Recorded, str]]],
     jobs: int | None = None,
     progress: Any = None,
+    readings: Readings | None = None,
 ) -> list[Row]:
     """Compiles every distinct plan of ``launches`` for its target and judges it.
 
     ``launches``: target name -> (launch recorded under ``plans.using_target(target)``, use
     label). Rows come sorted by kernel, dtype, target, plan; ``Row.uses`` lists the labels
     of the launches that compile to it. ``progress(done, total, job)`` is called as jobs finish.
+    With ``readings``, a job whose Triton cache key has a committed reading is not compiled
+    (``Row.reading == "committed"``), except one such job a kernel, the one with the lowest key,
+    which is compiled afresh, with Triton's cache and the cubin readings empty, and must read the
+    same (``"committed, verified"``); every compile's key is checked against Triton's own.
     """
     by_key: dict[str, tuple[CompileJob, list[str]]] = {}
     for name, recorded in launches.items():
@@ -437,18 +579,49 @@ def check(
             entry = by_key.setdefault(job.key, (job, []))
             if use not in entry[1]:
                 entry[1].append(use)
-    jobs_list = [job for job, _ in by_key.values()]
+    hashes = {key: triton_hash(job) for key, (job, _) in by_key.items()} if readings else {}
     results: dict[str, dict] = {}
-    ctx = multiprocessing.get_context("spawn")  # a clean process: no interpreter, no inherited MLIR state
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs or os.cpu_count() or 1, mp_context=ctx, initializer=_worker_init
-    ) as pool:
-        futures = {pool.submit(compile_job, job): job for job in jobs_list}
-        for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            job = futures[future]
-            results[job.key] = future.result()
-            if progress:
-                progress(i, len(futures), job)
+    how: dict[str, str] = {}
+    for key in by_key:
+        stored = readings.get(hashes[key]) if readings else None
+        if stored is not None:
+            results[key], how[key] = stored, "committed"
+    sample = {}  # kernel -> the reused job with the lowest key: compiled afresh
+    for key in sorted(results, key=lambda k: hashes[k]):
+        sample.setdefault(by_key[key][0].kernel, key)
+    todo = [job for key, (job, _) in by_key.items() if key not in results]
+    fresh = [by_key[key][0] for key in sample.values()]
+    key_problems: dict[str, str] = {}
+
+    def run(batch: list[CompileJob], cache_dir: str | None) -> dict[str, dict]:
+        if not batch:
+            return {}
+        out = {}
+        ctx = multiprocessing.get_context("spawn")  # a clean process: no interpreter, no inherited MLIR state
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(len(batch), jobs or os.cpu_count() or 1),
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(cache_dir,),
+        ) as pool:
+            futures = {pool.submit(compile_job, job): job for job in batch}
+            for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                job = futures[future]
+                result = future.result()
+                compiled_hash = result.pop("triton_hash")
+                if hashes.get(job.key) and compiled_hash != hashes[job.key]:
+                    key_problems[job.key] = (
+                        f"the readings' key {hashes[job.key]} is not Triton's cache key {compiled_hash}"
+                    )
+                out[job.key] = result
+                if progress:
+                    progress(i, len(futures), job)
+        return out
+
+    for key, result in run(todo, None).items():
+        results[key], how[key] = result, "compiled"
+    with tempfile.TemporaryDirectory(prefix="restv2-fresh-compile-") as cache_dir:
+        verified = run(fresh, cache_dir)
     rows = []
     for key, (job, uses) in by_key.items():
         target = TARGETS[job.target]
@@ -462,6 +635,7 @@ def check(
             specialization=job.specialization,
             uses=uses,
             shared_limit=target.smem_per_block,
+            reading=how[key],
             **results[key],
         )
         if row.error is None:
@@ -469,6 +643,15 @@ def check(
                 target, row.registers, row.shared_bytes, row.num_warps
             )
         row.problems = problems(row)
+        if key in verified:
+            row.reading = "committed, verified"
+            mismatch = reading_mismatch(results[key], verified[key])
+            if mismatch:
+                row.problems.append(f"the committed reading differs from a fresh compile: {mismatch}")
+        if key in key_problems:
+            row.problems.append(key_problems[key])
+        if readings:
+            readings.put(hashes[key], results[key])
         rows.append(row)
     rows.sort(key=lambda r: (r.kernel, r.dtype, r.target, r.plan))
     return rows

@@ -28,6 +28,7 @@ from restv2_kernels import targets
 from restv2_kernels.plans import TARGETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+READINGS = ROOT / "tests" / "data" / "target_readings.json"  # python -m restv2.targets --readings ... --update-readings
 CHECKED = ("sm_80", "sm_89", "sm_90")
 KERNELS = (
     "attn_fwd",
@@ -92,27 +93,32 @@ FP32_LOCAL_BYTES = {
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
-    """The command line's exit status, output and rows for the whole zoo on the checked targets,
-    once per session (also under pytest-xdist: ``helpers.once_per_session``)."""
+    """The command line's exit status, output, rows and readings summary for the whole zoo on the
+    checked targets, with the committed readings, once per session (also under pytest-xdist:
+    ``helpers.once_per_session``)."""
     out = tmp_path_factory.mktemp("targets") / "targets.json"
 
     def run() -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         proc = subprocess.run(
-            [sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED), "--json", str(out)],
+            [
+                *(sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED)),
+                *("--readings", str(READINGS), "--json", str(out)),
+            ],
             cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
             timeout=1200,
         )
-        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        written = json.loads(out.read_text()) if out.exists() else {}
         return {
             "returncode": proc.returncode,
             "stdout": proc.stdout[-4000:],
             "stderr": proc.stderr[-4000:],
-            "rows": rows,
+            "rows": written.get("rows", []),
+            "readings": written.get("readings"),
         }
 
     result = once_per_session(tmp_path_factory, "targets-check", run)
@@ -130,6 +136,96 @@ def test_every_kernel_dtype_and_target_is_compiled(check):
     seen = {(r["kernel"], r["dtype"], r["target"]) for r in rows}
     assert seen == set(itertools.product(KERNELS, ("fp32", "fp16", "bf16"), CHECKED))
     assert all(r["uses"] for r in rows)
+
+
+def test_committed_readings_cover_every_plan(check):
+    """CI on a machine with an empty Triton cache compiles only what changed: every plan's reading
+    is committed for this Triton build (``tests/data/target_readings.json``), under the key
+    Triton's own cache would use. A kernel, plan or specialisation changed without refreshing the
+    file fails here; under another Triton build every plan is compiled, which is correct, only slow."""
+    proc, rows = check
+    summary = proc.readings
+    if not summary["build_in_file"]:
+        pytest.skip(f"the committed readings are for other Triton builds than this one ({summary['build']})")
+    compiled = [
+        f"{r['kernel']} {r['dtype']} {r['target']} {r['plan']} ({r['uses'][0]})"
+        for r in rows
+        if r["reading"] == "compiled"
+    ]
+    assert not compiled, (
+        f"{len(compiled)} plans have no committed reading; refresh the file with\n"
+        "  python -m restv2.targets --readings tests/data/target_readings.json --update-readings\n"
+        "and commit it:\n" + "\n".join(compiled[:20])
+    )
+
+
+def test_one_committed_reading_a_kernel_is_compiled_afresh(check):
+    """Of the reused readings, one a kernel is compiled again with Triton's cache empty and must
+    read the same (a mismatch is a problem in ``test_every_plan_fits_its_gpu``); every compile's
+    Triton cache key must be the one the readings are filed under."""
+    proc, rows = check
+    reused = {r["kernel"] for r in rows if r["reading"].startswith("committed")}
+    verified = [r["kernel"] for r in rows if r["reading"] == "committed, verified"]
+    assert sorted(verified) == sorted(reused)
+    assert proc.readings["committed, verified"] == len(reused)
+    if proc.readings["build_in_file"]:
+        assert reused == set(KERNELS)
+
+
+def _reading(registers: int) -> dict:
+    return dict(registers=registers, local_bytes=0, spill_instructions=0, shared_bytes=4096, dots=2, ptx_mma=8)
+
+
+def test_readings_are_filed_by_build_and_key(tmp_path, monkeypatch):
+    """The readings file: one group a Triton build, each reading under its compile's cache key;
+    ``save`` replaces this build's group with this run's readings and keeps the others'; a group
+    written with other fields is not used."""
+    build = ["build-a"]
+    monkeypatch.setattr(targets, "build_id", lambda: build[0])
+    monkeypatch.setattr(targets, "_cuobjdump_version", lambda: "cuobjdump\nCuda compilation tools 13.1")
+    path = tmp_path / "readings.json"
+    key1, key2 = "1" * 64, "2" * 64
+    first = targets.Readings(path)  # no file yet: nothing stored
+    assert not first.has_build and first.get(key1) is None
+    first.put(key1, _reading(100))
+    first.put(key2, {"error": "PTXASError: out of resources"})
+    first.put(None, _reading(7))  # a Triton without cache keys: nothing to file it under
+    first.save()
+    again = targets.Readings(path)
+    assert again.has_build
+    assert again.get(key1) == _reading(100)
+    assert again.get(key2) == {"error": "PTXASError: out of resources"}
+    assert again.get("3" * 64) is None and again.get(None) is None
+    assert len(path.read_text().splitlines()) == 6  # the head, the group's head, a line a reading, the ends
+
+    build[0] = "build-b"  # another Triton: its own group, the first kept
+    other = targets.Readings(path)
+    assert not other.has_build and other.get(key1) is None
+    other.put(key1, _reading(120))
+    other.save()
+    build[0] = "build-a"
+    assert targets.Readings(path).get(key1) == _reading(100)
+    build[0] = "build-b"
+    assert targets.Readings(path).get(key1) == _reading(120)
+
+    rerun = targets.Readings(path)  # a rerun of build b files only what it saw
+    rerun.put(key2, _reading(90))
+    rerun.save()
+    assert targets.Readings(path).get(key1) is None and targets.Readings(path).get(key2) == _reading(90)
+
+    data = json.loads(path.read_text())
+    data["builds"]["build-b"]["fields"] = data["builds"]["build-b"]["fields"][:-1]  # another layout
+    path.write_text(json.dumps(data))
+    assert not targets.Readings(path).has_build and targets.Readings(path).get(key2) is None
+
+
+def test_reading_mismatch_names_the_fields():
+    assert targets.reading_mismatch(_reading(100), _reading(100)) is None
+    assert targets.reading_mismatch(_reading(100), _reading(104)) == "registers 100 committed, 104 compiled"
+    found = targets.reading_mismatch({"error": "PTXASError: x"}, _reading(100))
+    assert (
+        "registers None committed, 100 compiled" in found and "error 'PTXASError: x' committed, None compiled" in found
+    )
 
 
 def test_pa_layer_norm_is_compiled(check):
