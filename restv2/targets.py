@@ -413,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--update-readings",
         action="store_true",
-        help="write this run's readings into --readings FILE (this Triton build's group; needs the whole zoo)",
+        help="compile every plan (Triton's cache serves what it holds) and write the readings into --readings "
+        "FILE, as this Triton build's group; needs the whole zoo",
     )
     parser.add_argument(
         "--force",
@@ -442,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--update-readings needs --readings FILE and the whole zoo: every model and dtype, "
                 f"no --force, and the targets {', '.join(CHECKED_TARGETS)}"
             )
-    readings = Readings(args.readings) if args.readings else None
+    readings = Readings(args.readings, reuse=not args.update_readings) if args.readings else None
     # the kernels must be compiled ones: the interpreter's decorator is chosen at import
     if not any(m in sys.modules for m in KERNEL_MODULES.values()):
         os.environ.pop("TRITON_INTERPRET", None)

@@ -441,11 +441,12 @@ class Readings:
     to a kernel, a function it calls, a plan, the arguments' specialisation, Triton, ptxas or the
     cache-invalidating environment changes the key, and that job is compiled. Readings are
     grouped by build (``build_id``: Triton, ``cuobjdump``); ``save`` rewrites this build's group
-    with the readings of this run (compiled or reused) and keeps the other builds'. ``check``
-    compiles a sample of the reused readings afresh and fails on any difference.
+    with the readings of this run and keeps the other builds'. ``check`` compiles a sample of the
+    reused readings afresh and fails on any difference. ``reuse=False`` (to refresh the file)
+    reuses none: every job is compiled (Triton's local cache still serves what it holds).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, reuse: bool = True):
         self.path = pathlib.Path(path)
         self.build = build_id()
         try:
@@ -455,7 +456,7 @@ class Readings:
         self.builds: dict[str, dict] = data.get("builds", {})
         group = self.builds.get(self.build) if self.build else None
         usable = group is not None and tuple(group.get("fields", ())) == READING_FIELDS
-        self.stored: dict[str, list] = group["readings"] if usable else {}
+        self.stored: dict[str, list] = group["readings"] if usable and reuse else {}
         self.has_build = usable  # the file holds this build's readings (False: every job compiles)
         self.seen: dict[str, dict[str, Any]] = {}
 
@@ -651,7 +652,7 @@ def check(
         if key in key_problems:
             row.problems.append(key_problems[key])
         if readings:
-            readings.put(hashes[key], results[key])
+            readings.put(hashes[key], verified.get(key, results[key]))
         rows.append(row)
     rows.sort(key=lambda r: (r.kernel, r.dtype, r.target, r.plan))
     return rows

@@ -196,6 +196,8 @@ def test_readings_are_filed_by_build_and_key(tmp_path, monkeypatch):
     assert again.get(key1) == _reading(100)
     assert again.get(key2) == {"error": "PTXASError: out of resources"}
     assert again.get("3" * 64) is None and again.get(None) is None
+    refresh = targets.Readings(path, reuse=False)  # --update-readings: every job compiled
+    assert refresh.has_build and refresh.get(key1) is None
     assert len(path.read_text().splitlines()) == 6  # the head, the group's head, a line a reading, the ends
 
     build[0] = "build-b"  # another Triton: its own group, the first kept
@@ -406,3 +408,27 @@ def test_cubin_readings_are_kept_by_cubin_kernel_and_tool(tmp_path, monkeypatch)
         path.write_text('{"usage": ')  # cut short
     assert targets.cubin_facts(b"cubin-a", "attn_fwd") == first and len(read) == 5
     assert targets.cubin_facts(b"cubin-a", "attn_fwd") == first and len(read) == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--update-readings"],  # where to?
+        ["--readings", "r.json", "--update-readings", "--models", "restv2_tiny"],
+        ["--readings", "r.json", "--update-readings", "--dtypes", "bf16"],
+        ["--readings", "r.json", "--update-readings", "--force", "attn_fwd.block_n=64"],
+        ["--readings", "r.json", "--update-readings", "--targets", "sm_90"],
+    ],
+)
+def test_update_readings_needs_the_whole_zoo(args, tmp_path, monkeypatch, capsys):
+    """A partial run would replace this build's readings with a part of them: refused before
+    anything is compiled, and the file is not written."""
+    from restv2.targets import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert (
+        exc.value.code == 2 and "--update-readings needs --readings FILE and the whole zoo" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "r.json").exists()
