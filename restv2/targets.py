@@ -4,6 +4,8 @@ real GPUs on a machine without one.
     python -m restv2.targets                       # sm_80, sm_89, sm_90 checked; sm_70 shown
     python -m restv2.targets --json targets.json --targets sm_90 --models restv2_tiny
     python -m restv2.targets --markdown            # the README's "GPU targets" table
+    python -m restv2.targets --readings tests/data/target_readings.json [--update-readings]
+                                                   # reuse (refresh) the committed readings, as CI does
 
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
