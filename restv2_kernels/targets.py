@@ -33,6 +33,7 @@ launches and the command line are in ``restv2.targets`` (``python -m restv2.targ
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -347,7 +348,7 @@ def _source(job: CompileJob) -> Any:
 
 def compile_job(job: CompileJob) -> dict[str, Any]:
     """Compiles one job (in a worker process) and reads its cubin: a dict of ``Row`` fields, and
-    under ``"triton_hash"`` the key Triton's cache filed the compile under."""
+    under ``"triton_hash"`` the key Triton's cache filed the compile under (None: it failed)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -356,7 +357,7 @@ def compile_job(job: CompileJob) -> dict[str, Any]:
         compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
     except Exception as exc:  # noqa: BLE001 - a plan that does not compile is a finding, not a crash
         lines = str(exc).strip().splitlines() or [""]
-        return {"error": f"{type(exc).__name__}: {lines[-1][:300]}", "triton_hash": triton_hash(job)}
+        return {"error": f"{type(exc).__name__}: {lines[-1][:300]}", "triton_hash": None}  # nothing cached
     usage, sass, sass_error = cubin_facts(compiled.asm["cubin"], compiled.metadata.name)
     ptx = compiled.asm["ptx"]
     return {
@@ -594,23 +595,27 @@ def check(
     fresh = [by_key[key][0] for key in sample.values()]
     key_problems: dict[str, str] = {}
 
-    def run(batch: list[CompileJob], cache_dir: str | None) -> dict[str, dict]:
+    def run(batch: list[CompileJob], fresh_cache: bool) -> dict[str, dict]:
         if not batch:
             return {}
         out = {}
         ctx = multiprocessing.get_context("spawn")  # a clean process: no interpreter, no inherited MLIR state
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(len(batch), jobs or os.cpu_count() or 1),
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(cache_dir,),
-        ) as pool:
+        cache = tempfile.TemporaryDirectory(prefix="restv2-fresh-compile-") if fresh_cache else contextlib.nullcontext()
+        with (
+            cache as cache_dir,  # removed after the pool has stopped
+            concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(len(batch), jobs or os.cpu_count() or 1),
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(cache_dir,),
+            ) as pool,
+        ):
             futures = {pool.submit(compile_job, job): job for job in batch}
             for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 job = futures[future]
                 result = future.result()
                 compiled_hash = result.pop("triton_hash")
-                if hashes.get(job.key) and compiled_hash != hashes[job.key]:
+                if compiled_hash and hashes.get(job.key) and compiled_hash != hashes[job.key]:
                     key_problems[job.key] = (
                         f"the readings' key {hashes[job.key]} is not Triton's cache key {compiled_hash}"
                     )
@@ -619,10 +624,9 @@ def check(
                     progress(i, len(futures), job)
         return out
 
-    for key, result in run(todo, None).items():
+    for key, result in run(todo, fresh_cache=False).items():
         results[key], how[key] = result, "compiled"
-    with tempfile.TemporaryDirectory(prefix="restv2-fresh-compile-") as cache_dir:
-        verified = run(fresh, cache_dir)
+    verified = run(fresh, fresh_cache=True)
     rows = []
     for key, (job, uses) in by_key.items():
         target = TARGETS[job.target]
