@@ -507,6 +507,7 @@ def test_kv_parity_bf16(B, N, M, h, d, uses):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 def test_torch_compile_inductor():
     """torch.compile(fullgraph=True) with Inductor: forward and backward as good as eager."""
     q, k, v, grad = _inputs(2, 196, 49, 2, 64, FP16, "cuda", seed=8)

@@ -406,6 +406,7 @@ def test_parity_bf16(B, N, M, h, d):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 def test_torch_compile_inductor():
     """torch.compile(fullgraph=True) with Inductor: forward and backward as good as eager."""
     q, k, v, weight, bias, grad = _inputs(2, 196, 49, 4, 64, FP16, "cuda", seed=14, param_dtype=FP32)

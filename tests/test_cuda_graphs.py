@@ -150,6 +150,7 @@ def test_captured_training_step_replays_like_eager(cls, extra, dtype):
         stale = eager
 
 
+@pytest.mark.inductor
 def test_reduce_overhead_compile_runs_as_cuda_graphs():
     """``torch.compile(mode="reduce-overhead")`` in bf16 autocast: no op of the kernel path makes
     Inductor skip CUDA graphs (a custom op with a CPU tensor or a mutated input would), and each

@@ -489,6 +489,7 @@ def test_tf32_compiled(device):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 def test_torch_compile_inductor(device):
     """torch.compile(fullgraph=True) with inductor around the op, forward and backward."""
     tensors = [t.to(device=device, dtype=FP16) for t in _inputs((2, 196), 96, 384)]

@@ -453,6 +453,7 @@ def test_parity_compiled(shape, dtypes, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 def test_torch_compile_inductor(device):
     """torch.compile(fullgraph=True) with inductor around the op, in the autocast dtypes
     (fp32 stream, bf16 branch, bf16 normed), forward and backward."""

@@ -391,6 +391,7 @@ def test_kernel_path_traces_fullgraph(cls, extra, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_path_compiles_fullgraph_and_matches_eager(dtype):
     torch.manual_seed(0)

@@ -405,6 +405,7 @@ def test_parity_compiled(shape, dtype, layout, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 def test_torch_compile_inductor(device):
     """torch.compile(fullgraph=True) with inductor around the op, forward and backward."""
     B, C, H, W = 2, 96, 25, 33

@@ -337,6 +337,7 @@ def test_parity_compiled(shape, sr, dtype, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.inductor
 def test_torch_compile_inductor(device):
     """torch.compile(fullgraph=True) with inductor around the op, forward and backward."""
     B, Hr, Wr, H, W, C, sr = 2, 4, 5, 25, 33, 96, 8
