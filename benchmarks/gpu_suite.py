@@ -1,9 +1,18 @@
-"""The GPU runner: one phase per command, each within a time budget, its results in at most 3 files.
+"""The GPU runner: prepared commands (plans) for a GPU lease, each a few phases within one time budget.
 
-GPUs come to this project by chance, for 30 minutes of device time, at most 10 minutes a command,
-through a remote tool that runs one shell command in a copy of the repository and brings back the
-files under ``$OUT`` (at most 8 a command, at most two folders deep). Nothing can be installed there,
-so the tree runs in place, one phase a command, each into its own folder of ``$OUT``:
+GPUs come to this project by chance, for a lease of 15 minutes of device time (the machine's start,
+every command, the transfers and idle waits all count), at most 10 minutes a command, through a remote
+tool that runs one shell command in a copy of the repository and brings back the files under ``$OUT``
+(at most 8 a command, at most two folders deep). Nothing can be installed there, so the tree runs in
+place. A lease holds the machine's start and two plans, each run with the tool's ``timeout_s=360``
+(``--list`` prints the whole schedule, two plans a lease, most important first):
+
+    PYTHONPATH=. python benchmarks/gpu_suite.py --plan first --out $OUT
+    PYTHONPATH=. python benchmarks/gpu_suite.py --plan targets --out $OUT
+
+A plan runs its steps in order, each a child ``--phase P --tag T --out $OUT/T`` with what is left of
+the plan's budget (``--budget-s``, default 300 s; at most the step's cap), and prints every step's
+summary last. A step that fails or crashes leaves the next ones to run. One phase runs on its own too:
 
     PYTHONPATH=. python benchmarks/gpu_suite.py --phase env --out $OUT/env
 
@@ -13,13 +22,15 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
   env      GPU, driver, torch, triton, CUDA, SM count, L2, memory, compute capability, the plans'
            target (``plans.device_target``), copy bandwidth and matmul rates measured now, the first
            (compiling) call of both kernels, nvidia-smi.
-  tests    ``pytest -m cuda``, then ``pytest -m "not cuda"`` (on a GPU conftest sets no
-           TRITON_INTERPRET, so every kernel runs compiled); counts per run and each failure's node
-           id and message, from the JUnit XML.
+  tests    ``pytest -m "cuda and not inductor"`` (compiled Triton, bf16, CUDA graphs), then
+           ``-m "cuda and inductor"`` (torch.compile's Inductor: minutes), then ``-m "not cuda"``
+           (on a GPU conftest sets no TRITON_INTERPRET, so every kernel runs compiled), ``--runs``
+           choosing; the target check (tests/test_targets.py, no GPU needed) is left to CI; counts per
+           run and each failure's node id and message, from the JUnit XML.
   kernels  ``bench_attention.py``, ``bench_upsample.py`` (restv2_tiny) and ``bench_attention_mixed.py``
            (rest_small, rest_large) for bf16, fp16, fp32 (in that order), the 224 px stage shapes
-           at batch 128 and the 800x1333 stages at batch 2, forward and backward, against eager,
-           SDPA and torch.compile, merged into one JSON.
+           at batch 128 and the 800x1333 stages at batch 2 (``--groups``; ``s1``: the targets' stage-1
+           shape alone), forward and backward, against eager, SDPA and torch.compile, merged into one JSON.
   e2e      ``throughput.py`` rows: ``--part core`` (restv2_tiny with the four backends, the ConvNeXt
            and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
@@ -35,7 +46,7 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
 The kernels and e2e phases end with the speed targets they measure (``report.py``'s scorecard:
 met, missed by how much, or not measured and why), printed and kept in their JSON.
 
-Budget (``--budget-s``, default 480): a phase is a list of work items in order of importance, each
+Budget (``--budget-s``, default 300): a phase is a list of work items in order of importance, each
 with an estimate. An item starts only if its estimate fits what is left of the budget, and a child
 still running when the budget ends is stopped. What does not run is recorded as skipped, with why.
 The JSON is rewritten after every item, so a command killed from outside still leaves its results.
@@ -44,7 +55,7 @@ Isolation: pytest, the kernel benchmarks, the e2e rows and the sweep candidates 
 processes (e2e and sweep children are this script with ``--worker``). A CUDA error, a hang or a crash
 ends that child; the parent records it and starts another for the items left.
 
-``--dry-run`` (every phase) runs on a CPU-only machine in seconds: no CUDA call, the same files with
+``--dry-run`` (every phase and plan) runs on a CPU-only machine in seconds: no CUDA call, the same files with
 the same structure, measurements null and ``"dry_run": true``, and the plan printed (command lines,
 rows and candidates with their estimates). Without it, a machine without CUDA is refused. The
 summary is printed last: the remote tool returns only the last 12,000 characters of output.
@@ -93,49 +104,17 @@ import common  # noqa: E402
 from restv2_kernels import plans  # noqa: E402 - pure functions: no Triton, no GPU at import
 
 PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
-DEFAULT_BUDGET_S = 480.0  # of the 600 s a command may take: imports, start-up and the last writes fit in the rest
+# A lease is 15 minutes of device time, all counted: the machine's start (a minute or two), each
+# command, the transfers and idle waits. It holds the start and two commands of this budget, each
+# run with the remote tool's timeout_s=360, and leaves room to re-run one that broke early.
+LEASE_S = 900
+DEFAULT_BUDGET_S = 300.0
 MAX_FILES = 3  # per phase: <phase>.json, <phase>.log, and <phase>.png (kernels, e2e) or <phase>.zip (profile)
 FILE_EXTS = ("json", "log", "png", "zip")
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what the remote tool brings back
 STOP_GRACE_S = 20.0  # a child told to stop (SIGINT) gets this long to write its report before SIGKILL
 WORKER_CUDA_LOST = 3  # a worker's exit code when its CUDA context is gone (the parent starts another)
 DEVICE = "cuda"  # the workers' device; the CPU test points it at "cpu" (Triton's interpreter)
-
-RECOMMENDED = """\
-Recommended commands for a GPU session (one phase per command, each within --budget-s, default 480 s;
-each writes at most 3 files into its own folder $OUT/<name>/, two levels deep, within the remote tool's
-limits of 8 files per command and 2 folders):
-
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase env     --out $OUT/env       # ~30 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase tests   --out $OUT/tests     # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --out $OUT/kernels   # <= 480 s (fp32 last)
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e     --out $OUT/e2e       # <= 480 s (--part core)
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase profile --out $OUT/profile   # <= 480 s (a missed target)
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families attn_fwd attn_bwd \\
-      --tag sweep-attn --out $OUT/sweep-attn                                        # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families upsample_fwd upsample_bwd upsample_bwd_dv \\
-      --tag sweep-upsample --out $OUT/sweep-upsample                                # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families linear_gelu_fwd linear_gelu_bwd \\
-      --tag sweep-mlp --out $OUT/sweep-mlp                                          # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families add_ln_fwd add_ln_bwd \\
-      --tag sweep-ln --out $OUT/sweep-ln                                            # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families mixed_fwd mixed_bwd \\
-      --tag sweep-mixed --out $OUT/sweep-mixed                                      # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families pixel_attention_fwd \\
-      pixel_attention_bwd pixel_attention_bwd_dx --tag sweep-pa --out $OUT/sweep-pa # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase sweep --families bias_relu bn_stats bn_relu_fwd \\
-      bn_relu_bwd_sums bn_relu_bwd_dx --tag sweep-bn --out $OUT/sweep-bn            # <= 480 s
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase e2e --part zoo --tag e2e-zoo --out $OUT/e2e-zoo
-  PYTHONPATH=. python benchmarks/gpu_suite.py --phase kernels --dtypes fp32 --tag kernels-fp32 \\
-      --out $OUT/kernels-fp32
-
-A 30-minute session holds env and three 480 s phases (the machine's start counts too); the rest
-goes to the next session. Add --dry-run to any command to see, on any machine, what it would run.
-Afterwards copy each folder's files under benchmarks/results/<gpu-slug>/ (e.g. nvidia-h100-80gb-hbm3,
-the slug common.device_slug() gives), where env.json names the GPU the others ran on, and run
-  python benchmarks/report.py benchmarks/results/<gpu-slug>/
-for the scorecard of the speed targets and the README's Performance tables (any machine).
-"""
 
 
 # ---------------------------------------------------------------------------------------
@@ -818,13 +797,17 @@ def _env_summary(rec: dict) -> list[str]:
 # Phase tests
 # ---------------------------------------------------------------------------------------
 
-TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start
-    ("cuda", "cuda", 150.0, 30.0),  # about 60 s of it: Inductor compiling (test_model_kernels, test_cuda_graphs)
-    ("not-cuda", "not cuda", 360.0, 30.0),
+TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start; the default order
+    ("cuda", "cuda and not inductor", 90.0, 30.0),  # compiled Triton parity, bf16, CUDA graphs: Triton compiles
+    ("inductor", "cuda and inductor", 150.0, 45.0),  # torch.compile's Inductor: the ops, whole models, reduce-overhead
+    ("not-cuda", "not cuda", 300.0, 45.0),  # the CPU suite, compiled: every kernel at odd shapes and sizes
 )
+# needs no GPU: compiles every launch plan for sm_80/89/90 (about a minute on 16 cores, where Triton's
+# build has no committed readings); CI runs it on every push
+TEST_IGNORE = ("tests/test_targets.py",)
 
 
-def pytest_command(args: argparse.Namespace, marker: str, junit: pathlib.Path, parallel: bool) -> list[str]:
+def pytest_command(args: argparse.Namespace, marker: str, junit: pathlib.Path) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -837,10 +820,11 @@ def pytest_command(args: argparse.Namespace, marker: str, junit: pathlib.Path, p
         "-rfE",
         "--durations=25",
         f"--junitxml={junit}",
+        *(f"--ignore={path}" for path in TEST_IGNORE),
     ]
     if _has("pytest_timeout"):
         cmd.append(f"--timeout={args.test_timeout}")
-    if parallel and args.pytest_workers > 0 and _has("xdist"):
+    if args.pytest_workers > 0 and _has("xdist"):
         cmd += ["-n", str(args.pytest_workers)]
     return cmd
 
@@ -900,12 +884,14 @@ def phase_tests(run: Run) -> list[str]:
     rec.update(
         runs=[],
         note="the GPU image has pytest-xdist and pytest-timeout; -n and --timeout are added when they are importable",
+        ignored={path: "needs no GPU: the target check, which CI runs" for path in TEST_IGNORE},
     )
     tmp = pathlib.Path("<tmp>" if run.dry_run else tempfile.mkdtemp(prefix="gpu_suite_junit_"))
-    run.items = [work_item(name, est, min_s=least, marker=marker) for name, marker, est, least in TEST_RUNS]
+    runs = {name: (marker, est, least) for name, marker, est, least in TEST_RUNS}
+    run.items = [work_item(name, runs[name][1], min_s=runs[name][2], marker=runs[name][0]) for name in run.args.runs]
     for item in run.items:
         junit = tmp / f"junit-{item['id']}.xml"
-        cmd = pytest_command(run.args, item["marker"], junit, parallel=item["id"] != "cuda")
+        cmd = pytest_command(run.args, item["marker"], junit)
         entry = {
             "name": item["id"],
             "marker": item["marker"],
@@ -943,8 +929,8 @@ def phase_tests(run: Run) -> list[str]:
             "would run (one after the other, TRITON_INTERPRET removed from the environment; "
             f"pytest-timeout here: {_has('pytest_timeout')}, pytest-xdist here: {_has('xdist')}):"
         )
-        for entry in rec["runs"]:
-            print(f"  {entry['argv']}")
+        for item, entry in zip(run.items, rec["runs"]):
+            print(f"  [{item['plan']:<13}] ~{item['estimate_s']:>4.0f}s  {entry['argv']}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     return _tests_summary(rec)
@@ -991,8 +977,14 @@ def scorecard_lines(run: Run, dtype: str = "bf16") -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 KERNEL_BENCHES = ("attention", "upsample", "attention_mixed")
-SHAPE_GROUPS = ("224", "det")  # the 224 px stages at batch 128; the 800x1333 stages at batch 2
+SHAPE_GROUPS = {  # --groups: the shapes of each (the default: 224 and det)
+    "s1": "restv2_tiny's stage 1 at 224 px, batch 128: the kernel targets' shape (attention, upsample)",
+    "224": "the 224 px stages at batch 128",
+    "det": "the 800x1333 stages at batch 2",
+}
 KERNEL_SHAPES = {  # (bench, group): the --shapes (names or prefixes) its script takes for the group
+    ("attention", "s1"): ["tiny-s1-224"],
+    ("upsample", "s1"): ["tiny-s1-224"],
     ("attention", "224"): ["tiny"],
     ("attention", "det"): ["det"],  # restv2_tiny
     ("upsample", "224"): ["tiny"],
@@ -1001,6 +993,8 @@ KERNEL_SHAPES = {  # (bench, group): the --shapes (names or prefixes) its script
     ("attention_mixed", "det"): ["det"],  # rest_small, rest_large
 }
 KERNEL_ESTIMATE_S = {
+    ("attention", "s1"): 35.0,
+    ("upsample", "s1"): 50.0,
     ("attention", "224"): 60.0,
     ("attention", "det"): 35.0,
     ("upsample", "224"): 90.0,
@@ -1013,8 +1007,10 @@ KERNEL_ESTIMATE_S = {
 def kernel_items(args: argparse.Namespace, tmp: pathlib.Path) -> list[dict]:
     items = []
     for dtype in args.dtypes:
-        for group in SHAPE_GROUPS:
+        for group in args.groups:
             for bench in args.benches:
+                if (bench, group) not in KERNEL_SHAPES:  # ResTv1's mixed attention has no stage 1
+                    continue
                 out = tmp / f"{bench}_{dtype}_{group}.json"
                 cmd = [
                     sys.executable,
@@ -1125,7 +1121,7 @@ def phase_kernels(run: Run) -> list[str]:
     rec = run.record["kernels"]
     tmp = pathlib.Path("<tmp>" if run.dry_run else tempfile.mkdtemp(prefix="gpu_suite_kernels_"))
     run.items = kernel_items(args, tmp)
-    rec.update(dtypes=args.dtypes, benches=args.benches, shape_groups=list(SHAPE_GROUPS), runs=[], rows=[], summary=[])
+    rec.update(dtypes=args.dtypes, benches=args.benches, shape_groups=args.groups, runs=[], rows=[], summary=[])
     for item in run.items:
         entry = {
             "id": item["id"],
@@ -2480,6 +2476,269 @@ WORKERS: dict[str, Callable[[dict], Callable[[dict], tuple[str, Any, str | None]
 # Main
 # ---------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------
+# Plans: the prepared commands of a lease, several phases within one budget
+# ---------------------------------------------------------------------------------------
+
+STEP_RESERVE_S = 20.0  # kept back from each step's budget, of what is left: the child's imports and last writes
+STEP_MIN_S = 20.0  # a step starts only with this much of a budget
+STEP_START_S = 10.0  # a dry run's estimate of a step child's start (Python, torch, the tree) and last writes
+ENV_ESTIMATE_S = 30.0  # the env phase's measurements (it has no work items)
+PLAN_RECAP_CHARS = 8000  # the steps' summaries printed last, within the remote tool's last 12,000 characters
+PHASE_EXTRA_FILE = {"kernels": "png", "e2e": "png", "profile": "zip"}  # beside each phase's JSON and log
+REMOTE_MAX_FILES = 8  # what the remote tool brings back of one command
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One phase of a plan, run as a child ``--phase`` command into ``<out>/<tag>/``."""
+
+    tag: str
+    phase: str
+    args: tuple[str, ...] = ()
+    cap_s: float | None = None  # at most this much of the plan's budget (None: what is left)
+
+    def files(self) -> int:
+        extra = PHASE_EXTRA_FILE.get(self.phase)
+        return 2 + (extra is not None and not (extra == "png" and "--no-plot" in self.args))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A prepared command: its steps in order of importance, within one budget (``--budget-s``)."""
+
+    name: str
+    lease: int  # the lease of the schedule it belongs to (two plans a lease)
+    what: str
+    steps: tuple[Step, ...]
+
+    def files(self) -> int:
+        return sum(step.files() for step in self.steps)
+
+
+def _sweep_plan(name: str, lease: int, families: str) -> Plan:
+    return Plan(name, lease, f"the sweep of {families}", (Step(name, "sweep", ("--families", *families.split())),))
+
+
+_TARGET_KERNELS = ("--benches", "attention", "upsample")  # the kernel targets' benchmarks
+PLANS = {
+    plan.name: plan
+    for plan in (
+        Plan(
+            "first",
+            1,
+            "correctness, then the kernel targets: env; the compiled tests without Inductor; "
+            "attention and upsample at the stage-1 shape in bf16",
+            (
+                Step("env", "env", cap_s=60),
+                Step("tests-cuda", "tests", ("--runs", "cuda"), cap_s=150),
+                Step("kernels-s1", "kernels", ("--dtypes", "bf16", *_TARGET_KERNELS, "--groups", "s1")),
+            ),
+        ),
+        Plan(
+            "targets",
+            1,
+            "the end-to-end targets in eager (inference beside the peers, training, 800x1333 features); "
+            "attention and upsample at 800x1333 in bf16",
+            (
+                Step(
+                    "e2e-targets",
+                    "e2e",
+                    (
+                        "--rows",
+                        "infer/restv2_tiny/reference",
+                        "infer/restv2_tiny/kernels",
+                        "infer/*/timm",
+                        "train/restv2_tiny/reference",
+                        "train/restv2_tiny/kernels",
+                        "features-fwd+bwd/*",
+                    ),
+                    cap_s=230,
+                ),
+                Step("kernels-det", "kernels", ("--dtypes", "bf16", *_TARGET_KERNELS, "--groups", "det")),
+            ),
+        ),
+        Plan(
+            "compiled",
+            2,
+            "the end-to-end inference targets under torch.compile: restv2_tiny and the peers, in one run",
+            (Step("e2e-compiled", "e2e", ("--rows", "infer/*compile")),),
+        ),
+        Plan(
+            "tests",
+            2,
+            "the CPU suite, compiled on the GPU",
+            (Step("tests-not-cuda", "tests", ("--runs", "not-cuda")),),
+        ),
+        Plan(
+            "inductor",
+            3,
+            "the tests that compile with Inductor; ResTv1's mixed-head attention in bf16",
+            (
+                Step("tests-inductor", "tests", ("--runs", "inductor"), cap_s=170),
+                Step("kernels-mixed", "kernels", ("--dtypes", "bf16", "--benches", "attention_mixed")),
+            ),
+        ),
+        Plan("profile", 3, "where the time goes, for the targets missed", (Step("profile", "profile"),)),
+        _sweep_plan("sweep-attn", 4, "attn_fwd attn_bwd"),
+        _sweep_plan("sweep-upsample", 4, "upsample_fwd upsample_bwd upsample_bwd_dv"),
+        _sweep_plan("sweep-mlp", 5, "linear_gelu_fwd linear_gelu_bwd"),
+        _sweep_plan("sweep-ln", 5, "add_ln_fwd add_ln_bwd"),
+        _sweep_plan("sweep-pa", 6, "pixel_attention_fwd pixel_attention_bwd pixel_attention_bwd_dx"),
+        _sweep_plan("sweep-bn", 6, "bias_relu bn_stats bn_relu_fwd bn_relu_bwd_sums bn_relu_bwd_dx"),
+        _sweep_plan("sweep-mixed", 7, "mixed_fwd mixed_bwd"),
+        Plan(
+            "e2e-more",
+            7,
+            "800x1333 features forward; the training step under torch.compile",
+            (Step("e2e-more", "e2e", ("--rows", "features-fwd/*", "train/*compile")),),
+        ),
+        Plan(
+            "e2e-zoo",
+            8,
+            "restv2_small, base and large in eager",
+            (Step("e2e-zoo", "e2e", ("--part", "zoo", "--rows", "*/reference", "*/kernels")),),
+        ),
+        Plan(
+            "kernels-more",
+            8,
+            "attention and upsample at every 224 px stage in bf16, and at the stage-1 shape in fp16",
+            (
+                Step("kernels-224", "kernels", ("--dtypes", "bf16", *_TARGET_KERNELS, "--groups", "224"), cap_s=180),
+                Step("kernels-fp16", "kernels", ("--dtypes", "fp16", *_TARGET_KERNELS, "--groups", "s1")),
+            ),
+        ),
+        Plan(
+            "e2e-zoo-compiled",
+            9,
+            "restv2_small, base and large under torch.compile",
+            (Step("e2e-zoo-compiled", "e2e", ("--part", "zoo", "--rows", "*compile")),),
+        ),
+        Plan(
+            "kernels-fp32",
+            9,
+            "attention and upsample at the targets' shapes in fp32",
+            (Step("kernels-fp32", "kernels", ("--dtypes", "fp32", *_TARGET_KERNELS, "--groups", "s1", "det")),),
+        ),
+    )
+}
+
+
+def schedule_text() -> str:
+    """The lease schedule (``--list``): every plan, two a lease, most important first."""
+    lines = [
+        f"The GPU schedule. A lease is {LEASE_S // 60} minutes of device time, all counted: the machine's start,",
+        "each command, the transfers, idle waits. It holds the start and two plans. Run the first plans",
+        "whose results are not yet under benchmarks/results/<gpu-slug>/, each as one command with the remote",
+        "tool's timeout_s=360, then give the machine back. A plan stays within --budget-s (default",
+        f"{DEFAULT_BUDGET_S:.0f} s) and writes at most {REMOTE_MAX_FILES} files: $OUT/<step>/<step>.json, .log",
+        "(and .png or .zip). A step that does not fit is skipped and recorded: the next lease re-runs the plan.",
+    ]
+    for lease in dict.fromkeys(plan.lease for plan in PLANS.values()):
+        lines += ["", f"lease {lease}:"]
+        for plan in (p for p in PLANS.values() if p.lease == lease):
+            lines.append(f"  PYTHONPATH=. python benchmarks/gpu_suite.py --plan {plan.name} --out $OUT")
+            lines.append(f"      # {plan.what}")
+            for step in plan.steps:
+                cap = f" (at most {step.cap_s:.0f} s)" if step.cap_s else ""
+                lines.append(f"      #   {step.tag}: --phase {step.phase} {' '.join(step.args)}".rstrip() + cap)
+    lines += [
+        "",
+        "One phase alone: PYTHONPATH=. python benchmarks/gpu_suite.py --phase P --out $OUT/P (--help: each",
+        "phase's options). Add --dry-run to any command to see, on any machine, what it would run.",
+        "Afterwards copy each folder's files under benchmarks/results/<gpu-slug>/ (e.g. nvidia-h100-80gb-hbm3,",
+        "the slug common.device_slug() gives; every JSON names the GPU it ran on), and run",
+        "  python benchmarks/report.py benchmarks/results/<gpu-slug>/",
+        "for the scorecard of the speed targets and the README's Performance tables (any machine).",
+    ]
+    return "\n".join(lines)
+
+
+def step_command(step: Step, out: pathlib.Path, budget_s: float, dry_run: bool) -> list[str]:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--phase", step.phase, "--tag", step.tag]
+    cmd += ["--out", str(out / step.tag), "--budget-s", f"{budget_s:.0f}", *step.args]
+    return cmd + (["--dry-run"] if dry_run else [])
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Runs ``args.plan``'s steps in order, each a child ``--phase`` command with what is left of the
+    budget (at most its cap, less ``STEP_RESERVE_S``), into ``<out>/<tag>/``; a step that fails or
+    crashes leaves the next ones to run; an interrupt (SIGINT, SIGTERM) stops the step running, which
+    still writes its files. Prints each step's summary (from its JSON) last."""
+    plan = PLANS[args.plan]
+    t0, planned = time.monotonic(), 0.0  # a dry run's clock: the steps' estimates, not its own seconds
+    print(f"gpu_suite plan {plan.name} (lease {plan.lease}): {plan.what}; budget {args.budget_s:.0f} s")
+    done: list[dict] = []
+    try:
+        for step in plan.steps:
+            left = args.budget_s - (planned if args.dry_run else time.monotonic() - t0)
+            budget = min(step.cap_s or math.inf, left - STEP_RESERVE_S)
+            entry = {"step": step, "budget_s": budget, "status": "skipped", "wall_s": 0.0, "record": None}
+            done.append(entry)
+            if budget < STEP_MIN_S:
+                entry["reason"] = f"budget: {max(left, 0):.0f} s left"
+                continue
+            entry.update(status="running", started=time.monotonic(), result=None)
+            entry["result"] = run_command(
+                step_command(step, args.out, budget, args.dry_run), budget + STEP_RESERVE_S + 2 * STOP_GRACE_S
+            )
+            _read_step(entry, args.out)
+            if args.dry_run:
+                entry["wall_s"] = _planned_s(entry["record"] or {}, budget)
+                planned += entry["wall_s"]
+    except KeyboardInterrupt:
+        for proc in list(_CHILDREN):  # the step's child writes its JSON on SIGINT
+            stop(proc)
+        if done and done[-1]["status"] == "running":
+            _read_step(done[-1], args.out, interrupted=True)
+    _print_plan_recap(plan, args, done, planned if args.dry_run else time.monotonic() - t0)
+    return 0 if all(e["status"] == "complete" for e in done) else 1
+
+
+def _read_step(entry: dict, out: pathlib.Path, interrupted: bool = False) -> None:
+    """A finished (or interrupted) step's status and record, from its JSON."""
+    step, result = entry["step"], entry.get("result") or {}
+    record = _read_json(out / step.tag / f"{step.tag}.json")
+    entry.update(wall_s=round(time.monotonic() - entry["started"], 1), record=record)
+    if record is None:
+        tail = " / ".join(result.get("tail", [])[-3:])
+        entry.update(status="error", reason=f"no JSON (rc {result.get('returncode')}): {tail}")
+    else:
+        stopped = interrupted or result.get("timed_out")
+        entry["status"] = record.get("status", "?") + (" (stopped)" if stopped else "")
+
+
+def _planned_s(record: dict, budget_s: float) -> float:
+    """A dry-run step's estimate: its child's start, and the work it plans within ``budget_s``."""
+    work = ENV_ESTIMATE_S if record.get("phase") == "env" else 0.0
+    work += sum(item["estimate_s"] for item in record.get("work", []) if item.get("plan") == "run")
+    return STEP_START_S + min(work, budget_s)
+
+
+def _print_plan_recap(plan: Plan, args: argparse.Namespace, done: list[dict], wall_s: float) -> None:
+    print()
+    print(
+        f"== gpu_suite plan {plan.name}{' (dry run)' if args.dry_run else ''}: {len(done)} steps, "
+        f"{'~' if args.dry_run else ''}{wall_s:.0f} s of {args.budget_s:.0f} s | commit {_git('rev-parse', 'HEAD')} =="
+    )
+    print(f"{'step':<18} {'phase':<8} {'status':<20} {'est' if args.dry_run else 'took':>6} {'budget':>7}")
+    for e in done:
+        print(f"{e['step'].tag:<18} {e['step'].phase:<8} {e['status']:<20} {e['wall_s']:>5.0f}s {e['budget_s']:>6.0f}s")
+    share = PLAN_RECAP_CHARS // max(1, len(done))
+    for e in done:
+        record = e["record"] or {}
+        lines = [f"-- {e['step'].tag}: {e.get('reason') or e['status']}", *record.get("summary", [])]
+        text = "\n".join(line[:200] for line in lines)
+        print(
+            text if len(text) <= share else text[: share - 40].rsplit("\n", 1)[0] + f"\n... (in {e['step'].tag}.json)"
+        )
+    later = [p for p in PLANS.values() if list(PLANS).index(p.name) > list(PLANS).index(plan.name)]
+    if later:
+        print(f"next in the schedule: --plan {later[0].name} (lease {later[0].lease}): {later[0].what}")
+    files = [f"{e['step'].tag}/{name}" for e in done for name in (e["record"] or {}).get("files", [])]
+    print(f"files under {args.out}: {', '.join(files)}")
+
+
 PHASE_FNS: dict[str, Callable[[Run], list[str]]] = {
     "env": phase_env,
     "tests": phase_tests,
@@ -2495,10 +2754,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu_suite.py",
         description=__doc__.split("\n\n")[0],
-        epilog=RECOMMENDED,
+        epilog=schedule_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--phase", choices=PHASES, help="what to run (one phase per command)")
+    parser.add_argument("--phase", choices=PHASES, help="one phase to run (--plan runs several)")
+    parser.add_argument(
+        "--plan",
+        choices=list(PLANS),
+        help="a prepared command of the lease schedule (--list): its phases in order, within --budget-s",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="the folder for <phase>.json, .log, .png (e.g. $OUT/env)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU work: write the files, print the plan")
     parser.add_argument(
@@ -2512,10 +2776,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="no PNG (kernels, e2e)")
     group = parser.add_argument_group("tests")
     group.add_argument(
+        "--runs",
+        nargs="+",
+        choices=[name for name, *_ in TEST_RUNS],
+        default=[name for name, *_ in TEST_RUNS],
+        help="the pytest runs, in this order (default: "
+        + ", ".join(f"{name} = -m {marker!r}" for name, marker, *_ in TEST_RUNS)
+        + ")",
+    )
+    group.add_argument(
         "--pytest-workers",
         type=int,
-        default=4,
-        help="pytest-xdist workers for the not-cuda run, if xdist is there (default 4; 0: none)",
+        default=8,
+        help="pytest-xdist workers a run, if xdist is there (default 8, of the GPU machine's 16 cores; 0: none)",
     )
     group.add_argument(
         "--test-timeout", type=int, default=300, help="seconds per test, if pytest-timeout is there (default 300)"
@@ -2529,6 +2802,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the dtypes after the first re-time only the best candidates)",
     )
     group.add_argument("--benches", nargs="+", choices=KERNEL_BENCHES, default=list(KERNEL_BENCHES))
+    group.add_argument(
+        "--groups",
+        nargs="+",
+        choices=list(SHAPE_GROUPS),
+        default=["224", "det"],
+        help="kernels: the shape groups, in this order (default: 224 det); "
+        + "; ".join(f"{name}: {what}" for name, what in SHAPE_GROUPS.items()),
+    )
     group = parser.add_argument_group("e2e and profile")
     group.add_argument(
         "--part",
@@ -2592,17 +2873,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args.worker)
     if args.list:
-        print(RECOMMENDED)
+        print(schedule_text())
         return 0
-    if not args.phase or args.out is None:
-        parser.error("--phase and --out are needed (or --list)")
+    if bool(args.phase) == bool(args.plan) or args.out is None:
+        parser.error("--phase or --plan, and --out, are needed (or --list)")
     if args.tag and not NAME_RE.match(args.tag):
         parser.error(f"--tag {args.tag!r}: only letters, digits, '.', '_' and '-'")
     if args.dtypes is None:
         args.dtypes = list(PHASE_DTYPES.get(args.phase, ["bf16"]))
+    what = f"--phase {args.phase}" if args.phase else f"--plan {args.plan}"
     if not args.dry_run and not torch.cuda.is_available():
         print(
-            f"gpu_suite: --phase {args.phase} needs a CUDA GPU and torch.cuda.is_available() is False here; "
+            f"gpu_suite: {what} needs a CUDA GPU and torch.cuda.is_available() is False here; "
             "nothing was run. Add --dry-run to see what it would run.",
             file=sys.stderr,
         )
@@ -2610,11 +2892,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_s > 540:
         print(f"gpu_suite: warning: --budget-s {args.budget_s:.0f} leaves little of the remote tool's 600 s a command")
 
+    with _sigterm_interrupts():
+        return run_plan(args) if args.plan else run_phase(args, argv)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """In the main thread, SIGTERM (a timeout's kill) raises KeyboardInterrupt as SIGINT does: the
+    children are stopped and the files written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_phase(args: argparse.Namespace, argv: list[str]) -> int:
     run = Run(args.phase, args.out, args, argv)
     run.out.mkdir(parents=True, exist_ok=True)
     status, lines = "complete", []
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
     with (
         open(run.path("log"), "w") as log,
         contextlib.redirect_stdout(_Tee(sys.stdout, log)),
@@ -2636,8 +2935,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in list(_CHILDREN):
                 stop(proc, grace=2.0)
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
         run.record["summary"] = lines
         run.save(status)
         _print_summary(run, lines)

@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import ast
+import collections
 import contextlib
 import io
 import json
+import pathlib
 import re
 import sys
 import textwrap
@@ -109,10 +112,11 @@ def test_dry_run_phase_contents(dry_runs):
     assert env["copy_gbps"] is None and env["target"] is None
 
     tests = load("tests")
-    assert [r["marker"] for r in tests["runs"]] == ["cuda", "not cuda"]
+    assert [r["marker"] for r in tests["runs"]] == ["cuda and not inductor", "cuda and inductor", "not cuda"]
     for run in tests["runs"]:
         assert "-p no:cacheprovider" in run["argv"] and "--junitxml=" in run["argv"] and "-rfE" in run["argv"]
         assert "-x" not in run["argv"].split() and run["counts"] is None
+        assert "--ignore=tests/test_targets.py" in run["argv"].split()
     assert "TRITON_INTERPRET removed" in results["tests"][1]
 
     kernels = load("kernels")
@@ -188,7 +192,8 @@ def test_kernel_items_select_their_scripts_shapes(suite):
     import common
 
     args = suite.build_parser().parse_args(["--phase", "kernels", "--out", "unused", "--dry-run"])
-    args.dtypes = suite.PHASE_DTYPES["kernels"]
+    assert args.groups == ["224", "det"]
+    args.dtypes, args.groups = suite.PHASE_DTYPES["kernels"], list(suite.SHAPE_GROUPS)
     items = suite.kernel_items(args, suite.pathlib.Path("unused"))
     assert {(it["bench"], it["group"]) for it in items} == set(suite.KERNEL_SHAPES)
     for item in items:
@@ -197,6 +202,8 @@ def test_kernel_items_select_their_scripts_shapes(suite):
         chosen = common.select_shapes(script.SHAPES, wanted)
         if item["group"] == "det":
             assert all(name.startswith("det") and dims[0] == 2 for name, dims in chosen.items()), item["id"]
+        elif item["group"] == "s1":  # the kernel targets' shape (report.STAGE1), alone
+            assert list(chosen) == ["tiny-s1-224"] and chosen["tiny-s1-224"][0] == 128, item["id"]
         else:
             assert all(name.endswith("-224") and dims[0] == 128 for name, dims in chosen.items()), item["id"]
     mixed = common.select_shapes(
@@ -205,20 +212,168 @@ def test_kernel_items_select_their_scripts_shapes(suite):
     assert len(mixed) == 6  # rest_small's and rest_large's three mixed stages
 
 
+# ----------------------------------------------------------------------------- plans
+
+
+def test_plans_fit_the_lease(suite):
+    """Every plan of the schedule: at most 8 files (what the remote tool brings back of a command),
+    step tags unique across the schedule (their folders meet under benchmarks/results/<gpu-slug>/)
+    and named as the tool brings back, each step's arguments taken by its phase and choosing work,
+    at most two plans a lease, listed in lease order."""
+    tp = suite.load_script("throughput")
+    tags = [step.tag for plan in suite.PLANS.values() for step in plan.steps]
+    assert len(tags) == len(set(tags)) and all(NAME.match(tag) for tag in tags)
+    leases = [plan.lease for plan in suite.PLANS.values()]
+    assert leases == sorted(leases) and max(collections.Counter(leases).values()) <= 2
+    for plan in suite.PLANS.values():
+        assert plan.files() <= suite.REMOTE_MAX_FILES, plan.name
+        for step in plan.steps:
+            args = suite.build_parser().parse_args(suite.step_command(step, pathlib.Path("o"), 100, True)[2:])
+            assert (args.phase, args.tag, args.budget_s, args.dry_run) == (step.phase, step.tag, 100, True)
+            if step.phase == "kernels":
+                args.dtypes = args.dtypes or suite.PHASE_DTYPES["kernels"]
+                assert suite.kernel_items(args, pathlib.Path("unused")), step.tag
+            elif step.phase == "e2e":
+                assert suite.select_rows(suite.e2e_items(args.part, tp), args.rows), step.tag
+
+
+def _step_work(suite, tp, step) -> set[str]:
+    """What a step measures: e2e row ids, or kernels (bench, dtype, group)."""
+    args = suite.build_parser().parse_args(suite.step_command(step, pathlib.Path("o"), 100, True)[2:])
+    if step.phase == "e2e":
+        return {it["id"] for it in suite.select_rows(suite.e2e_items(args.part, tp), args.rows)}
+    if step.phase == "kernels":
+        args.dtypes = args.dtypes or suite.PHASE_DTYPES["kernels"]
+        return {f"{it['bench']}/{it['dtype']}/{it['group']}" for it in suite.kernel_items(args, pathlib.Path("u"))}
+    return set()
+
+
+def test_the_first_leases_measure_every_target(suite):
+    """Lease 1 measures every kernel target and every eager end-to-end target, lease 2 the compiled
+    ones; the rows a target divides come from one step (report.py takes a ratio within one run)."""
+    report = load_benchmark("report")
+    tp = suite.load_script("throughput")
+    steps = {lease: [s for p in suite.PLANS.values() if p.lease == lease for s in p.steps] for lease in (1, 2)}
+    for target in report.TARGETS:
+        compiled = (target.label or "").endswith("+compile")
+        lease = 2 if compiled else 1
+        if target.phase == "kernels":
+            needed = {f"{target.bench}/bf16/s1"}
+        elif target.against in (report.CONVNEXT, report.SWIN):
+            needed = {f"infer/{report.TINY}/{target.label}", f"infer/{target.against}/timm{'+compile' * compiled}"}
+        else:
+            needed = {f"{target.mode}/{report.TINY}/{label}" for label in (target.label, target.against)}
+        assert any(needed <= _step_work(suite, tp, step) for step in steps[lease]), (target.name, needed)
+
+
+def test_plan_dry_run(suite, tmp_path, capsys):
+    """``--plan first --dry-run``: each step a child dry run into $OUT/<tag>/, with its cap or what
+    the steps before it leave by their estimates; the files within the remote tool's limits; the
+    recap (each step's summary) last."""
+    out = tmp_path / "OUT"
+    assert suite.main(["--plan", "first", "--out", str(out), "--dry-run"]) == 0
+    stdout = capsys.readouterr().out
+    plan = suite.PLANS["first"]
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len(files) == plan.files() <= 8
+    assert all(len(f.parts) == 2 and all(NAME.match(part) for part in f.parts) for f in files), files
+    assert [f.parts[0] for f in files] == sorted(step.tag for step in plan.steps for _ in range(step.files()))
+    records = {step.tag: json.loads((out / step.tag / f"{step.tag}.json").read_text()) for step in plan.steps}
+    assert all(r["dry_run"] and r["status"] == "complete" for r in records.values())
+    assert records["env"]["budget_s"] == 60 and records["tests-cuda"]["budget_s"] == 150  # their caps
+    assert records["tests-cuda"]["tests"]["runs"][0]["marker"] == "cuda and not inductor"
+    assert records["kernels-s1"]["budget_s"] < 300 - 60  # what the estimates of the steps before leave
+    recap = stdout[stdout.index("== gpu_suite plan first (dry run): 3 steps") :]
+    assert len(recap) < 12000 and stdout.rstrip().splitlines()[-1].startswith("files under ")
+    for step in plan.steps:
+        assert f"-- {step.tag}: complete" in recap
+    assert "attention/bf16/s1" in recap and "next in the schedule: --plan targets" in recap
+
+
+def test_plan_goes_on_past_a_crash_and_a_hang(suite, monkeypatch, tmp_path, capsys):
+    """A step that crashes or outlives its budget is recorded as such; the steps after it still run."""
+    scripts = {
+        "crash": "import sys; print('boom'); sys.exit(3)",
+        "hang": "import time; time.sleep(60)",
+        "fine": "import json, pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True); "
+        "(d / 'fine.json').write_text(json.dumps({'status': 'complete', 'summary': ['all good'], 'files': []}))",
+    }
+    steps = (suite.Step("crash", "env"), suite.Step("hang", "env", cap_s=2), suite.Step("fine", "env"))
+    monkeypatch.setitem(suite.PLANS, "fake", suite.Plan("fake", 99, "a crash, a hang, a step that works", steps))
+    monkeypatch.setattr(
+        suite, "step_command", lambda step, out, *_: [sys.executable, "-c", scripts[step.tag], str(out / step.tag)]
+    )
+    monkeypatch.setattr(suite, "STOP_GRACE_S", 1.0)
+    monkeypatch.setattr(suite, "STEP_RESERVE_S", 1.0)
+    monkeypatch.setattr(suite, "STEP_MIN_S", 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan itself makes no CUDA call
+    t0 = time.monotonic()
+    assert suite.main(["--plan", "fake", "--out", str(tmp_path), "--budget-s", "60"]) == 1
+    assert time.monotonic() - t0 < 30
+    recap = capsys.readouterr().out.split("== gpu_suite plan fake")[1]
+    assert re.search(r"^crash +env +error ", recap, re.M) and "-- crash: no JSON (rc 3): boom" in recap
+    assert re.search(r"^hang +env +error ", recap, re.M) and "-- hang: no JSON" in recap
+    assert re.search(r"^fine +env +complete ", recap, re.M) and "-- fine: complete\nall good" in recap
+
+
+def test_inductor_tests_carry_the_marker():
+    """The tests phase runs Inductor's compiles (minutes on a GPU) in a run of their own
+    (``-m "cuda and inductor"``): a test that calls ``torch.compile`` with Inductor (no backend, or
+    ``"inductor"``) carries the ``inductor`` and ``cuda`` marks, and an ``inductor`` test is ``cuda``."""
+
+    def marks(decorators: list[ast.expr]) -> set[str]:
+        names = set()
+        for dec in decorators:
+            node = dec.func if isinstance(dec, ast.Call) else dec
+            if ast.unparse(node).startswith("pytest.mark."):
+                names.add(node.attr)
+        return names
+
+    inductor = []
+    for path in sorted(pathlib.Path(__file__).parent.rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+                value = node.value
+                module |= marks(value.elts if isinstance(value, ast.List) else [value])
+        for fn in ast.walk(tree):
+            if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")):
+                continue
+            have = module | marks(fn.decorator_list)
+            calls = [
+                call
+                for call in ast.walk(fn)
+                if isinstance(call, ast.Call)
+                and ast.unparse(call.func) == "torch.compile"
+                and ast.unparse(next((k.value for k in call.keywords if k.arg == "backend"), ast.Constant("inductor")))
+                in ("'inductor'", '"inductor"')
+            ]
+            where = f"{path.name}::{fn.name}"
+            if calls:
+                inductor.append(where)
+                assert {"cuda", "inductor"} <= have, f"{where} compiles with Inductor: mark it cuda and inductor"
+            if "inductor" in have:
+                assert "cuda" in have, f"{where} is marked inductor, not cuda"
+    assert len(inductor) >= 8, inductor  # the scan sees them: the ops', the model's, reduce-overhead's
+
+
 def test_refuses_without_cuda(suite, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for phase in PHASES:
-        assert suite.main(["--phase", phase, "--out", str(tmp_path / phase)]) == 2
+    for what in [("--phase", phase) for phase in PHASES] + [("--plan", "first")]:
+        assert suite.main([*what, "--out", str(tmp_path / what[1])]) == 2
         err = capsys.readouterr().err
-        assert "needs a CUDA GPU" in err and "--dry-run" in err
-        assert not (tmp_path / phase).exists()
+        assert f"{' '.join(what)} needs a CUDA GPU" in err and "--dry-run" in err
+        assert not (tmp_path / what[1]).exists()
 
 
 def test_list_and_help(suite, capsys):
     assert suite.main(["--list"]) == 0
     out = capsys.readouterr().out
-    assert "PYTHONPATH=. python benchmarks/gpu_suite.py --phase env" in out and "$OUT/env" in out
-    assert "benchmarks/results/<gpu-slug>/" in out
+    assert "PYTHONPATH=. python benchmarks/gpu_suite.py --plan first --out $OUT" in out
+    assert out.index("--plan first") < out.index("--plan targets") < out.index("lease 2:")
+    assert all(f"--plan {name} --out $OUT" in out for name in suite.PLANS)
+    assert "--phase P --out $OUT/P" in out and "benchmarks/results/<gpu-slug>/" in out
     with pytest.raises(SystemExit) as exc:
         suite.main(["--help"])
     assert exc.value.code == 0 and "--budget-s" in capsys.readouterr().out
