@@ -887,8 +887,9 @@ def phase_tests(run: Run) -> list[str]:
         ignored={path: "needs no GPU: the target check, which CI runs" for path in TEST_IGNORE},
     )
     tmp = pathlib.Path("<tmp>" if run.dry_run else tempfile.mkdtemp(prefix="gpu_suite_junit_"))
-    runs = {name: (marker, est, least) for name, marker, est, least in TEST_RUNS}
-    run.items = [work_item(name, runs[name][1], min_s=runs[name][2], marker=runs[name][0]) for name in run.args.runs]
+    runs = {entry[0]: entry for entry in TEST_RUNS}
+    chosen = (runs[name] for name in run.args.runs)
+    run.items = [work_item(name, est, min_s=least, marker=marker) for name, marker, est, least in chosen]
     for item in run.items:
         junit = tmp / f"junit-{item['id']}.xml"
         cmd = pytest_command(run.args, item["marker"], junit)
@@ -2499,8 +2500,8 @@ class Step:
     cap_s: float | None = None  # at most this much of the plan's budget (None: what is left)
 
     def files(self) -> int:
-        extra = PHASE_EXTRA_FILE.get(self.phase)
-        return 2 + (extra is not None and not (extra == "png" and "--no-plot" in self.args))
+        extra = PHASE_EXTRA_FILE.get(self.phase)  # a chart is drawn unless --no-plot
+        return 3 if extra == "zip" or (extra == "png" and "--no-plot" not in self.args) else 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2691,6 +2692,8 @@ def run_plan(args: argparse.Namespace) -> int:
             stop(proc)
         if done and done[-1]["status"] == "running":
             _read_step(done[-1], args.out, interrupted=True)
+    for step in plan.steps[len(done) :]:
+        done.append({"step": step, "budget_s": 0.0, "status": "not reached", "wall_s": 0.0, "record": None})
     _print_plan_recap(plan, args, done, planned if args.dry_run else time.monotonic() - t0)
     return 0 if all(e["status"] == "complete" for e in done) else 1
 
@@ -2732,9 +2735,10 @@ def _print_plan_recap(plan: Plan, args: argparse.Namespace, done: list[dict], wa
         print(
             text if len(text) <= share else text[: share - 40].rsplit("\n", 1)[0] + f"\n... (in {e['step'].tag}.json)"
         )
-    later = [p for p in PLANS.values() if list(PLANS).index(p.name) > list(PLANS).index(plan.name)]
-    if later:
-        print(f"next in the schedule: --plan {later[0].name} (lease {later[0].lease}): {later[0].what}")
+    names = list(PLANS)
+    if plan.name in names[:-1]:
+        following = PLANS[names[names.index(plan.name) + 1]]
+        print(f"next in the schedule: --plan {following.name} (lease {following.lease}): {following.what}")
     files = [f"{e['step'].tag}/{name}" for e in done for name in (e["record"] or {}).get("files", [])]
     print(f"files under {args.out}: {', '.join(files)}")
 
@@ -2877,6 +2881,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if bool(args.phase) == bool(args.plan) or args.out is None:
         parser.error("--phase or --plan, and --out, are needed (or --list)")
+    if args.plan and args.tag:
+        parser.error("--tag names one phase's files; a plan's steps have their own (--list)")
     if args.tag and not NAME_RE.match(args.tag):
         parser.error(f"--tag {args.tag!r}: only letters, digits, '.', '_' and '-'")
     if args.dtypes is None:

@@ -15,8 +15,11 @@ import collections
 import contextlib
 import io
 import json
+import os
 import pathlib
 import re
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -314,6 +317,48 @@ def test_plan_goes_on_past_a_crash_and_a_hang(suite, monkeypatch, tmp_path, caps
     assert re.search(r"^crash +env +error ", recap, re.M) and "-- crash: no JSON (rc 3): boom" in recap
     assert re.search(r"^hang +env +error ", recap, re.M) and "-- hang: no JSON" in recap
     assert re.search(r"^fine +env +complete ", recap, re.M) and "-- fine: complete\nall good" in recap
+
+
+def test_sigterm_stops_a_plan_and_its_step(tmp_path):
+    """The remote tool's timeout ends a plan with SIGTERM: the step running gets SIGINT and writes its
+    JSON, nothing is left running (a step's child has a process session of its own), and the recap
+    still comes, with the steps not reached."""
+    step = (
+        "import json, os, pathlib, sys, time\n"
+        "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True)\n"
+        "def save(status): (d / 'slow.json').write_text(json.dumps({'status': status, 'pid': os.getpid()}))\n"
+        "save('running')\n"
+        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    save('interrupted')\n"
+    )
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent(f"""\
+        import sys, torch
+        sys.path.insert(0, {str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")!r})
+        import gpu_suite as suite
+        steps = (suite.Step("slow", "env"), suite.Step("after", "env"))
+        suite.PLANS["fake"] = suite.Plan("fake", 99, "a step that sleeps, and one after it", steps)
+        suite.step_command = lambda step, out, *_: [sys.executable, "-c", {step!r}, str(out / step.tag)]
+        torch.cuda.is_available = lambda: True
+        sys.exit(suite.main(["--plan", "fake", "--out", {str(tmp_path / "OUT")!r}, "--budget-s", "100"]))
+        """)
+    )
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    record = tmp_path / "OUT" / "slow" / "slow.json"
+    t0 = time.monotonic()
+    while not record.exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    data = json.loads(record.read_text())
+    assert data["status"] == "interrupted", out
+    with pytest.raises(ProcessLookupError):
+        os.kill(data["pid"], 0)
+    recap = out.split("== gpu_suite plan fake")[1]
+    assert re.search(r"^slow +env +interrupted \(stopped\)", recap, re.M), recap
+    assert re.search(r"^after +env +not reached", recap, re.M), recap
 
 
 def test_inductor_tests_carry_the_marker():
