@@ -109,8 +109,9 @@ PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
 # run with the remote tool's timeout_s=360, and leaves room to re-run one that broke early.
 LEASE_S = 900
 DEFAULT_BUDGET_S = 300.0
-MAX_FILES = 3  # per phase: <phase>.json, <phase>.log, and <phase>.png (kernels, e2e) or <phase>.zip (profile)
 FILE_EXTS = ("json", "log", "png", "zip")
+PHASE_EXTRA_FILE = {"kernels": "png", "e2e": "png", "profile": "zip"}  # beside each phase's JSON and log
+REMOTE_MAX_FILES = 8  # what the remote tool brings back of one command
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what the remote tool brings back
 STOP_GRACE_S = 20.0  # a child told to stop (SIGINT) gets this long to write its report before SIGKILL
 WORKER_CUDA_LOST = 3  # a worker's exit code when its CUDA context is gone (the parent starts another)
@@ -2486,8 +2487,6 @@ STEP_MIN_S = 20.0  # a step starts only with this much of a budget
 STEP_START_S = 10.0  # a dry run's estimate of a step child's start (Python, torch, the tree) and last writes
 ENV_ESTIMATE_S = 30.0  # the env phase's measurements (it has no work items)
 PLAN_RECAP_CHARS = 8000  # the steps' summaries printed last, within the remote tool's last 12,000 characters
-PHASE_EXTRA_FILE = {"kernels": "png", "e2e": "png", "profile": "zip"}  # beside each phase's JSON and log
-REMOTE_MAX_FILES = 8  # what the remote tool brings back of one command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2776,7 +2775,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds of work (default {DEFAULT_BUDGET_S:.0f}); later items are skipped, recorded",
     )
     parser.add_argument("--tag", help="the files' name instead of the phase's: <tag>.json (letters, digits, . _ -)")
-    parser.add_argument("--list", action="store_true", help="print the recommended commands for a GPU session")
+    parser.add_argument("--list", action="store_true", help="print the lease schedule: the plans to run, two a lease")
     parser.add_argument("--no-plot", action="store_true", help="no PNG (kernels, e2e)")
     group = parser.add_argument_group("tests")
     group.add_argument(
