@@ -34,6 +34,8 @@ torch.backends.cudnn.allow_tf32 = False  # the legacy flag: torch 2.11 and 2.13 
 
 
 def pytest_configure(config):
+    if _xdist_load_by_default(config):
+        config.option.dist = "worksteal"
     if torch.cuda.is_available():
         return
     from restv2_kernels.backend import interpreter_problem
@@ -41,6 +43,22 @@ def pytest_configure(config):
     problem = interpreter_problem()
     if problem:  # every kernel test would fail inside Triton: say why once, before any runs
         raise pytest.UsageError(f"the kernel tests run in Triton's CPU interpreter here, and {problem}")
+
+
+def _xdist_load_by_default(config) -> bool:
+    """``pytest -n N`` without ``--dist``: xdist's "load" queues a chunk of tests on each worker
+    up front, so near the end one worker can hold several whole-model tests while the other has
+    nothing left (on two cores, one worker sat idle for the last 375 s of a 913 s run). "worksteal" (xdist 3.2)
+    lets an idle worker take half of a busy one's queue. An explicit ``--dist`` is kept."""
+    if getattr(config.option, "dist", "no") != "load":
+        return False
+    if any(arg == "-d" or arg.startswith("--dist") for arg in config.invocation_params.args):
+        return False
+    try:
+        from xdist.scheduler import WorkStealingScheduling  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pytest_collection_modifyitems(config, items):
