@@ -334,7 +334,12 @@ def child_env() -> dict[str, str]:
 
 def spawn(cmd: list[str], echo: Callable[[str], None]) -> tuple[subprocess.Popen, threading.Thread, collections.deque]:
     """Starts ``cmd`` in the tree's root in its own process group; a thread echoes its output lines.
-    Returns the process, the thread and the last 60 lines (kept for the JSON)."""
+    Returns the process, the thread and the last 60 lines (kept for the JSON).
+
+    A process group, not a session: ``stop`` signals the whole group (pytest and its workers), and
+    the remote tool, which ends whatever a command leaves running except processes in a session
+    of their own, still ends a child whose driver it killed at its limit (an orphan would hold the
+    GPU through the next command's timings). Python 3.10 has no ``process_group``: a session there."""
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -343,7 +348,7 @@ def spawn(cmd: list[str], echo: Callable[[str], None]) -> tuple[subprocess.Popen
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-        start_new_session=True,
+        **({"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}),
     )
     _CHILDREN.add(proc)
     tail: collections.deque = collections.deque(maxlen=60)

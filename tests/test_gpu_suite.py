@@ -324,12 +324,14 @@ def test_plan_goes_on_past_a_crash_and_a_hang(suite, monkeypatch, tmp_path, caps
 
 def test_sigterm_stops_a_plan_and_its_step(tmp_path):
     """The remote tool's timeout ends a plan with SIGTERM: the step running gets SIGINT and writes its
-    JSON, nothing is left running (a step's child has a process session of its own), and the recap
-    still comes, with the steps not reached."""
+    JSON, nothing is left running, and the recap still comes, with the steps not reached. The step
+    has a process group of its own (stopped as one) in the plan's session: the remote tool ends
+    what a command leaves running, except processes in a new session."""
     step = (
         "import json, os, pathlib, sys, time\n"
         "d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True)\n"
-        "def save(status): (d / 'slow.json').write_text(json.dumps({'status': status, 'pid': os.getpid()}))\n"
+        "def save(status): (d / 'slow.json').write_text(json.dumps(\n"
+        "    {'status': status, 'pid': os.getpid(), 'pgid': os.getpgid(0), 'sid': os.getsid(0)}))\n"
         "save('running')\n"
         "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    save('interrupted')\n"
     )
@@ -357,6 +359,8 @@ def test_sigterm_stops_a_plan_and_its_step(tmp_path):
     assert proc.returncode == 1, out
     data = json.loads(record.read_text())
     assert data["status"] == "interrupted", out
+    if sys.version_info >= (3, 11):
+        assert data["pgid"] == data["pid"] and data["sid"] == os.getsid(0), data
     with pytest.raises(ProcessLookupError):
         os.kill(data["pid"], 0)
     recap = out.split("== gpu_suite plan fake")[1]
