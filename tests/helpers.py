@@ -93,7 +93,7 @@ def require(module: str) -> types.ModuleType:
 
 def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, produce: Callable[[], Any]) -> Any:
     """``produce()`` (JSON-able) run once per test session, also under pytest-xdist (the GPU runner's
-    tests phase runs ``-n 4``), where a module-scoped fixture would otherwise run once in every worker
+    tests phase runs ``-n 8``), where a module-scoped fixture would otherwise run once in every worker
     that draws one of its module's tests: the first to get here runs it under a lock in the folder
     that all the session's workers share, the others wait and read its result."""
     folder = tmp_path_factory.getbasetemp()
