@@ -48,8 +48,9 @@ def pytest_configure(config):
 def _xdist_load_by_default(config) -> bool:
     """``pytest -n N`` without ``--dist``: xdist's "load" queues a chunk of tests on each worker
     up front, so near the end one worker can hold several whole-model tests while the other has
-    nothing left (on two cores, one worker sat idle for the last 375 s of a 913 s run). "worksteal" (xdist 3.2)
-    lets an idle worker take half of a busy one's queue. An explicit ``--dist`` is kept."""
+    nothing left (on two cores, one worker sat idle for the last 375 s of a 913 s run).
+    "worksteal" (xdist 3.2) lets an idle worker take half of a busy one's queue. An explicit
+    ``--dist`` is kept."""
     if getattr(config.option, "dist", "no") != "load":
         return False
     if any(arg == "-d" or arg.startswith("--dist") for arg in config.invocation_params.args):

@@ -11,9 +11,9 @@ forward and backward).
 
 ``install()`` keeps the first patch of each module's globals in a launch and skips the rest;
 the launch's own patch and its restore are untouched. The kernels compute exactly what they
-computed without it (``tests/test_checks.py`` runs kernels both ways and compares them bit for
-bit). Where the interpreter is not built this way (another Triton), ``install()`` changes
-nothing and says so.
+computed without it (``tests/test_interpreter_patch.py`` runs them both ways and compares them
+bit for bit). Where the interpreter is not built this way (another Triton), ``install()``
+changes nothing and returns False.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def install() -> bool:
     patch_lang = getattr(interpreter, "_patch_lang", None)
     if executor is None or patch_lang is None or not hasattr(interpreter, "InterpretedFunction"):
         return False
-    if getattr(patch_lang, "restv2_original", None) is not None:
+    if installed():
         return True
     launch = types.SimpleNamespace(active=False, patched=set())
 
@@ -76,9 +76,8 @@ def uninstall() -> None:
     """Undo ``install()`` (the tests compare kernels run both ways)."""
     from triton.runtime import interpreter
 
-    original = getattr(interpreter._patch_lang, "restv2_original", None)
-    if original is not None:
-        interpreter._patch_lang = original
+    if installed():
+        interpreter._patch_lang = interpreter._patch_lang.restv2_original
         interpreter.GridExecutor.__call__ = interpreter.GridExecutor.__call__.restv2_original
 
 
