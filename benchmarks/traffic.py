@@ -19,6 +19,10 @@ ops as ONE op, at its inputs and outputs) and counts
   conv with one costs a pass of its own adding it (``conv bias add (cuDNN)``: the output read
   and written), unless it is a depthwise conv on an NCHW map (PyTorch's own kernel adds it);
   in the backward, its gradient is a sum over grad_output (``conv bias grad (sum)``: one read);
+- an out-of-place ``addmm`` whose added matrix is not a bias cuBLASLt takes (a [N] vector on
+  contiguous operands): PyTorch copies it into the output first and the GEMM reads it back as
+  C (``addmm C copy (CUDA)``: the output written and read once more); an in-place ``addmm_``
+  reads and writes its matrix once, as counted;
 - FLOPs of matmuls and convolutions (``torch.utils.flop_counter``'s formulas) and of the fused
   ops (their matmuls); elementwise FLOPs are ignored.
 
@@ -164,6 +168,33 @@ def conv_bias_passes(func, args: tuple, out) -> list[tuple[str, int, int]]:
     return []
 
 
+def addmm_copy_passes(func, args: tuple, kwargs: dict, out) -> list[tuple[str, int, int]]:
+    """The pass an out-of-place ``addmm(self, mat1, mat2)`` costs on CUDA beyond its operands and
+    its output: ``(op, read, written)``. Only a bias on cuBLASLt's path is added in the GEMM's
+    epilogue (``isInputCompliesAddmmCudaLt`` in ``aten/src/ATen/native/cuda/Blas.cpp``: beta 1, a
+    contiguous [N] self, a contiguous output, both matrices larger than one row and column).
+    Any other self (a [M, N] matrix, a broadcast one) is copied into the output, which the GEMM
+    then reads as C with beta: the output is written once more and read once. Zero beta reads
+    no self, and ``addmm_`` (the output is self) copies nothing."""
+    if func._overloadpacket is not aten.addmm:
+        return []
+    self, mat1, mat2 = args[:3]
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    if beta == 0:
+        return []
+    lt = (
+        beta == 1
+        and self.dim() == 1
+        and self.is_contiguous()
+        and out.is_contiguous()
+        and min(*mat1.shape, *mat2.shape) > 1
+    )
+    if lt:
+        return []
+    y = footprint(out)
+    return [("addmm C copy (CUDA)", y, y)]
+
+
 # FLOPs of this package's custom ops (their matmuls), by op name; other custom ops count 0.
 CUSTOM_FLOPS: dict[str, Callable[..., int]] = {
     "restv2::emsa_attention_fwd": _attention_flops,
@@ -299,7 +330,9 @@ class TrafficMode(TorchDispatchMode):
             flops = 0
         module_type = self.module_types.get(where, "")
         self.ops.append(OpCount(name, where, module_type, phase, read, written, flops))
-        for extra, extra_read, extra_written in conv_bias_passes(func, args, out):
+        for extra, extra_read, extra_written in conv_bias_passes(func, args, out) + addmm_copy_passes(
+            func, args, kwargs, out
+        ):
             self.ops.append(OpCount(extra, where, module_type, phase, extra_read, extra_written, 0))
         return out
 

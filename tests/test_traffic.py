@@ -90,6 +90,36 @@ def test_conv_bias_passes_by_hand(channels_last):
     assert sums == [y8, y8]  # both biased convs, whatever their kernel
 
 
+class AddMatmul(nn.Module):
+    """``addmm(x, x, weight)`` out of place (``inplace``: ``x.addmm_``), and a biased Linear."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(12, 12))
+        self.linear = nn.Linear(12, 12)
+        self.inplace = inplace
+
+    def forward(self, x):
+        y = x.clone().addmm_(x, self.weight) if self.inplace else torch.addmm(x, x, self.weight)
+        return self.linear(y)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_addmm_copy_pass_by_hand(inplace):
+    """An out-of-place addmm adding a [M, N] matrix copies it into its output first (CUDA's
+    addmm_out_cuda_impl), and its GEMM reads the output back as C: a pass of the output's
+    bytes, read and written. A Linear's [N] bias goes through cuBLASLt's epilogue: no pass;
+    nor does ``addmm_``, whose output is the matrix it adds."""
+    c = traffic.count_model("addmm", model=nn.Sequential(nn.Flatten(), AddMatmul(inplace)), batch=2, resolution=(2, 2))
+    y = 2 * 12 * 2  # the [2, 12] bf16 output
+    copies = [(o.op, o.read, o.written) for o in c.ops if o.op == "addmm C copy (CUDA)"]
+    assert copies == ([] if inplace else [("addmm C copy (CUDA)", y, y)])
+    assert [o.op for o in c.ops if o.op.startswith("aten::addmm")] == [
+        "aten::addmm_" if inplace else "aten::addmm",
+        "aten::addmm",  # the Linear
+    ]
+
+
 def test_peak_memory_by_hand():
     """The bytes alive at the peak, on the model above (fp32, batch 2): held are the parameters
     (weight 96 * 4, two biases 8 * 4) and the input (2 * 12 * 4): 544 bytes."""
