@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.module_tracker import ModuleTracker
 
 import restv2_kernels
 from restv2_kernels import reference
@@ -419,29 +420,40 @@ class PatchEmbedV1(nn.Module):
 
 class _LinearAndInput(torch.autograd.Function):
     """``(x @ weight.T + bias, x)``: the second output is x again (a view on this node), for x's
-    other uses. Their gradient reaches this backward, which adds it inside the matmul that makes
-    x's own (``addmm``: cuBLAS reads it as C, beta = 1) instead of autograd adding two [tokens,
-    C] gradients in a separate pass. The rest is nn.Linear's backward."""
+    other reader. Its gradient reaches this backward, which adds x's own into it in the GEMM
+    that makes x's own: ``dx_other.addmm_(dy, weight)``, cuBLAS reading it as C (beta = 1) and
+    writing the sum over it, instead of writing x's own gradient and adding the two [tokens, C]
+    gradients in another pass. In place, because PyTorch's out-of-place ``addmm`` with a matrix
+    C first copies C into its output (``addmm_out_cuda_impl``), which saves nothing.
+
+    Writing over a gradient is safe only where nothing else holds it: ``overwrite`` is set by
+    the caller where x's reader is a plain module whose backward makes a fresh input gradient
+    that goes nowhere else (``reader_is_plain``), and a backward that builds a graph
+    (``create_graph``) never writes in place. Elsewhere the two gradients are added out of place.
+    The rest is nn.Linear's backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, overwrite=False):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.overwrite = overwrite
         ctx.set_materialize_grads(False)  # an output that reached no loss: None, not zeros
         return F.linear(x, weight, bias), x
 
     @staticmethod
     def backward(ctx, dy, dx_other):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]  # (apply may omit overwrite)
         if dy is None:  # only x's other uses reached the loss
-            return dx_other, None, None
+            return dx_other, None, None, None
         N, K = weight.shape
         dy2 = dy.reshape(-1, N)
         dx = dw = db = None
         if need_x:
             if dx_other is None:
                 dx = dy2 @ weight
+            elif ctx.overwrite and not torch.is_grad_enabled():
+                dx = dx_other.reshape(-1, K).addmm_(dy2, weight)  # a reshape that copies is ours too
             else:
                 dx = torch.addmm(dx_other.reshape(-1, K), dy2, weight)
             dx = dx.view(x.shape)
@@ -449,18 +461,45 @@ class _LinearAndInput(torch.autograd.Function):
             dw = dy2.t() @ x.reshape(-1, K)
         if need_b and ctx.has_bias:
             db = dy2.sum(0)
-        return dx, dw, db
+        return dx, dw, db, None
 
 
-def linear_and_input(linear: nn.Module, x: torch.Tensor, kernels: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(linear(x), x)``, for an x that other layers read too (EMSA's q projection and its
-    spatial reduction). With ``kernels``, a gradient to take and a plain Linear in x's dtype
-    (under autocast: cast to it), x comes back from the Linear's autograd node, whose backward
-    adds the other uses' gradient in its input-gradient GEMM (``_LinearAndInput``)."""
+# nn.Module's global hooks (torch.nn.modules.module): they run on every module
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def global_hooks_only_observe() -> bool:
+    """Whether every global module hook is PyTorch's ``ModuleTracker``'s (the traffic model's and
+    FlopCounterMode's), which only notes which module runs, or there are none."""
+    hooks = [hook for name in _GLOBAL_HOOKS for hook in getattr(nn.modules.module, name, {}).values()]
+    return all(isinstance(getattr(hook, "__self__", None), ModuleTracker) for hook in hooks)
+
+
+def reader_is_plain(reader: nn.Module) -> bool:
+    """Whether ``reader``'s backward makes a fresh gradient for its input that nothing else can
+    keep: a plain Conv2d or Linear (``calls_plainly``: no hooks of its own) and no global module
+    hook but ``ModuleTracker``'s (``global_hooks_only_observe``)."""
+    plain = calls_plainly(reader, nn.Conv2d) or calls_plainly(reader, nn.Linear)
+    return plain and global_hooks_only_observe()
+
+
+def linear_and_input(
+    linear: nn.Module, x: torch.Tensor, kernels: bool, reader: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(x), x)``, for an x that another layer reads too (EMSA's q projection, and its
+    spatial reduction's conv, or kv where there is none: ``reader``). With ``kernels``, a
+    gradient to take and a plain Linear in x's dtype (under autocast: cast to it), x comes back
+    from the Linear's autograd node, whose backward adds x's own gradient into the reader's in
+    its input-gradient GEMM (``_LinearAndInput``; in place where ``reader_is_plain``)."""
     if kernels and torch.is_grad_enabled() and x.requires_grad and calls_plainly(linear, nn.Linear):
         weight, bias = cast_all(autocast_dtype(x), linear.weight, linear.bias)
         if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-            return _LinearAndInput.apply(x, weight, bias)
+            return _LinearAndInput.apply(x, weight, bias, reader is not None and reader_is_plain(reader))
     return linear(x), x
 
 

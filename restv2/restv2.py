@@ -62,7 +62,8 @@ class EMSAv2(nn.Module):
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
         kernels = use_kernels(self.backend, x)
-        q, x = linear_and_input(self.q, x, kernels)  # x's two gradients meet in q's backward GEMM
+        # x's two gradients meet in q's input-gradient GEMM, which adds into the reader's
+        q, x = linear_and_input(self.q, x, kernels, self.sr if self.sr_ratio > 1 else self.kv)
         q = q.view(B, N, h, d)
         if self.sr_ratio > 1:
             x, Hr, Wr = reduce_tokens(x, H, W, self.sr, self.sr_norm)

@@ -463,6 +463,54 @@ def test_linear_and_input(bias):
     assert x_again is x and torch.equal(y, 2 * F.linear(x, linear.weight, linear.bias))
 
 
+def _q_and_reader(hook: str | None):
+    """x's gradient through ``linear_and_input`` with a plain Linear as its reader (kv's role),
+    float64: (x.grad, the ops the backward ran, the reader input's gradients a hook kept, each
+    with a copy taken when the hook saw it). ``hook``: where a hook keeps them, None for none."""
+    torch.manual_seed(0)
+    q, kv = torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 12).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    kept = []
+
+    def keep(module, args):
+        args[0].register_hook(lambda g: kept.append((g, g.clone())))
+
+    handle = None
+    if hook == "reader":
+        handle = kv.register_forward_pre_hook(keep)
+    elif hook == "global":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(keep)
+    try:
+        y, x_again = linear_and_input(q, x, kernels=True, reader=kv)
+        loss = y.square().sum() + kv(x_again).sin().sum()
+    finally:
+        if handle is not None:
+            handle.remove()
+    with RecordShapes() as rec:
+        loss.backward()
+    return x.grad, {op for op, _ in rec.made}, kept
+
+
+@pytest.mark.parametrize("hook", [None, "reader", "global"])
+def test_linear_and_input_writes_over_no_gradient_anyone_keeps(hook):
+    """q's input-gradient GEMM adds into the reader's gradient in place (``addmm_``: no copy of
+    it into a new output) only where nothing else can hold that gradient: a hook on the reader,
+    or a global module hook, could keep it (here: one that keeps its input's gradient), and
+    then the two are added out of place. The kept gradient is what the hook saw, x's gradient
+    eager's either way; fails with the in-place write whatever the hooks."""
+    torch.manual_seed(0)  # the parameters and input of _q_and_reader's, called eagerly
+    q, kv = torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 12).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    (q(x).square().sum() + kv(x).sin().sum()).backward()
+    grad, ops, kept = _q_and_reader(hook)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
+    assert len(kept) == (0 if hook is None else 1)
+    for seen, when_seen in kept:
+        assert torch.equal(seen, when_seen), "a kept gradient was written over"
+    assert (torch.ops.aten.addmm_ in ops) == (hook is None)
+    assert (torch.ops.aten.addmm in ops) == (hook is not None)
+
+
 @pytest.mark.parametrize(
     "cls, extra",
     [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],

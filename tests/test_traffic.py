@@ -200,6 +200,11 @@ def test_kernel_path_traffic_target_restv2_tiny(train, target):
         for op in ("aten::select_backward", "aten::stack", "aten::add"):
             assert not [o for o in ker.ops if o.op == op and o.phase == "bwd"], op
         assert {"aten::stack", "aten::add"} <= {o.op for o in ref.ops if o.phase == "bwd"}
+        # q's input-gradient GEMM adds into the spatial reduction's (kv's) gradient in place
+        # (addmm_, one per block): no out-of-place addmm copies a matrix into its output, with
+        # the traffic model's own global module hooks (ModuleTracker's) registered
+        assert not [o for o in ker.ops if o.op == "addmm C copy (CUDA)"]
+        assert len([o for o in ker.ops if o.op == "aten::addmm_" and o.phase == "bwd"]) == 11
         # fc1's bias gradient comes from the MLP backward's GEMM: no sum reads a d_pre
         d_pre = 256 * 56 * 56 * 4 * 96 * 2  # stage 1's [tokens, 4C] in bf16
         assert max(o.read for o in ker.ops if o.op == "aten::sum") < d_pre
