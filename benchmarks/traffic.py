@@ -7,8 +7,8 @@ its FLOPs, and the fastest a GPU could run it, counted on the CPU.
     python benchmarks/traffic.py --top 0                           # totals and ratios only (CI)
     python benchmarks/traffic.py --features --train --batch 2 --resolution 800x1333   # detection
 
-What is counted: a ``TorchDispatchMode`` sees every aten op (and each of this package's custom
-ops as ONE op, at its inputs and outputs) and counts
+What is counted: a ``TorchDispatchMode`` sees every aten op, and each of this package's custom
+ops as ONE op, and counts
 
 - bytes read: the footprint of each distinct tensor argument (expanded dims count once, a
   strided view counts only its elements); bytes written: each output (an in-place op's
@@ -23,22 +23,31 @@ ops as ONE op, at its inputs and outputs) and counts
   contiguous operands): PyTorch copies it into the output first and the GEMM reads it back as
   C (``addmm C copy (CUDA)``: the output written and read once more); an in-place ``addmm_``
   reads and writes its matrix once, as counted;
+- a custom op of this package as its launcher runs it, for the launch plans of the GPU (this
+  machine's, else an H100's, sm_90): the launcher runs on the op's meta arguments with its
+  launches recorded (``plans.recording``), not made. Each launch moves each of its distinct
+  tensor arguments once, read where it views one of the op's inputs or an earlier launch
+  wrote it, else written (a kernel that reads and writes one tensor counts it once); the torch
+  ops around the launches (a reduction's second stage, small copies) count as above. So the
+  scratch between two kernels (an fp32 gradient map written by one, read by the next) and the
+  inputs both kernels read are counted, not only the op's inputs and outputs;
 - FLOPs of matmuls and convolutions (``torch.utils.flop_counter``'s formulas) and of the fused
   ops (their matmuls); elementwise FLOPs are ignored.
 
-Every op is assumed to move its bytes from and to HBM exactly once (no cache reuse between
-ops, none lost inside an op): what a memory-bound GPU pays, and what fusion saves.
+Every op (every launch of a custom op) is assumed to move its bytes from and to HBM exactly
+once (no cache reuse between ops, none lost inside one: a conv's halo and a GEMM's tiles come
+through the cache): what a memory-bound GPU pays, and what fusion saves.
 
 Peak memory: the same pass counts the bytes alive, per storage (views share it), from the op
 that creates it until its last tensor is gone, autograd's saved tensors included; parameters,
 buffers and the input are alive from the start, as ``torch.cuda.max_memory_allocated`` counts
 them after a reset. The peak, the op after which it is reached and what is alive then, by
-the op that made it, are printed. Not counted: the caching allocator's rounding (512 bytes) and
-what the libraries allocate inside an op (cuBLAS and cuDNN workspaces).
+the op that made it, are printed. A custom op's tensors (its scratch and its outputs) are alive
+while it runs. Not counted: the caching allocator's rounding (512 bytes) and what the libraries
+allocate inside an op (cuBLAS and cuDNN workspaces).
 
 The model runs on meta tensors (nothing is allocated, nothing computed): a batch of 256 at 224²
-counts in seconds. The kernel path (``--backend triton``) runs the custom ops' shape-only fake
-implementations, so it counts exactly the launches' tensor arguments. ``--dtype bf16`` casts the
+counts in seconds. ``--dtype bf16`` casts the
 model and its input to bf16 (deployment precision); autocast, which keeps fp32 weights and an
 fp32 residual stream, moves more bytes, so the floor below remains a lower bound for it.
 
@@ -61,6 +70,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._library import custom_ops
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -75,6 +85,7 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and common, inst
 import common  # noqa: E402
 
 from restv2 import MODELS  # noqa: E402
+from restv2_kernels import plans  # noqa: E402
 
 aten = torch.ops.aten
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -195,6 +206,9 @@ def addmm_copy_passes(func, args: tuple, kwargs: dict, out) -> list[tuple[str, i
     return [("addmm C copy (CUDA)", y, y)]
 
 
+# In-place ops whose FLOPs are their out-of-place twin's (torch.utils.flop_counter has only those)
+_FLOPS_AS = {aten.addmm_: aten.addmm}
+
 # FLOPs of this package's custom ops (their matmuls), by op name; other custom ops count 0.
 CUSTOM_FLOPS: dict[str, Callable[..., int]] = {
     "restv2::emsa_attention_fwd": _attention_flops,
@@ -261,6 +275,17 @@ class LiveBytes:
                 self.live[ref.cdata] = (ref, storage.nbytes(), creator)
                 self.now += storage.nbytes()
 
+    def transient(self, nbytes: int, creator: str, op: str) -> None:
+        """Records a new peak if ``nbytes`` more than what is alive now (an op's tensors, alive
+        only while it runs) reach it, during ``op``."""
+        if self.now + nbytes > self.peak:
+            self.peak, self.peak_after = self.now + nbytes, op
+            by: dict[str, int] = collections.defaultdict(int)
+            for _, size, made_by in self.live.values():
+                by[made_by] += size
+            by[creator] += nbytes
+            self.peak_by = dict(by)
+
     def update(self, op: str) -> None:
         """Drops the storages freed since the last update; records a new peak, reached after ``op``."""
         for key in [k for k, (ref, _, _) in self.live.items() if ref.expired()]:
@@ -273,16 +298,112 @@ class LiveBytes:
             self.peak_by = dict(by)
 
 
+def kernel_target() -> plans.Target:
+    """The GPU the launch plans are counted for: this machine's, else the assumed H100 (sm_90)."""
+    if torch.cuda.is_available():
+        return plans.device_target(torch.device("cuda"))
+    return plans.TARGETS["sm_90"]
+
+
+def op_bytes(func, args: tuple, kwargs: dict, out) -> tuple[int, int]:
+    """``(read, written)`` of one dispatched op: nothing for views and allocations; each distinct
+    tensor argument's footprint read (not for ops that only write); each output written."""
+    packet = func._overloadpacket
+    if func.is_view or packet in _FREE:
+        return 0, 0
+    read = 0
+    if packet not in _WRITE_ONLY:
+        seen: set[int] = set()
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                read += footprint(t)
+    written = sum(footprint(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    return read, written
+
+
+def real_implementation(func) -> Callable | None:
+    """The Python function behind one of this package's custom ops (its launcher), None for any
+    other op or where torch.library does not keep it (``CustomOpDef._init_fn``, private)."""
+    name = _op_name(func)
+    if not name.startswith("restv2::"):
+        return None
+    opdef = getattr(custom_ops, "OPDEFS", {}).get(name)
+    return getattr(opdef, "_init_fn", None)
+
+
+class _InsideOp(TorchDispatchMode):
+    """The aten ops a custom op's launcher runs around its kernels (allocations, the torch sums
+    of two-stage reductions, small copies): their bytes, and the most bytes its tensors hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = self.written = 0
+        self.memory = LiveBytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.memory.hold([t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)], "inside")
+        self.memory.update("")
+        read, written = op_bytes(func, args, kwargs, out)
+        self.read += read
+        self.written += written
+        return out
+
+
+def launch_bytes(launches: Iterable[plans.Recorded], inputs: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """``(read, written)`` of recorded kernel launches: each launch moves each of its distinct
+    tensor arguments once (a view: its footprint). An argument is read if it views one of the
+    op's inputs or an earlier launch wrote it, else written: a kernel that reads and writes the
+    same tensor counts it once. Tiles a kernel loads more than once (a conv's halo, the blocks
+    of a GEMM) count once, as through a perfect cache."""
+    outside = {StorageWeakRef(t.untyped_storage()).cdata for t in inputs}
+    made: set[tuple] = set()
+    read = written = 0
+    for rec in launches:
+        seen: set[tuple] = set()
+        for a in rec.args:
+            if not isinstance(a, torch.Tensor):
+                continue
+            key = (StorageWeakRef(a.untyped_storage()).cdata, a.storage_offset(), tuple(a.shape), a.stride())
+            if key in seen:
+                continue
+            seen.add(key)
+            if key[0] in outside or key in made:
+                read += footprint(a)
+            else:
+                made.add(key)
+                written += footprint(a)
+    return read, written
+
+
+def count_inside(func, args: tuple, kwargs: dict, target: plans.Target) -> tuple[int, int, int] | None:
+    """``(read, written, most bytes held)`` of one call of this package's custom op ``func`` as
+    its launcher runs it for ``target``: on the meta arguments, with the launches recorded
+    (``plans.recording``), not made. None for any other op."""
+    fn = real_implementation(func)
+    if fn is None:
+        return None
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    inside = _InsideOp()
+    with plans.using_target(target), plans.recording() as launches, inside:
+        fn(*args, **kwargs)
+    read, written = launch_bytes(launches, inputs)
+    return inside.read + read, inside.written + written, inside.memory.peak
+
+
 class TrafficMode(TorchDispatchMode):
     """Counts every dispatched op (see the module docstring) into ``self.ops``, and the bytes
     alive at the peak into ``self.memory``."""
 
-    def __init__(self, module_types: dict[str, str] | None = None):
+    def __init__(self, module_types: dict[str, str] | None = None, target: plans.Target | None = None):
         super().__init__()
         self.ops: list[OpCount] = []
         self.tracker = ModuleTracker()
         self.module_types = module_types or {}
         self.memory = LiveBytes()
+        self.target = target or kernel_target()
 
     def __enter__(self):
         self.tracker.__enter__()
@@ -309,21 +430,21 @@ class TrafficMode(TorchDispatchMode):
         name = _op_name(func)
         where = self._where()
         phase = "bwd" if self.tracker.is_bw else "fwd"
-        self.memory.hold(outputs, f"{phase} {name} @ {self.module_types.get(where) or '(top level)'}")
+        creator = f"{phase} {name} @ {self.module_types.get(where) or '(top level)'}"
+        inside = count_inside(func, args, kwargs, self.target)
+        if inside is not None:  # its kernels' and torch's bytes, its scratch alive while it runs
+            read, written, held = inside
+            self.memory.update(name)
+            self.memory.transient(held, f"{creator}, while it runs", name)
+        else:
+            read, written = op_bytes(func, args, kwargs, out)
+        self.memory.hold(outputs, creator)
         self.memory.update(name)
         if func.is_view or packet in _FREE:
             return out
-        inputs, _ = tree_flatten((args, kwargs))
-        read = 0
-        if packet not in _WRITE_ONLY:
-            seen: set[int] = set()
-            for t in inputs:
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
-                    read += footprint(t)
-        written = sum(footprint(t) for t in outputs)
-        if packet in flop_registry:
-            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        counted = _FLOPS_AS.get(packet, packet)
+        if counted in flop_registry:
+            flops = int(flop_registry[counted](*args, **kwargs, out_val=out))
         elif name in CUSTOM_FLOPS:
             flops = int(CUSTOM_FLOPS[name](*args, **kwargs))
         else:
@@ -358,6 +479,7 @@ class Count:
     peak_bytes: int = 0  # the most bytes alive at once, held_bytes included
     peak_after: str = ""  # the op after which they were
     peak_by: dict[str, int] = field(default_factory=dict, repr=False)  # alive at the peak, by creator
+    target: str = ""  # the GPU whose launch plans the custom ops were counted with
 
     @property
     def bytes(self) -> int:
@@ -392,13 +514,15 @@ def count_model(
     model_kwargs: dict | None = None,
     model: nn.Module | None = None,
     features: bool = False,
+    target: plans.Target | None = None,
 ) -> Count:
     """Counts one forward (``train``: forward, cross-entropy, backward) of a zoo model on meta
     tensors, with ``backend`` ("reference" or "triton") in ``dtype``. ``features``: the dense
     backbone instead, as ``throughput.py --features`` times it: the four stage maps
     (``forward_intermediates``, no classifier) and, with ``train``, a backward from the sum of
     their fp32 means. ``model`` replaces the zoo model (any module taking an image batch; with
-    ``features``, one with ``forward_intermediates``), for tests."""
+    ``features``, one with ``forward_intermediates``), for tests. ``target``: the GPU whose launch
+    plans the custom ops are counted with (``kernel_target()`` by default)."""
     dt = DTYPES[dtype]
     if model is None:
         with torch.device("meta"):
@@ -407,7 +531,7 @@ def count_model(
     model = model.to(device="meta", dtype=dt).train(train)
     types = {name: type(m).__name__ for name, m in model.named_modules()}
     x = torch.empty(batch, 3, *resolution, device="meta", dtype=dt)
-    mode = TrafficMode(types)
+    mode = TrafficMode(types, target)
     mode.memory.hold([*model.parameters(), *model.buffers(), x], "held: parameters, buffers, input")
     mode.memory.update("")
     with mode, torch.set_grad_enabled(train):
@@ -436,6 +560,7 @@ def count_model(
         peak_bytes=m.peak,
         peak_after=m.peak_after,
         peak_by=m.peak_by,
+        target=mode.target.name,
     )
 
 
@@ -538,7 +663,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
     ratios = compare(counts)
     peak_ratios = compare(counts, key=lambda c: c.peak_bytes)
-    print(f"rates ({rates['source']}): copy {rates['copy_gbps']:.0f} GB/s, matmul {rates['matmul_tflops']:.0f} TFLOP/s")
+    print(
+        f"rates ({rates['source']}): copy {rates['copy_gbps']:.0f} GB/s, matmul {rates['matmul_tflops']:.0f} "
+        f"TFLOP/s; launch plans: {counts[0].target}"
+    )
     for c in counts:
         floor = c.floor_ms(rates["copy_gbps"], rates["matmul_tflops"])
         ratio = f", {ratios[c.backend]:.3f}x the reference's bytes" if c.backend in ratios else ""

@@ -9,7 +9,32 @@ import torch
 import torch.nn as nn
 from helpers import load_benchmark
 
+from restv2_kernels import plans
+
 traffic = load_benchmark("traffic")
+
+
+@torch.library.custom_op("restv2::traffic_probe", mutates_args=())
+def traffic_probe(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A launcher as this package's are written: two kernels through ``plans.launch`` with an
+    fp32 scratch between them, and a second stage of a reduction in torch. (Only ever counted:
+    it records its launches, there are no kernels.)"""
+    g = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    y = torch.empty_like(x)
+    part = torch.empty((5, x.shape[-1]), dtype=torch.float32, device=x.device)
+    plans.launch("first kernel", None, x, g, part, x)  # reads x (named twice), writes g and part
+    plans.launch("second kernel", None, g, x, y)  # reads g and x, writes y
+    return y, part.sum(0)
+
+
+@traffic_probe.register_fake
+def _(x):
+    return torch.empty_like(x), x.new_empty(x.shape[-1], dtype=torch.float32)
+
+
+class Probe(nn.Module):
+    def forward(self, x):
+        return traffic_probe(x)[0]
 
 
 class AddBias(nn.Module):
@@ -120,6 +145,30 @@ def test_addmm_copy_pass_by_hand(inplace):
     ]
 
 
+def test_custom_op_counted_by_its_launches_by_hand():
+    """One of this package's custom ops counts what its launcher moves, run on the meta tensors
+    with its launches recorded: per launch, each distinct tensor argument once (read where it
+    is the op's input or an earlier launch wrote it, else written), plus the torch ops around
+    them; not only its inputs and outputs. Its tensors count toward the peak while it runs."""
+    c = traffic.count_model("probe", model=nn.Sequential(nn.Flatten(), Probe()), batch=2, resolution=(2, 2))
+    x, g, part, summed = 2 * 12 * 2, 2 * 12 * 4, 5 * 12 * 4, 12 * 4  # bf16 x and y; fp32 g, part, its sum
+    read = x + (g + x) + part  # launch 1: x; launch 2: g, x; the sum: part
+    written = (g + part) + x + summed  # launch 1: g, part; launch 2: y; the sum
+    assert [(o.op, o.read, o.written) for o in c.ops] == [("restv2::traffic_probe", read, written)]
+    held = 2 * 12 * 2  # the input
+    assert c.peak_bytes == held + g + x + part + summed  # everything it allocates, while it runs
+    assert c.peak_after == "restv2::traffic_probe"
+
+
+def test_launch_bytes_of_views():
+    """A view counts its footprint, two views of one buffer each theirs; a view of an input is
+    read; the same view passed twice to one launch counts once."""
+    with torch.device("meta"):
+        x, buf = torch.empty(4, 8), torch.empty(2, 4, 8)
+    launches = [plans.Recorded("k", None, (x[:2], buf[0], buf[1], buf[1]))]
+    assert traffic.launch_bytes(launches, [x]) == (2 * 8 * 4, 2 * 4 * 8 * 4)
+
+
 def test_peak_memory_by_hand():
     """The bytes alive at the peak, on the model above (fp32, batch 2): held are the parameters
     (weight 96 * 4, two biases 8 * 4) and the input (2 * 12 * 4): 544 bytes."""
@@ -205,6 +254,18 @@ def test_kernel_path_traffic_target_restv2_tiny(train, target):
         # the traffic model's own global module hooks (ModuleTracker's) registered
         assert not [o for o in ker.ops if o.op == "addmm C copy (CUDA)"]
         assert len([o for o in ker.ops if o.op == "aten::addmm_" and o.phase == "bwd"]) == 11
+        # the backward kernels' fp32 scratch is counted (written by one kernel, read by the
+        # next), and the inputs each kernel reads: upsample_add_bwd reads dout and moves g
+        # (4 + 4 bytes) at every block's full resolution; pixel_attention_bwd reads dout and x
+        # in both kernels, moves g and writes dx, at each stem's and patch embed's resolution
+        blocks = 256 * (3136 * 96 + 2 * 784 * 192 + 6 * 196 * 384 + 2 * 49 * 768)
+        embeds = 256 * (3136 * 96 + 784 * 192 + 196 * 384 + 49 * 768)
+        moved = {
+            op: sum(o.bytes for o in ker.ops if o.op == f"restv2::{op}")
+            for op in ("upsample_add_bwd", "pixel_attention_bwd")
+        }
+        assert moved["upsample_add_bwd"] >= (2 + 4 + 4) * blocks
+        assert moved["pixel_attention_bwd"] >= (2 * (2 + 2) + 4 + 4 + 2) * embeds
         # fc1's bias gradient comes from the MLP backward's GEMM: no sum reads a d_pre
         d_pre = 256 * 56 * 56 * 4 * 96 * 2  # stage 1's [tokens, 4C] in bf16
         assert max(o.read for o in ker.ops if o.op == "aten::sum") < d_pre
