@@ -190,7 +190,7 @@ def addmm_copy_passes(func, args: tuple, kwargs: dict, out) -> list[tuple[str, i
     if func._overloadpacket is not aten.addmm:
         return []
     self, mat1, mat2 = args[:3]
-    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    beta = kwargs.get("beta", 1)  # keyword-only in aten's schema
     if beta == 0:
         return []
     lt = (

@@ -433,7 +433,7 @@ class _LinearAndInput(torch.autograd.Function):
     The rest is nn.Linear's backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, overwrite=False):
+    def forward(ctx, x, weight, bias, overwrite):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.overwrite = overwrite
@@ -443,7 +443,7 @@ class _LinearAndInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dx_other):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]  # (apply may omit overwrite)
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
         if dy is None:  # only x's other uses reached the loss
             return dx_other, None, None, None
         N, K = weight.shape

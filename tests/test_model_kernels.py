@@ -456,20 +456,25 @@ def test_linear_and_input(bias):
     assert x_again.grad_fn is y.grad_fn and x_again.data_ptr() == x.data_ptr()
     assert torch.equal(y, linear(x)) and torch.equal(x_again, x)
     params = tuple(p for p in (linear.weight, linear.bias) if p is not None)
-    torch.autograd.gradcheck(lambda *t: _LinearAndInput.apply(*t, *(() if bias else (None,))), (x, *params))
+    torch.autograd.gradcheck(lambda *t: _LinearAndInput.apply(*t, *(() if bias else (None,)), False), (x, *params))
     assert linear_and_input(linear, x, kernels=False)[1] is x
     linear.register_forward_hook(lambda module, args, out: out * 2)
     y, x_again = linear_and_input(linear, x, kernels=True)
     assert x_again is x and torch.equal(y, 2 * F.linear(x, linear.weight, linear.bias))
 
 
-def _q_and_reader(hook: str | None):
-    """x's gradient through ``linear_and_input`` with a plain Linear as its reader (kv's role),
-    float64: (x.grad, the ops the backward ran, the reader input's gradients a hook kept, each
-    with a copy taken when the hook saw it). ``hook``: where a hook keeps them, None for none."""
+def _q_kv_x():
+    """q's Linear, a Linear reading the same x (kv's role) and x, float64, from one seed."""
     torch.manual_seed(0)
     q, kv = torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 12).double()
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    return q, kv, torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+
+
+def _q_and_reader(hook: str | None):
+    """x's gradient through ``linear_and_input`` with kv's Linear as its reader: (x.grad, the
+    ops the backward ran, the reader input's gradients a hook kept, each with a copy taken when
+    the hook saw it). ``hook``: where a hook keeps them, None for none."""
+    q, kv, x = _q_kv_x()
     kept = []
 
     def keep(module, args):
@@ -498,9 +503,7 @@ def test_linear_and_input_writes_over_no_gradient_anyone_keeps(hook):
     or a global module hook, could keep it (here: one that keeps its input's gradient), and
     then the two are added out of place. The kept gradient is what the hook saw, x's gradient
     eager's either way; fails with the in-place write whatever the hooks."""
-    torch.manual_seed(0)  # the parameters and input of _q_and_reader's, called eagerly
-    q, kv = torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 12).double()
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    q, kv, x = _q_kv_x()  # _q_and_reader's, called eagerly
     (q(x).square().sum() + kv(x).sin().sum()).backward()
     grad, ops, kept = _q_and_reader(hook)
     torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
