@@ -8,7 +8,8 @@
 - ``upsample_add(x, v, weight, bias, norm_weight, norm_bias, sr, eps=1e-6)``: the upsample
   branch (depthwise 3x3 conv + pixel-shuffle + crop + LayerNorm + residual add).
 - ``add_layer_norm``, ``linear_gelu``, ``mlp``, ``pixel_attention``, ``bias_relu``: the residual
-  add + LayerNorm, the MLP with its GELU, PA, and the stems' folded-BatchNorm bias + ReLU.
+  add + LayerNorm (stochastic depth's per-sample factor on the branch included), the MLP with
+  its GELU, PA, and the stems' folded-BatchNorm bias + ReLU.
 - ``batch_norm_relu``: the stems' BatchNorm + ReLU in training (F.batch_norm's arguments).
 - ``pixel_attention_layer_norm``: PA and the LayerNorm after it (stems, patch embeds), in one
   pass where no gradient is needed.

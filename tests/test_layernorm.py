@@ -8,6 +8,7 @@ kernel's dtypes. Without a GPU these run in Triton's interpreter (see conftest.p
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -61,15 +62,29 @@ def _layout(t, layout):
     raise ValueError(layout)
 
 
-def _run(fn, tensors, dtypes, device, layout="contig", use=("residual", "normed")):
+def _scale(batch, seed=0):
+    """float64 per-sample branch factors as stochastic depth makes them (0: dropped; 1 / keep:
+    kept, keep 0.9), plus one that is neither (0.6), in an order the seed picks."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0.0, 1 / 0.9, 0.6], dtype=torch.float64)
+    return values[torch.randint(3, (batch,), generator=g)] if batch > 3 else values[:batch]
+
+
+def _run(fn, tensors, dtypes, device, layout="contig", use=("residual", "normed"), frozen=(), scale=None):
     """fn's (residual, normed) and the gradients of <residual, d_res> + <normed, d_normed>
-    (only the outputs in ``use``) w.r.t. x, branch, weight and bias. dtypes: (x, branch or
-    None, weight/bias, out_dtype or None); float64 everywhere when all are float64."""
+    (only the outputs in ``use``) w.r.t. x, branch, weight and bias (not those ``frozen``).
+    dtypes: (x, branch or None, weight/bias, out_dtype or None); float64 everywhere when all
+    are float64. ``scale``: the float64 branch_scale, passed in fp32 (float64 when x is)."""
     x_dt, b_dt, w_dt, out_dt = dtypes
     x, branch, weight, bias, d_res, d_normed = tensors
+    if scale is not None:
+        s_dt = torch.float64 if x_dt == torch.float64 else FP32
+        fn = functools.partial(fn, branch_scale=scale.to(device=device, dtype=s_dt))
     leaves = [
-        x.to(device=device, dtype=x_dt, copy=True).requires_grad_(),
-        None if b_dt is None else branch.to(device=device, dtype=b_dt, copy=True).requires_grad_(),
+        x.to(device=device, dtype=x_dt, copy=True).requires_grad_("x" not in frozen),
+        None
+        if b_dt is None
+        else branch.to(device=device, dtype=b_dt, copy=True).requires_grad_("branch" not in frozen),
         weight.to(device=device, dtype=w_dt, copy=True).requires_grad_(),
         bias.to(device=device, dtype=w_dt, copy=True).requires_grad_(),
     ]
@@ -86,10 +101,9 @@ def _run(fn, tensors, dtypes, device, layout="contig", use=("residual", "normed"
     if "normed" in use:
         outs.append(normed)
         grads_out.append(_layout(d_normed.to(device=device, dtype=normed.dtype), layout))
-    wanted = [t for t in leaves if t is not None]
-    grads = list(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
-    if b_dt is None:
-        grads.insert(1, None)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
+    grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
     return residual, normed, grads
 
 
@@ -109,14 +123,16 @@ def _round(tensors, dtypes):
     ]
 
 
-def _check_parity(shape, dtypes, device, layout="contig", seed=0, use=("residual", "normed")):
-    """Kernel vs float64 reference vs eager in the same dtypes: both outputs and all gradients."""
+def _check_parity(shape, dtypes, device, layout="contig", seed=0, use=("residual", "normed"), frozen=(), scale=False):
+    """Kernel vs float64 reference vs eager in the same dtypes: both outputs and all gradients
+    (of the inputs not ``frozen``); ``scale``: with a branch_scale (``_scale``)."""
     x_dt, b_dt, w_dt, out_dt = dtypes
     tensors = _round(_inputs(shape, seed), dtypes)
-    res, normed, grads = _run(add_layer_norm, tensors, dtypes, device, layout, use)
+    kw = dict(use=use, frozen=frozen, scale=_scale(shape[0], seed) if scale else None)
+    res, normed, grads = _run(add_layer_norm, tensors, dtypes, device, layout, **kw)
     f64 = (torch.float64, None if b_dt is None else torch.float64, torch.float64, None)
-    ref_res, ref_normed, ref_grads = _run(reference.add_layer_norm, tensors, f64, "cpu", "contig", use)
-    eager_res, eager_normed, eager_grads = _run(reference.add_layer_norm, tensors, dtypes, device, "contig", use)
+    ref_res, ref_normed, ref_grads = _run(reference.add_layer_norm, tensors, f64, "cpu", "contig", **kw)
+    eager_res, eager_normed, eager_grads = _run(reference.add_layer_norm, tensors, dtypes, device, "contig", **kw)
     res_dt = x_dt if b_dt is None else torch.promote_types(x_dt, b_dt)
     assert normed.dtype == (out_dt or res_dt) and normed.shape == shape and normed.is_contiguous()
     if b_dt is not None:
@@ -124,7 +140,8 @@ def _check_parity(shape, dtypes, device, layout="contig", seed=0, use=("residual
         assert_close("residual", res, ref_res, eager_res)
     assert_close("normed", normed, ref_normed, eager_normed)
     for name, a, r, e, dt in zip(GRAD_NAMES, grads, ref_grads, eager_grads, (x_dt, b_dt, w_dt, w_dt)):
-        if dt is None:
+        if dt is None or name[1:] in frozen:
+            assert a is None, name
             continue
         if name in ("dweight", "dbias") and "normed" not in use:
             assert a is None, name  # no path from the parameters to the used outputs
@@ -208,6 +225,55 @@ def test_one_output_used(use, dtypes, device, nan_buffers):
     kernel at all (residual-only: the gradient passes through to x and branch)."""
     _check_parity((2, 5, 48), dtypes, device, use=use)
     assert len(nan_buffers) == (7 if use == ("normed",) else 4)
+
+
+# stochastic depth fused into the add: (shape, dtypes, layout); the batch's factors mix 0
+# (dropped), 1 / keep and 0.6 (``_scale``); rows per sample 1 to 21, leading dims 2-D and 3-D
+SCALED = [
+    pytest.param((4, 7, 48), (FP32, FP32, FP32, None), "contig", id="fp32"),
+    pytest.param((5, 3, 96), (FP16, FP16, FP16, None), "channel-slice", id="fp16-channel-slice"),
+    pytest.param((4, 5, 96), (FP32, FP16, FP32, FP16), "contig", id="autocast-x32-b16-out16"),
+    pytest.param((3, 6, 48), (FP16, FP16, FP16, None), "token-slice", id="fp16-token-slice"),
+    pytest.param((4, 3, 7, 40), (FP32, FP32, FP32, None), "contig", id="4d-fp32"),
+    pytest.param((2, 9, 20), (FP32, FP32, FP32, None), "contig", id="B2-fp32"),
+    pytest.param((6, 1, 24), (FP32, FP32, FP32, None), "contig", id="one-row-per-sample"),
+]
+
+
+@pytest.mark.parametrize("shape,dtypes,layout", SCALED)
+def test_parity_branch_scale(shape, dtypes, layout, device, nan_buffers):
+    """A factor per sample on the branch: the residual is x + branch * factor, x's gradient
+    is the norm's plus d_residual, the branch's that times its factor, both from one kernel."""
+    _check_parity(shape, dtypes, device, layout, scale=True)
+    assert len(nan_buffers) == 7, nan_buffers
+    assert [s for s, _ in nan_buffers[4:6]] == [shape, shape]  # dx and the branch's (scaled) gradient
+
+
+@pytest.mark.parametrize(
+    "use,frozen",
+    [
+        pytest.param(("residual",), (), id="residual-only"),
+        pytest.param(("normed",), (), id="normed-only"),
+        pytest.param(("residual", "normed"), ("x",), id="x-frozen"),
+        pytest.param(("normed",), ("x",), id="normed-only-x-frozen"),
+        pytest.param(("residual", "normed"), ("branch",), id="branch-frozen"),
+    ],
+)
+def test_branch_scale_some_gradients(use, frozen, device, nan_buffers):
+    """Only some gradients asked for: the scaled branch gradient is written alone where x is
+    frozen, not at all where the branch is, and passes through (times its factor) where only
+    the residual is used."""
+    _check_parity((4, 5, 48), (FP32, FP16, FP32, FP16), device, use=use, frozen=frozen, scale=True)
+    if "normed" in use:
+        written = [s for s, _ in nan_buffers[4:6]]
+        assert written == [(0,) if "x" in frozen else (4, 5, 48), (0,) if "branch" in frozen else (4, 5, 48)]
+
+
+def test_branch_scale_small_tiles(device):
+    """Row blocks of 4 rows over samples of 3: a block holds rows of two samples, each with its
+    own factor; 3 backward programs walk several blocks each."""
+    with plans.forced(add_ln_fwd=dict(block_r=4, num_warps=1), add_ln_bwd=dict(block_r=4, num_warps=1, programs=3)):
+        _check_parity((5, 3, 20), (FP32, FP32, FP32, None), device, "channel-slice", scale=True)
 
 
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "x-frozen"])
@@ -313,14 +379,16 @@ def test_deterministic(device):
     N=st.integers(1, 20),
     C=st.sampled_from([1, 7, 16, 33, 64, 100]),
     has_branch=st.booleans(),
+    scaled=st.booleans(),
     layout=st.sampled_from(["contig", "channel-slice", "token-slice"]),
     block_r=st.sampled_from([1, 2, 4, None]),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_shapes(B, N, C, has_branch, layout, block_r, seed):
+def test_property_random_shapes(B, N, C, has_branch, scaled, layout, block_r, seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = (FP32, FP32 if has_branch else None, FP32, None)
     with plans.forced(add_ln_fwd=dict(block_r=block_r), add_ln_bwd=dict(block_r=block_r, programs=3)):
-        _check_parity((B, N, C), (FP32, FP32 if has_branch else None, FP32, None), device, layout, seed=seed)
+        _check_parity((B, N, C), dtypes, device, layout, seed=seed, scale=has_branch and scaled)
 
 
 def test_launchers_on_meta_tensors():
@@ -340,6 +408,14 @@ def test_launchers_on_meta_tensors():
     assert seen[0].args[1].stride(0) == 2 * C  # the branch slice is read in place
     assert res.dtype == FP32 and normed.dtype == BF16 and out[0].dtype == FP32 and out[1].dtype == BF16
     assert bwd.split <= 2 * target.sm_count and all(len(r.plan.grid) == 1 for r in seen)
+    scale = torch.empty(B, device="meta", dtype=FP32)
+    with plans.using_target(target), plans.recording() as scaled:
+        res, normed, mean, rstd = kernels._fwd(x, branch, weight, bias, 1e-6, BF16, True, scale)
+        kernels._bwd(torch.empty_like(normed), torch.empty_like(res), res, mean, rstd, weight, FP32, BF16, scale)
+    assert [r.plan for r in scaled] == [r.plan for r in seen]  # the same plans
+    # the factors and the rows of each sample (fwd: x2, branch, scale, ..., R, C, S; bwd: ..., weight, scale, ..., R, C, S)
+    assert scaled[0].args[2] is scale and scaled[0].args[11] == N
+    assert scaled[1].args[6] is scale and scaled[1].args[12] == N
     with pytest.raises(ValueError, match="32-bit row indices"):
         plans.add_layer_norm_fwd_plan(2**31, C, FP32, target)
 
@@ -349,10 +425,14 @@ def test_custom_ops_trace(device):
     graph with no compiler (aot_eager), matching eager, with and without a branch."""
     tensors = [t.float().to(device) for t in _inputs((2, 5, 24), seed=6)]
 
+    scale = _scale(2).float().to(device)
+
     def f(x, branch, weight, bias):
         res, normed = add_layer_norm(x * 2, branch, weight, bias, 1e-5, FP16)
         _, normed2 = add_layer_norm(res, None, weight, bias)
-        return res.sum() + (normed.float() * tensors[5]).sum() + (normed2 * tensors[4]).sum()
+        res3, normed3 = add_layer_norm(res, branch, weight, bias, branch_scale=scale)
+        out = res.sum() + (normed.float() * tensors[5]).sum() + (normed2 * tensors[4]).sum()
+        return out + (res3 * tensors[4]).sum() + (normed3 * tensors[5]).sum()
 
     def grads(fn):
         leaves = [t.detach().clone().requires_grad_() for t in tensors[:4]]
@@ -375,6 +455,9 @@ def test_custom_ops_opcheck(device):
     res, normed, mean, rstd = fwd(x, branch, weight, bias, 1e-6, None, True)
     torch.library.opcheck(bwd, (d_normed, d_res, res, mean, rstd, weight, FP32, FP16))
     torch.library.opcheck(bwd, (d_normed, None, res, mean, rstd, weight, None, None))
+    scale = _scale(2).float().to(device)
+    torch.library.opcheck(fwd, (x, branch.half(), weight, bias, 1e-6, FP16, True, scale))
+    torch.library.opcheck(bwd, (d_normed, d_res, res, mean, rstd, weight, FP32, FP32, scale))
 
 
 def _good(device, C=16):
@@ -411,6 +494,39 @@ def _good(device, C=16):
             "at least one dimension",
             id="x-0d",
         ),
+        pytest.param(
+            lambda a: a.update(branch=None, branch_scale=torch.ones(2, device=a["x"].device)),
+            ValueError,
+            "branch is None",
+            id="scale-without-branch",
+        ),
+        pytest.param(
+            lambda a: a.update(branch_scale=torch.ones(3, device=a["x"].device)),
+            ValueError,
+            r"branch_scale must have shape \(B,\)",
+            id="scale-shape",
+        ),
+        pytest.param(
+            lambda a: a.update(
+                x=a["x"][0, 0], branch=a["branch"][0, 0], branch_scale=torch.ones(16, device=a["x"].device)
+            ),
+            ValueError,
+            r"branch_scale must have shape \(B,\)",
+            id="scale-1d-x",
+        ),
+        pytest.param(
+            lambda a: a.update(branch_scale=torch.ones(2, dtype=torch.int64, device=a["x"].device)),
+            TypeError,
+            "branch_scale has dtype",
+            id="scale-int",
+        ),
+        pytest.param(
+            lambda a: a.update(branch_scale=torch.ones(2, device=a["x"].device, requires_grad=True)),
+            ValueError,
+            "branch_scale is a constant",
+            id="scale-requires-grad",
+        ),
+        pytest.param(lambda a: a.update(branch_scale=[1.0, 1.0]), TypeError, "branch_scale must be", id="scale-list"),
     ],
 )
 def test_errors(change, error, match, device):
@@ -450,6 +566,8 @@ def test_error_cpu_without_interpreter(monkeypatch):
 def test_parity_compiled(shape, dtypes, device):
     """Compiled kernels at the model's widths, bf16 included (the interpreter gets bf16 wrong)."""
     _check_parity(shape, dtypes, device, "channel-slice")
+    if dtypes[1] is not None:  # with stochastic depth's factors
+        _check_parity(shape, dtypes, device, "channel-slice", scale=True)
 
 
 @pytest.mark.cuda

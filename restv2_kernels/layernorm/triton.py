@@ -52,15 +52,17 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # R only bounds masks: not specialised, so a new token count reuses the compiled kernel.
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["R", "S"])
 def _add_ln_fwd_kernel(
-    x_ptr, br_ptr, w_ptr, b_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr,
-    R, C, sxr, sbr,
+    x_ptr, br_ptr, s_ptr, w_ptr, b_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr,
+    R, C, S, sxr, sbr,
     eps,
-    HAS_BRANCH: tl.constexpr, SAVE_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BRANCH: tl.constexpr, HAS_SCALE: tl.constexpr, SAVE_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """x, branch: [R, C] with row strides sxr, sbr (unit channel stride); weight, bias: [C]
-    -> residual (HAS_BRANCH), normed: [R, C] contiguous; mean, rstd: [R] fp32 (SAVE_STATS)."""
+    """x, branch: [R, C] with row strides sxr, sbr (unit channel stride); branch_scale: [R / S]
+    (HAS_SCALE: row r's branch is multiplied by element r // S); weight, bias: [C] -> residual
+    (HAS_BRANCH), normed: [R, C] contiguous; mean, rstd: [R] fp32 (SAVE_STATS)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < R
@@ -72,7 +74,10 @@ def _add_ln_fwd_kernel(
     r = tl.load(x_ptr + (rows64 * sxr)[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     out_off = (rows64 * C)[:, None] + cols[None, :]
     if HAS_BRANCH:
-        r += tl.load(br_ptr + (rows64 * sbr)[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        br = tl.load(br_ptr + (rows64 * sbr)[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_SCALE:  # a per-sample factor (stochastic depth's 0 or 1 / keep), in fp32
+            br *= tl.load(s_ptr + rows // S, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+        r += br
         tl.store(res_ptr + out_off, r.to(res_ptr.dtype.element_ty), mask=m2)
     # statistics in fp32 from the unrounded sum; padded channels masked out
     mean = tl.sum(r, axis=1) / C
@@ -87,16 +92,18 @@ def _add_ln_fwd_kernel(
         tl.store(rstd_ptr + rows, rstd, mask=r_mask)
 
 
-@triton.jit(do_not_specialize=["R", "BLOCKS_PER_SPLIT"])
+@triton.jit(do_not_specialize=["R", "S", "BLOCKS_PER_SPLIT"])
 def _add_ln_bwd_kernel(
-    dy_ptr, dres_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, dx_ptr, dx2_ptr, part_ptr,
-    R, C, BLOCKS_PER_SPLIT, sdy, sdres, sres,
-    HAS_DRES: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DX2: tl.constexpr,
+    dy_ptr, dres_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, s_ptr, dx_ptr, dx2_ptr, part_ptr,
+    R, C, S, BLOCKS_PER_SPLIT, sdy, sdres, sres,
+    HAS_DRES: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DX2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """d_normed, d_residual (HAS_DRES), residual: [R, C] with row strides sdy, sdres, sres;
     mean, rstd: [R] fp32; weight: [C] -> dx (WRITE_DX), dx2 (WRITE_DX2): [R, C] contiguous,
-    the same value in two dtypes; part: [n_programs, 2, C] fp32 (dweight, dbias partials).
+    the same value in two dtypes, or, with HAS_SCALE, dx2 the branch's gradient: row r's dx
+    times element r // S of branch_scale; part: [n_programs, 2, C] fp32 (dweight, dbias
+    partials).
 
     Program pid: row blocks [pid * BLOCKS_PER_SPLIT, (pid + 1) * BLOCKS_PER_SPLIT).
     """
@@ -133,6 +140,8 @@ def _add_ln_bwd_kernel(
             if WRITE_DX:
                 tl.store(dx_ptr + out_off, dx.to(dx_ptr.dtype.element_ty), mask=m2)
             if WRITE_DX2:
+                if HAS_SCALE:
+                    dx *= tl.load(s_ptr + rows // S, mask=r_mask, other=0.0).to(tl.float32)[:, None]
                 tl.store(dx2_ptr + out_off, dx.to(dx2_ptr.dtype.element_ty), mask=m2)
 
     # every slot is written, also by a program whose range is empty (zeros)
@@ -168,6 +177,11 @@ def _n_rows(shape) -> int:
     return math.prod(shape[:-1])
 
 
+def _rows_per_sample(t: torch.Tensor, branch_scale: torch.Tensor | None) -> int:
+    """The rows of each of the first dim's samples (the kernels' S: row r is sample r // S)."""
+    return 1 if branch_scale is None else max(1, math.prod(t.shape[1:-1]))
+
+
 def _fwd(
     x: torch.Tensor,
     branch: torch.Tensor | None,
@@ -176,10 +190,12 @@ def _fwd(
     eps: float,
     out_dtype: torch.dtype | None,
     save_stats: bool,
+    branch_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (residual, normed, mean, rstd). residual and normed have x's shape, contiguous;
     residual is an empty (0,) tensor when branch is None (the residual is x itself); mean
-    and rstd are [R] fp32, or empty (0,) tensors unless save_stats."""
+    and rstd are [R] fp32, or empty (0,) tensors unless save_stats. branch_scale: [B] (x's
+    first dim), each sample's branch factor, or None."""
     C = x.shape[-1]
     R = _n_rows(x.shape)
     dev = x.device
@@ -196,12 +212,13 @@ def _fwd(
     with _device_ctx(x):
         plans.launch(
             _add_ln_fwd_kernel, plan,
-            x2, b2, weight.contiguous(), bias.contiguous(),
+            x2, b2, weight if branch_scale is None else branch_scale.contiguous(),
+            weight.contiguous(), bias.contiguous(),
             residual if branch is not None else normed, normed,
             mean if save_stats else normed, rstd if save_stats else normed,
-            R, C, x2.stride(0), b2.stride(0),
+            R, C, _rows_per_sample(x, branch_scale), x2.stride(0), b2.stride(0),
             float(eps),
-            branch is not None, bool(save_stats),
+            branch is not None, branch_scale is not None, bool(save_stats),
         )  # fmt: skip
     return residual, normed, mean, rstd
 
@@ -215,10 +232,12 @@ def _bwd(
     weight: torch.Tensor,
     dx_dtype: torch.dtype | None,
     dx2_dtype: torch.dtype | None,
+    branch_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dx2, dweight, dbias): ``d_residual + LN_backward(d_normed)`` in dx_dtype and in
     dx2_dtype (contiguous, the residual's shape; an empty (0,) tensor where the dtype is
-    None), and dweight, dbias as fp32 [C]."""
+    None; dx2 times each sample's ``branch_scale`` where one is given: the branch's
+    gradient), and dweight, dbias as fp32 [C]."""
     C = residual.shape[-1]
     R = _n_rows(residual.shape)
     dev = residual.device
@@ -236,10 +255,11 @@ def _bwd(
     with _device_ctx(residual):
         plans.launch(
             _add_ln_bwd_kernel, plan.launch,
-            dy2, dres2, res2, mean, rstd, weight.contiguous(),
+            dy2, dres2, res2, mean, rstd, weight.contiguous(), part if branch_scale is None else branch_scale.contiguous(),
             dx if dx_dtype is not None else part, dx2 if dx2_dtype is not None else part, part,
-            R, C, plan.blocks_per_split, dy2.stride(0), dres2.stride(0), res2.stride(0),
-            d_residual is not None, dx_dtype is not None, dx2_dtype is not None,
+            R, C, _rows_per_sample(residual, branch_scale), plan.blocks_per_split,
+            dy2.stride(0), dres2.stride(0), res2.stride(0),
+            d_residual is not None, branch_scale is not None, dx_dtype is not None, dx2_dtype is not None,
         )  # fmt: skip
     # the second stage of the reduction; two separate sums, so the outputs do not alias
     return dx, dx2, part[:, 0].sum(0), part[:, 1].sum(0)
@@ -257,12 +277,13 @@ def add_layer_norm_fwd(
     eps: float,
     out_dtype: torch.dtype | None,
     save_stats: bool,
+    branch_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd(x, branch, weight, bias, eps, out_dtype, save_stats)
+    return _fwd(x, branch, weight, bias, eps, out_dtype, save_stats, branch_scale)
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, branch, weight, bias, eps, out_dtype, save_stats):
+def _(x, branch, weight, bias, eps, out_dtype, save_stats, branch_scale=None):
     res_dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
     R = _n_rows(x.shape)
     stats = (R,) if save_stats else (0,)
@@ -284,12 +305,13 @@ def add_layer_norm_bwd(
     weight: torch.Tensor,
     dx_dtype: torch.dtype | None,
     dx2_dtype: torch.dtype | None,
+    branch_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype)
+    return _bwd(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype, branch_scale)
 
 
 @add_layer_norm_bwd.register_fake
-def _(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype):
+def _(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype, branch_scale=None):
     C = residual.shape[-1]
     return (
         residual.new_empty(residual.shape if dx_dtype is not None else (0,), dtype=dx_dtype or residual.dtype),
@@ -304,15 +326,17 @@ def _(d_normed, d_residual, residual, mean, rstd, weight, dx_dtype, dx2_dtype):
 
 class _AddLayerNorm(torch.autograd.Function):
     """Outputs (residual, normed); without a branch the residual is x (autograd makes it a view
-    of x on this node): x's two uses meet in this backward, where autograd would add them."""
+    of x on this node): x's two uses meet in this backward, where autograd would add them.
+    With a branch_scale (no gradient: a per-sample constant) the branch's gradient is x's times
+    the scale, written by the same kernel as a second output."""
 
     @staticmethod
-    def forward(ctx, x, branch, weight, bias, eps, out_dtype):
+    def forward(ctx, x, branch, weight, bias, eps, out_dtype, branch_scale):
         residual, normed, mean, rstd = torch.ops.restv2.add_layer_norm_fwd(
-            x, branch, weight, bias, eps, out_dtype, True
+            x, branch, weight, bias, eps, out_dtype, True, branch_scale
         )
         has_branch = branch is not None
-        ctx.save_for_backward(residual if has_branch else x, mean, rstd, weight)
+        ctx.save_for_backward(residual if has_branch else x, mean, rstd, weight, branch_scale)
         ctx.has_branch = has_branch
         ctx.x_dtype = x.dtype
         ctx.branch_dtype = branch.dtype if has_branch else None
@@ -323,16 +347,22 @@ class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_residual, d_normed):
         need_x, need_b, need_w, need_bias = ctx.needs_input_grad[:4]
+        residual, mean, rstd, weight, scale = ctx.saved_tensors
         if d_normed is None:  # only the residual was used: d(x + branch) passes through
             dx = d_residual.to(ctx.x_dtype) if need_x and d_residual is not None else None
-            db = d_residual.to(ctx.branch_dtype) if need_b and d_residual is not None else None
-            return dx, db, None, None, None, None
-        residual, mean, rstd, weight = ctx.saved_tensors
-        # x and branch get the same value: one output when one dtype serves both
-        first = ctx.x_dtype if need_x else (ctx.branch_dtype if need_b else None)
-        second = ctx.branch_dtype if need_x and need_b and ctx.branch_dtype != ctx.x_dtype else None
+            db = None
+            if need_b and d_residual is not None:
+                db = d_residual if scale is None else d_residual * scale.view(-1, *(1,) * (d_residual.dim() - 1))
+                db = db.to(ctx.branch_dtype)
+            return dx, db, None, None, None, None, None
+        if scale is None:  # x and branch get the same value: one output when one dtype serves both
+            first = ctx.x_dtype if need_x else (ctx.branch_dtype if need_b else None)
+            second = ctx.branch_dtype if need_x and need_b and ctx.branch_dtype != ctx.x_dtype else None
+        else:  # the branch's gradient is scaled: always the second output
+            first = ctx.x_dtype if need_x else None
+            second = ctx.branch_dtype if need_b else None
         d1, d2, dw, dbias = torch.ops.restv2.add_layer_norm_bwd(
-            d_normed, d_residual, residual, mean, rstd, weight, first, second
+            d_normed, d_residual, residual, mean, rstd, weight, first, second, scale
         )
         dx = d1 if need_x else None
         db = (d2 if second is not None else d1) if need_b else None
@@ -341,6 +371,7 @@ class _AddLayerNorm(torch.autograd.Function):
             db,
             dw.to(weight.dtype) if need_w else None,
             dbias.to(ctx.bias_dtype) if need_bias else None,
+            None,
             None,
             None,
         )
@@ -356,6 +387,7 @@ def add_layer_norm(
     bias: torch.Tensor,
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
+    branch_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual = x + branch`` (x itself when branch is None) and
     ``normed = LayerNorm(residual) * weight + bias`` over the last dim, fused in Triton.
@@ -363,12 +395,17 @@ def add_layer_norm(
     x, branch: [..., C], any leading dims, fp16/bf16/fp32 (they may differ: the residual
     takes ``promote_types``); weight, bias: [C], fp16/bf16/fp32 (fp32 with 16-bit x under
     autocast). Statistics and arithmetic in fp32. ``normed`` is in ``out_dtype`` (default:
-    the residual's dtype). Returns ``(residual, normed)``, both contiguous (residual is x
-    itself when branch is None; where x needs a gradient, a view of x whose gradient the
-    fused backward adds to the norm's). Differentiable w.r.t. x, branch, weight and bias.
+    the residual's dtype). ``branch_scale``: None, or [B] (x's first dim), a factor per
+    sample that multiplies its branch (stochastic depth: 0 for a dropped sample, 1 / keep
+    for a kept one), applied in fp32 and not differentiated. Returns ``(residual, normed)``,
+    both contiguous (residual is x itself when branch is None; where x needs a gradient, a
+    view of x whose gradient the fused backward adds to the norm's). Differentiable w.r.t.
+    x, branch, weight and bias.
     """
-    check_add_layer_norm_inputs(x, branch, weight, bias, eps)
+    check_add_layer_norm_inputs(x, branch, weight, bias, eps, branch_scale)
     named = [("x", x), ("weight", weight), ("bias", bias)] + ([] if branch is None else [("branch", branch)])
+    if branch_scale is not None:
+        named.append(("branch_scale", branch_scale))
     for name, t in named:
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(
@@ -385,11 +422,14 @@ def add_layer_norm(
         raise ValueError(f"add_layer_norm: the Triton kernels take 1 to {MAX_C} channels, got C={C}")
     check_kernel_device(*(t for _, t in named))
     eps = float(eps)
-    if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
-        residual, normed = _AddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype)
+    grads = [t for name, t in named if name != "branch_scale"]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in grads):
+        residual, normed = _AddLayerNorm.apply(x, branch, weight, bias, eps, out_dtype, branch_scale)
         # branch None: residual is a view of x on this node, whose backward adds its gradient to
         # the LayerNorm's (no separate add); x itself where x needs no gradient
         return (x if branch is None and not x.requires_grad else residual), normed
     # inference: no autograd node, no mean/rstd written
-    residual, normed, _, _ = torch.ops.restv2.add_layer_norm_fwd(x, branch, weight, bias, eps, out_dtype, False)
+    residual, normed, _, _ = torch.ops.restv2.add_layer_norm_fwd(
+        x, branch, weight, bias, eps, out_dtype, False, branch_scale
+    )
     return (residual if branch is not None else x), normed
