@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from restv2_kernels.backend import check_backend, default_backend, use_kernels
 
 from .checkpoint import load_checkpoint
-from .layers import add_norm, check_image, drop_path_rates, ops_for, stage_indices, to_map
+from .layers import DroppedBranch, add_branch, add_norm, check_image, drop_path_rates, ops_for, stage_indices, to_map
 
 
 class Backbone(nn.Module):
@@ -83,10 +83,11 @@ class Backbone(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+    def _stage(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | DroppedBranch | None, int, int]:
         """Stage ``i`` on a map: its patch embed, then its blocks. Returns the tokens without the
-        last block's branch, that branch (None for a stage without blocks), and the map size:
-        the caller adds the branch, fused with the LayerNorm that follows where there is one."""
+        last block's branch, that branch (None for a stage without blocks; a ``DroppedBranch``
+        where its drop path is still to apply), and the map size: the caller adds the branch,
+        fused with the LayerNorm that follows where there is one."""
         x, H, W = self._embeds()[i](x)
         branch = None
         for blk in self._stages()[i]:
@@ -135,7 +136,7 @@ class Backbone(nn.Module):
                 if i in take:
                     intermediates.append(x if norm else to_map(residual, H, W))
             else:
-                x = to_map(x if branch is None else x + branch, H, W)
+                x = to_map(add_branch(x, branch), H, W)
                 if i in take:
                     intermediates.append(x)
         if output_fmt == "NHWC":
@@ -146,7 +147,9 @@ class Backbone(nn.Module):
         """The final normalised map [B, C_4, H_4, W_4]."""
         return self.forward_intermediates(x, indices=1)[0]
 
-    def _final_norm(self, x: torch.Tensor, branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _final_norm(
+        self, x: torch.Tensor, branch: torch.Tensor | DroppedBranch | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + branch, norm(x + branch))`` on the last stage's tokens, fused on the kernel path."""
         return add_norm(ops_for(self.backend, x), x, branch, self.norm)
 

@@ -7,6 +7,7 @@ so any input of at least 32x32 runs (a stride-2, pad-1, 3x3 conv gives ``ceil(H 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -79,14 +80,55 @@ def is_plain_instance_norm(norm: nn.Module) -> bool:
     return calls_plainly(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats
 
 
+class DroppedBranch(NamedTuple):
+    """A residual branch whose stochastic depth is still to be applied, ``branch * mask / keep``
+    (mask: [B, 1, ...], 0 or 1 in the branch's dtype, drawn as ``DropPath`` draws it), by the
+    add that takes it: inside the fused add + LayerNorm on the kernel path (``add_norm``), so
+    that it costs no pass of its own, forward or backward; else in the add (``add_branch``)."""
+
+    branch: torch.Tensor
+    mask: torch.Tensor
+    keep: float
+
+    def factors(self) -> torch.Tensor:
+        """[B] fp32: 0 for a dropped sample, 1 / keep for a kept one."""
+        return torch.where(self.mask.view(-1) != 0, 1.0 / self.keep, 0.0)
+
+
+def drop_branch(drop_path: nn.Module, branch: torch.Tensor, kernels: bool) -> torch.Tensor | DroppedBranch:
+    """``drop_path(branch)``; on the kernel path, where ``drop_path`` is a plain ``DropPath``
+    (``calls_plainly``) that drops in this call, the branch and its mask (``DroppedBranch``),
+    drawn as its forward draws it (the same random numbers), for the next add to apply."""
+    if kernels and calls_plainly(drop_path, DropPath):
+        mask = drop_path.mask(branch)
+        return branch if mask is None else DroppedBranch(branch, mask, 1.0 - drop_path.drop_prob)
+    return drop_path(branch)
+
+
+def add_branch(x: torch.Tensor, branch: torch.Tensor | DroppedBranch | None) -> torch.Tensor:
+    """``x + branch`` (x where branch is None); a ``DroppedBranch``'s ``x + branch * mask /
+    keep`` in one pass (``addcmul``; rounded once, where ``DropPath`` rounds the scaled branch
+    before the add), whose backward is one pass more (the branch's gradient)."""
+    if isinstance(branch, DroppedBranch):
+        return torch.addcmul(x, branch.branch, branch.mask, value=1.0 / branch.keep)
+    return x if branch is None else x + branch
+
+
 def add_norm(
-    ops: ModuleType, x: torch.Tensor, branch: torch.Tensor | None, norm: nn.Module, out_dtype: torch.dtype | None = None
+    ops: ModuleType,
+    x: torch.Tensor,
+    branch: torch.Tensor | DroppedBranch | None,
+    norm: nn.Module,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + branch, norm(x + branch))``, fused on the kernel path when ``norm`` is a plain
-    LayerNorm; ``branch`` None: ``(x, norm(x))``."""
+    LayerNorm, a ``DroppedBranch``'s drop path included; ``branch`` None: ``(x, norm(x))``."""
     if ops is restv2_kernels and is_plain_layer_norm(norm):
+        if isinstance(branch, DroppedBranch):
+            args = (branch.branch, norm.weight, norm.bias, norm.eps, out_dtype, branch.factors())
+            return ops.add_layer_norm(x, *args)
         return ops.add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps, out_dtype)
-    x = x if branch is None else x + branch
+    x = add_branch(x, branch)
     return x, norm(x)
 
 
@@ -218,18 +260,23 @@ def drop_path_rates(rate: float, n: int) -> list[float]:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training."""
+    """Stochastic depth: drops the whole residual branch per sample while training. On the
+    kernel path the blocks apply it inside the add that follows (``drop_branch``)."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A random [B, 1, ...] mask of 0 (dropped) and 1 (kept, with probability 1 - drop_prob)
+        in x's dtype; None where nothing is dropped (eval mode, drop_prob 0)."""
         if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+            return None
+        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask(x)
+        return x if mask is None else x * mask / (1.0 - self.drop_prob)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"

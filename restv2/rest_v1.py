@@ -14,11 +14,14 @@ from .backbone import Backbone, build, document_factories
 from .layers import (
     BasicStem,
     DropPath,
+    DroppedBranch,
     Mlp,
     PatchEmbedV1,
+    add_branch,
     add_norm,
     autocast_dtype,
     calls_plainly,
+    drop_branch,
     is_plain_instance_norm,
     linear_and_input,
     ops_for,
@@ -149,15 +152,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x, branch = self.run(x, None, H, W)
-        return x + branch
+        return add_branch(x, branch)
 
-    def run(self, x: torch.Tensor, pending: torch.Tensor | None, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, x: torch.Tensor, pending: torch.Tensor | DroppedBranch | None, H: int, W: int
+    ) -> tuple[torch.Tensor, torch.Tensor | DroppedBranch]:
         """As ``restv2.Block.run``: residual adds fused with the next LayerNorm on the kernel path."""
         ops = ops_for(self.backend, x)
         dtype = autocast_dtype(x)
+        kernels = ops is restv2_kernels  # stochastic depth applied inside the next add
         x, h = add_norm(ops, x, pending, self.norm1, dtype)
-        x, h = add_norm(ops, x, self.drop_path(self.attn(h, H, W)), self.norm2, dtype)
-        return x, self.drop_path(self.mlp(h))
+        x, h = add_norm(ops, x, drop_branch(self.drop_path, self.attn(h, H, W), kernels), self.norm2, dtype)
+        return x, drop_branch(self.drop_path, self.mlp(h), kernels)
 
 
 class ResT(Backbone):

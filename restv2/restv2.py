@@ -16,11 +16,14 @@ from .backbone import Backbone, build, document_factories
 from .layers import (
     ConvStem,
     DropPath,
+    DroppedBranch,
     Mlp,
     PatchEmbed,
+    add_branch,
     add_norm,
     add_upsample,
     autocast_dtype,
+    drop_branch,
     linear_and_input,
     ops_for,
     reduce_tokens,
@@ -103,16 +106,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x, branch = self.run(x, None, H, W)
-        return x + branch
+        return add_branch(x, branch)
 
-    def run(self, x: torch.Tensor, pending: torch.Tensor | None, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, x: torch.Tensor, pending: torch.Tensor | DroppedBranch | None, H: int, W: int
+    ) -> tuple[torch.Tensor, torch.Tensor | DroppedBranch]:
         """The block on the residual stream ``x + pending`` (``pending``: the previous block's
         last branch, or None): returns the new stream without its last branch, and that branch."""
         ops = ops_for(self.backend, x)
         dtype = autocast_dtype(x)  # the next Linear's dtype: the kernel writes the norm in it
+        kernels = ops is restv2_kernels  # stochastic depth applied inside the next add
         x, h = add_norm(ops, x, pending, self.norm1, dtype)
-        x, h = add_norm(ops, x, self.drop_path(self.attn(h, H, W)), self.norm2, dtype)
-        return x, self.drop_path(self.mlp(h))
+        x, h = add_norm(ops, x, drop_branch(self.drop_path, self.attn(h, H, W), kernels), self.norm2, dtype)
+        return x, drop_branch(self.drop_path, self.mlp(h), kernels)
 
 
 class ResTV2(Backbone):

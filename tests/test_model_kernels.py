@@ -3,6 +3,7 @@ torch.compile. On a CPU the kernels run in Triton's interpreter (tests/conftest.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib.metadata
@@ -321,6 +322,95 @@ def test_training_run_kernels_match_reference(device):
             assert_close(f"final {name}", kern_state[name], value, eager_state[name])
 
 
+@pytest.mark.parametrize(
+    "cls, extra",
+    [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],
+)
+def test_drop_path_training_kernels_match_reference(cls, extra, monkeypatch, device):
+    """Stochastic depth in training (rate 0.5 over blocks of depths 1, 2, 1, 2): the kernel path
+    applies each mask inside the add that takes the branch (the fused add + LayerNorm; at the
+    ends of stages 2 and 3 an addcmul), the reference by DropPath itself. From one seed both draw
+    the same masks (the same random numbers, in the same order); the float64 reference replays
+    them. Logits and every gradient, judged by the fp32 reference's error."""
+    config = {**MINI_V2, "depths": [1, 2, 1, 2]}
+    build = lambda backend: cls(**config, **extra, drop_path_rate=0.5, backend=backend)  # noqa: E731
+    model64, model32, x = _perturbed_models(build, (64, 64), device, batch=4)
+    drawn, replay = [], []
+    draw = restv2.layers.DropPath.mask
+
+    def mask(self, t):
+        m = draw(self, t)
+        if m is not None:
+            m = replay.pop(0).to(m) if replay else m
+            drawn.append(m.detach().cpu())
+        return m
+
+    monkeypatch.setattr(restv2.layers.DropPath, "mask", mask)
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(1)
+        drawn.clear()
+        runs[backend] = _logits_and_grads(model32.set_backend(backend).train(), x.float().to(device)), list(drawn)
+    masks = runs["reference"][1]
+    assert len(masks) == 5 * 2 and all(torch.equal(a, b) for a, b in zip(masks, runs["triton"][1], strict=True))
+    kept = sum(int(m.sum()) for m in masks)
+    assert 0 < kept < sum(m.numel() for m in masks), "the seed must both drop and keep"
+    replay.extend(masks)
+    ref_logits, ref_grads = _logits_and_grads(model64.train(), x)
+    assert not replay
+    (eager_logits, eager_grads), (kern_logits, kern_grads) = runs["reference"][0], runs["triton"][0]
+    assert_close("logits", kern_logits, ref_logits, eager_logits)
+    for name in ref_grads:
+        assert_close(f"grad {name}", kern_grads[name], ref_grads[name], eager_grads[name])
+
+
+def test_drop_branch_defers_only_a_plain_drop_path():
+    """``drop_branch`` on the kernel path: a plain DropPath that drops in this call gives the
+    branch and the mask its forward would have drawn (the same random numbers); in eval mode,
+    the branch itself; a hooked DropPath, or the reference path, is called as the module."""
+    branch = torch.randn(8, 5, 4)
+    drop = restv2.layers.DropPath(0.5).train()
+    torch.manual_seed(3)
+    deferred = restv2.layers.drop_branch(drop, branch, kernels=True)
+    torch.manual_seed(3)
+    expected = drop(branch)
+    assert isinstance(deferred, restv2.layers.DroppedBranch) and deferred.branch is branch
+    assert deferred.keep == 0.5 and 0 < int(deferred.mask.sum()) < 8
+    torch.testing.assert_close(deferred.branch * deferred.factors().view(-1, 1, 1), expected, rtol=0, atol=0)
+    torch.testing.assert_close(restv2.layers.add_branch(branch, deferred), branch + expected)
+    assert restv2.layers.drop_branch(drop.eval(), branch, kernels=True) is branch
+    drop.train().register_forward_hook(lambda module, args, out: out * 2)
+    for kernels in (True, False):
+        torch.manual_seed(3)
+        called = restv2.layers.drop_branch(drop, branch, kernels=kernels)
+        torch.testing.assert_close(called, 2 * expected, rtol=0, atol=0)
+
+
+def test_kernel_path_applies_drop_path_in_the_adds(device):
+    """With stochastic depth the kernel path makes no [B, N, C] multiply or divide of its own,
+    forward or backward, but the backward of the two stage-end addcmuls (stages 2 and 3; stage
+    4's branch goes into the final norm): the same model without drop path makes two fewer. The
+    reference's DropPath makes four per dropped branch, which shows the check can fail."""
+    model = ResTV2(**{**MINI_V2, "depths": [1, 2, 1, 2]}, drop_path_rate=0.5).to(device).train()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    tokens = {(2, (16 >> i) ** 2, c) for i, c in enumerate(MINI_V2["embed_dims"])}  # 64x64: 16x16 to 2x2
+
+    def scalings(backend, drop):
+        for m in model.modules():
+            if isinstance(m, restv2.layers.DropPath):
+                m.training = drop
+        model.set_backend(backend)
+        with RecordShapes() as rec:
+            model(x).square().sum().backward()
+        ops = (torch.ops.aten.mul, torch.ops.aten.div, torch.ops.aten.addcmul)
+        return collections.Counter(op.__name__ for op, shape in rec.made if op in ops and shape in tokens)
+
+    assert scalings("triton", True) - scalings("triton", False) == {"addcmul": 2, "mul": 2}
+    assert scalings("reference", True) - scalings("reference", False) == {"mul": 20, "div": 20}
+    for m in model.modules():
+        m.train()
+
+
 # ----------------------------------------------------------------------------- autocast
 
 
@@ -372,17 +462,22 @@ def test_reference_path_compiles_fullgraph():
     "cls, extra",
     [pytest.param(ResTV2, {}, id="ResTV2"), pytest.param(ResT, dict(apply_transform=True, qkv_bias=True), id="ResT")],
 )
-def test_kernel_path_traces_fullgraph(cls, extra, device):
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-drop-path"])
+def test_kernel_path_traces_fullgraph(cls, extra, training, device):
     """The kernel ops are custom ops with fake implementations: dynamo and AOTAutograd trace
-    the whole model, forward and backward, with no graph break (Inductor runs on a GPU below)."""
+    the whole model, forward and backward, with no graph break (Inductor runs on a GPU below);
+    also in training with stochastic depth (its masks drawn in the graph, from one seed)."""
     torch.manual_seed(0)
-    model = cls(**MINI_V2, **extra, backend="triton").to(device).eval()
-    x = torch.randn(2, 3, 64, 96, device=device)
+    model = cls(**MINI_V2, **extra, drop_path_rate=0.5 if training else 0.0, backend="triton")
+    model = model.to(device).train(training)
+    x = torch.randn(4, 3, 64, 96, device=device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
     out = compiled(x)
     out.square().mean().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    torch.manual_seed(1)
     expected = model(x)
     expected.square().mean().backward()
     torch.testing.assert_close(out, expected)
