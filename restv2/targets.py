@@ -9,20 +9,20 @@ real GPUs on a machine without one.
 
 What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
 (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
-and backward in training mode, forward in eval mode without gradients (where the stems fold
-their BatchNorm and PA fuses the LayerNorm after it); the fp32 GEMMs (linear + GELU, the MLP's
-GELU-gradient GEMM) also as launched where PyTorch allows TF32. The model runs on meta tensors
-(nothing is allocated) on the kernel path with its calls of the fused ops intercepted
-(attention, ResTv1's attention with the heads' interaction, upsample branch, residual add +
-LayerNorm, linear + GELU and the MLP's GELU-gradient GEMM, pixel attention, PA + LayerNorm, the
-stems' bias + ReLU; the add + LayerNorm also as autocast calls it, on an fp32 stream); each
-distinct call goes through the real launchers under ``plans.recording()``, once per target (the
-plans depend on it), so the check compiles exactly what a launch on that GPU would run.
-``restv2_kernels.targets`` specialises, dedupes, compiles and judges; this module prints the
-table, writes ``--json`` rows, and exits 1 when a checked target has a problem (a plan that does
-not compile, shared memory over the opt-in limit, local memory in a 16-bit plan, a 16-bit
-``tl.dot`` without tensor cores). An fp32 plan that spills is reported, not failed (the CI test
-lists those it accepts).
+and backward in training mode (with stochastic depth, whose factors the add + LayerNorm takes),
+forward in eval mode without gradients (where the stems fold their BatchNorm and PA fuses the
+LayerNorm after it); the fp32 GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as
+launched where PyTorch allows TF32. The model runs on meta tensors (nothing is allocated) on
+the kernel path with its calls of the fused ops intercepted (attention, ResTv1's attention with
+the heads' interaction, upsample branch, residual add + LayerNorm, linear + GELU and the MLP's
+GELU-gradient GEMM, pixel attention, PA + LayerNorm, the stems' bias + ReLU; the add +
+LayerNorm also as autocast calls it, on an fp32 stream); each distinct call goes through the
+real launchers under ``plans.recording()``, once per target (the plans depend on it), so the
+check compiles exactly what a launch on that GPU would run. ``restv2_kernels.targets``
+specialises, dedupes, compiles and judges; this module prints the table, writes ``--json``
+rows, and exits 1 when a checked target has a problem (a plan that does not compile, shared
+memory over the opt-in limit, local memory in a 16-bit plan, a 16-bit ``tl.dot`` without tensor
+cores). An fp32 plan that spills is reported, not failed (the CI test lists those it accepts).
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ KERNEL_MODULES = {
 TF32_OPS = ("linear_gelu", "mlp")
 
 
+# Arguments whose dtype the model fixes, whatever the activations' (op -> position -> dtype):
+# stochastic depth's per-sample factors are fp32.
+FIXED_DTYPES = {"add_layer_norm": {6: torch.float32}}
+
+
 def _meta_like(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A meta tensor of ``a``'s shape, strides and offset in ``dtype``."""
     size = a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1
@@ -102,7 +107,11 @@ class OpCall:
 
     def to(self, dtype: str) -> OpCall:
         """The same call in ``dtype`` (a key of ``DTYPES``): same shapes, strides and offsets."""
-        args = tuple(_meta_like(a, DTYPES[dtype]) if isinstance(a, torch.Tensor) else a for a in self.args)
+        fixed = FIXED_DTYPES.get(self.op, {})
+        args = tuple(
+            _meta_like(a, fixed.get(i, DTYPES[dtype])) if isinstance(a, torch.Tensor) else a
+            for i, a in enumerate(self.args)
+        )
         return OpCall(self.op, args, self.use.replace("{dtype}", dtype))
 
     def autocast_variant(self, dtype: str) -> OpCall | None:
@@ -137,7 +146,7 @@ class OpCall:
             return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
         if self.op != "add_layer_norm" or self.args[1] is None:
             return None
-        x, branch, weight, bias, eps, _ = self.args
+        x, branch, weight, bias, eps, _, *scale = self.args
         f32 = torch.float32
         args = (
             _meta_like(x, f32),
@@ -146,6 +155,7 @@ class OpCall:
             _meta_like(bias, f32),
             eps,
             DTYPES[dtype],
+            *(_meta_like(t, f32) for t in scale),
         )
         return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
 
@@ -183,7 +193,7 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
 
         return fn
 
-    def add_layer_norm_out(x, branch, weight, bias, eps=1e-6, out_dtype=None):
+    def add_layer_norm_out(x, branch, weight, bias, eps=1e-6, out_dtype=None, branch_scale=None):
         dtype = x.dtype if branch is None else torch.promote_types(x.dtype, branch.dtype)
         residual = x if branch is None else _empty_out(x.shape, dtype, x.device)
         return residual, _empty_out(x.shape, out_dtype or dtype, x.device)
@@ -201,8 +211,8 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
         "bias_relu": lambda x, bias: torch.empty_like(x),
         "batch_norm_relu": lambda x, *_: _empty_out(x.shape, x.dtype, x.device, channels_last=True),
     }
-    with torch.device("meta"):
-        model = MODELS[model_name](backend="triton")
+    with torch.device("meta"):  # with stochastic depth: its factors are an argument of add_layer_norm
+        model = MODELS[model_name](backend="triton", drop_path_rate=0.1)
     with contextlib.ExitStack() as stack:
         for op, output in outputs.items():
             stack.enter_context(mock.patch.object(restv2_kernels, op, recorder(op, output), create=True))
@@ -250,9 +260,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
         elif call.op == "upsample_add":
             o = kernels._fwd(*call.args)
         elif call.op == "add_layer_norm":
-            x, branch, weight, bias, eps, out_dtype = call.args
-            kernels._fwd(x, branch, weight, bias, eps, out_dtype, False)
-            residual, normed, mean, rstd = kernels._fwd(x, branch, weight, bias, eps, out_dtype, True)
+            x, branch, weight, bias, eps, out_dtype, *scale = call.args
+            scale = scale[0] if scale else None
+            kernels._fwd(x, branch, weight, bias, eps, out_dtype, False, scale)
+            residual, normed, mean, rstd = kernels._fwd(x, branch, weight, bias, eps, out_dtype, True, scale)
         elif call.op == "linear_gelu":
             kernels._fwd(*call.args, False)
             kernels._fwd(*call.args, True)
@@ -283,9 +294,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
         elif call.op == "upsample_add":
             _, v, weight, bias, nw, nb, sr, eps = call.args
             kernels._bwd(_grad_of(o), v, weight, bias, nw, nb, sr, eps)
-        elif call.op == "add_layer_norm":
+        elif call.op == "add_layer_norm":  # the outputs _AddLayerNorm.backward asks for
             saved = x if branch is None else residual
-            second = None if branch is None or branch.dtype == x.dtype else branch.dtype
+            # the branch's gradient is a second output in its own dtype, or scaled (drop path)
+            second = None if branch is None or (branch.dtype == x.dtype and scale is None) else branch.dtype
             kernels._bwd(
                 _grad_of(normed),
                 None if branch is None else _grad_of(residual),
@@ -295,6 +307,7 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
                 weight,
                 x.dtype,
                 second,
+                scale,
             )
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias, *x_bias)
