@@ -441,9 +441,10 @@ def e2e_table(res: Results) -> list[str]:
     rows = list(res.e2e_rows.values())
     for row in rows:
         res_text = "x".join(map(str, row["resolution"]))
+        mode = row["mode"] + (f", drop path {row['drop_path']:g}" if row.get("drop_path") else "")
         if not _e2e_ok(row):
             lines.append(
-                f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | "
+                f"| {row['model']} | {row['label']} | {mode} | {row['precision']} | "
                 f"{row['batch_requested']} | {res_text} | {_why_not(row, 'row')} | | | |"
             )
             continue
@@ -451,7 +452,7 @@ def e2e_table(res: Results) -> list[str]:
         mem = f"{row['peak_mem_mib']:.0f}" if row.get("peak_mem_mib") is not None else "-"
         floor = f"{row['x_floor']:.2f}" if row.get("x_floor") else "-"
         lines.append(
-            f"| {row['model']} | {row['label']} | {row['mode']} | {row['precision']} | {row['batch']} | "
+            f"| {row['model']} | {row['label']} | {mode} | {row['precision']} | {row['batch']} | "
             f"{res_text} | {row['images_per_s_median']:.1f} | {speed} | {mem} | {floor} |"
         )
     return lines

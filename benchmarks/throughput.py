@@ -14,7 +14,9 @@ Protocols:
           used is recorded), 20 warm-up + 30 timed iterations, inference_mode
 Modes: classification inference (default), --train (forward + backward + optimizer step),
 --features (the dense-prediction backbone, forward_intermediates with num_classes=0, forward
-and forward + backward; e.g. --resolution 800x1333 --features).
+and forward + backward; e.g. --resolution 800x1333 --features). The modes that train build the
+model with the stochastic depth it trains with (restv2.DROP_PATH, restv2_tiny's 0.1; a peer
+takes its ResT model's; --drop-path sets another rate).
 
 Timing: the first call (which compiles, under torch.compile) is timed on its own; then the
 remaining warm-up calls; then each timed iteration between CUDA events (perf_counter on the
@@ -65,7 +67,7 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and common, inst
 import common  # noqa: E402
 import traffic  # noqa: E402
 
-from restv2 import MODELS  # noqa: E402
+from restv2 import DROP_PATH, MODELS  # noqa: E402
 
 V2_MODELS = ["restv2_tiny", "restv2_small", "restv2_base", "restv2_large"]
 V1_MODELS = ["rest_lite", "rest_small", "rest_base", "rest_large"]
@@ -115,6 +117,7 @@ class Row:
     anchor: str | None = None  # the ResTv2 model a peer stands next to
     compile_mode: str = "default"  # torch.compile mode of +compile rows
     optimizer: str | None = None  # "adamw" or "sgd" for train rows
+    drop_path: float | None = None  # stochastic depth the model is built with (None: ``drop_path_rate``)
     status: str = "pending"  # "ok", "skipped" or "error"
     reason: str | None = None
     batch: int | None = None  # the batch actually used (after halving on out-of-memory)
@@ -137,6 +140,17 @@ class Row:
     @property
     def label(self) -> str:
         return self.backend + ("+compile" if self.compile else "")
+
+    @property
+    def drop_path_rate(self) -> float:
+        """The stochastic depth the row's model is built with: ``drop_path`` where set, else in
+        the modes that train (train, features-fwd+bwd) the rate the ResT model trains with
+        (``restv2.DROP_PATH``; a peer takes its anchor's), else 0."""
+        if self.drop_path is not None:
+            return self.drop_path
+        if self.mode not in ("train", "features-fwd+bwd"):
+            return 0.0
+        return DROP_PATH.get(self.anchor if self.family == "peer" else self.model, 0.0)
 
     @property
     def ips_median(self) -> float | None:
@@ -245,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer of --train (default adamw)"
     )
     parser.add_argument(
+        "--drop-path",
+        type=float,
+        help="stochastic depth of the modes that train (default: the ResT model's training rate, "
+        "restv2.DROP_PATH; a peer takes its ResT model's)",
+    )
+    parser.add_argument(
         "--features",
         action="store_true",
         help="time the dense-prediction backbone (forward_intermediates, num_classes=0; "
@@ -323,6 +343,7 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
             iters=max(1, args.iters or iters),
             compile_mode=args.compile_mode,
             optimizer=args.optimizer if args.train else None,
+            drop_path=args.drop_path,
         )
         for mode in modes:
             for name in args.models:
@@ -353,7 +374,7 @@ def build_model(row: Row, device: torch.device) -> nn.Module:
     if row.family == "peer":
         import timm
 
-        kwargs: dict = {"pretrained": False, "drop_path_rate": 0.0}  # as the ResT factories (swin's is 0.1)
+        kwargs: dict = {"pretrained": False, "drop_path_rate": row.drop_path_rate}  # not timm's defaults
         if features:
             kwargs["features_only"] = True
         if row.model.startswith("swin") and row.resolution != (224, 224):
@@ -361,7 +382,9 @@ def build_model(row: Row, device: torch.device) -> nn.Module:
         model = timm.create_model(row.model, **kwargs)
     else:
         backend = "triton" if row.backend == "kernels" else "reference"
-        model = MODELS[row.model](backend=backend, num_classes=0 if features else 1000)
+        model = MODELS[row.model](
+            backend=backend, num_classes=0 if features else 1000, drop_path_rate=row.drop_path_rate
+        )
     return model.to(device)
 
 
@@ -509,6 +532,7 @@ def attempt(row: Row, batch: int, device: torch.device, progress) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     progress(f"building (batch {batch})")
+    row.drop_path = row.drop_path_rate  # recorded
     model = build_model(row, device)
     x = torch.randn(batch, 3, *row.resolution, device=device)
     time_steps(STEPS[row.mode](model, row, x, device), row, device, progress)
@@ -561,7 +585,9 @@ def add_floors(rows: list[Row], device: torch.device, write: Callable[[str], Non
         rate = rates[r.precision]
         backend = "triton" if r.backend == "kernels" else "reference"
         try:
-            count = traffic.count_model(r.model, backend, r.batch, r.resolution, r.precision, r.mode == "train")
+            train = r.mode == "train"
+            kw = dict(drop_path=r.drop_path_rate)
+            count = traffic.count_model(r.model, backend, r.batch, r.resolution, r.precision, train, **kw)
         except Exception as exc:  # the floor is extra information: never fail the run for it
             write(f"traffic model of {r.model} {r.label}: {short_error(exc)}")
             continue

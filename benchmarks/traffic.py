@@ -2,7 +2,7 @@
 its FLOPs, and the fastest a GPU could run it, counted on the CPU.
 
     python benchmarks/traffic.py                                   # restv2_tiny, b256, bf16, 224²
-    python benchmarks/traffic.py --model restv2_large --train      # forward + backward
+    python benchmarks/traffic.py --model restv2_large --train      # forward + backward (drop path 0.5)
     python benchmarks/traffic.py --backend reference --top 30 --json traffic.json
     python benchmarks/traffic.py --top 0                           # totals and ratios only (CI)
     python benchmarks/traffic.py --features --train --batch 2 --resolution 800x1333   # detection
@@ -50,6 +50,9 @@ The model runs on meta tensors (nothing is allocated, nothing computed): a batch
 counts in seconds. ``--dtype bf16`` casts the
 model and its input to bf16 (deployment precision); autocast, which keeps fp32 weights and an
 fp32 residual stream, moves more bytes, so the floor below remains a lower bound for it.
+``--train`` builds the model with the stochastic depth it trains with (``restv2.DROP_PATH``,
+restv2_tiny's 0.1; ``--drop-path`` sets another rate): the reference's ``DropPath`` scales each
+branch in passes of its own, forward and backward; the kernel path inside the adds.
 
 Floor: per op, ``max(bytes / copy bandwidth, FLOPs / matmul rate)``, summed. Both rates are
 measured when a CUDA GPU is present, else taken from ``--copy-gbps`` / ``--tflops`` (defaults:
@@ -84,7 +87,7 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the tree's restv2 and common, inst
 
 import common  # noqa: E402
 
-from restv2 import MODELS  # noqa: E402
+from restv2 import DROP_PATH, MODELS  # noqa: E402
 from restv2_kernels import plans  # noqa: E402
 
 aten = torch.ops.aten
@@ -475,6 +478,7 @@ class Count:
     train: bool
     ops: list[OpCount] = field(repr=False)
     features: bool = False  # the four stage maps (forward_intermediates), not the classifier
+    drop_path: float = 0.0  # the stochastic-depth rate the model was built with
     held_bytes: int = 0  # parameters, buffers and the input, alive before the first op
     peak_bytes: int = 0  # the most bytes alive at once, held_bytes included
     peak_after: str = ""  # the op after which they were
@@ -515,6 +519,7 @@ def count_model(
     model: nn.Module | None = None,
     features: bool = False,
     target: plans.Target | None = None,
+    drop_path: float = 0.0,
 ) -> Count:
     """Counts one forward (``train``: forward, cross-entropy, backward) of a zoo model on meta
     tensors, with ``backend`` ("reference" or "triton") in ``dtype``. ``features``: the dense
@@ -522,11 +527,14 @@ def count_model(
     (``forward_intermediates``, no classifier) and, with ``train``, a backward from the sum of
     their fp32 means. ``model`` replaces the zoo model (any module taking an image batch; with
     ``features``, one with ``forward_intermediates``), for tests. ``target``: the GPU whose launch
-    plans the custom ops are counted with (``kernel_target()`` by default)."""
+    plans the custom ops are counted with (``kernel_target()`` by default). ``drop_path``: the zoo
+    model's stochastic-depth rate (active with ``train``: each block's mask costs no bytes, its
+    multiplies do)."""
     dt = DTYPES[dtype]
     if model is None:
         with torch.device("meta"):
             kwargs = {"num_classes": 0} if features else {}
+            kwargs["drop_path_rate"] = drop_path
             model = MODELS[model_name](backend=backend, **kwargs, **(model_kwargs or {}))
     model = model.to(device="meta", dtype=dt).train(train)
     types = {name: type(m).__name__ for name, m in model.named_modules()}
@@ -556,6 +564,7 @@ def count_model(
         train,
         mode.ops,
         features=features,
+        drop_path=drop_path,
         held_bytes=m.peak_by["held: parameters, buffers, input"],
         peak_bytes=m.peak,
         peak_after=m.peak_after,
@@ -586,6 +595,7 @@ def _mib(n: float) -> str:
 
 def format_count(c: Count, rates: dict, top: int = 15) -> str:
     mode = "forward + backward" if c.train else "forward"
+    mode += f" (drop path {c.drop_path:g})" if c.train and c.drop_path else ""
     what = "stage maps" if c.features else "classifier"
     lines = [
         f"{c.model} {c.backend}: {what}, {mode}, batch {c.batch}, {c.resolution[0]}x{c.resolution[1]}, {c.dtype}",
@@ -628,6 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="both", choices=("both", "reference", "triton"))
     p.add_argument("--train", action="store_true", help="forward + cross-entropy + backward")
     p.add_argument(
+        "--drop-path",
+        type=float,
+        help="stochastic-depth rate of --train (default: the model's training recipe's, restv2.DROP_PATH)",
+    )
+    p.add_argument(
         "--features",
         action="store_true",
         help="the dense backbone: the four stage maps, no classifier (with --train: backward from their means)",
@@ -654,8 +669,11 @@ def main(argv: list[str] | None = None) -> int:
     resolution = parse_resolution(args.resolution)
     backends = ("reference", "triton") if args.backend == "both" else (args.backend,)
     rates = rates_for(args)
+    drop_path = args.drop_path if args.drop_path is not None else DROP_PATH[args.model] if args.train else 0.0
     counts = [
-        count_model(args.model, b, args.batch, resolution, args.dtype, args.train, features=args.features)
+        count_model(
+            args.model, b, args.batch, resolution, args.dtype, args.train, features=args.features, drop_path=drop_path
+        )
         for b in backends
     ]
     for c in counts:

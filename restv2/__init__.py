@@ -28,12 +28,22 @@ __all__ = [
     "rest_large",
     "load_checkpoint",
     "MODELS",
+    "DROP_PATH",
 ]
 
 MODELS = {
     f.__name__: f
     for f in (restv2_tiny, restv2_small, restv2_base, restv2_large, rest_lite, rest_small, rest_base, rest_large)
 }
+
+#: The stochastic-depth rate each model trains with (``drop_path_rate``; the factories default
+#: to 0): what ``restv2.train`` uses and the benchmarks' training steps run with. restv2_tiny's
+#: 0.1 is the published command's; ResTv1's are the ResTv1 release's commands;
+#: restv2_small/base/large follow the paper's growth with size.
+DROP_PATH = {
+    "restv2_tiny": 0.1, "restv2_small": 0.2, "restv2_base": 0.3, "restv2_large": 0.5,
+    "rest_lite": 0.1, "rest_small": 0.1, "rest_base": 0.2, "rest_large": 0.3,
+}  # fmt: skip
 
 
 def _register_with_timm() -> None:

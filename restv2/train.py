@@ -48,17 +48,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import MODELS
+from . import DROP_PATH, MODELS
 from .checkpoint import load_checkpoint, unwrap_state_dict
 from .data import eval_transform, image_folder, train_transform, worker_context
 from .validate import AMP_DTYPES, autocast, evaluate, setup, val_loader
-
-#: Stochastic depth per model. restv2_tiny's 0.1 is the published command's; ResTv1's are the
-#: ResTv1 release's commands; restv2_small/base/large follow the paper's growth with size.
-DROP_PATH = {
-    "restv2_tiny": 0.1, "restv2_small": 0.2, "restv2_base": 0.3, "restv2_large": 0.5,
-    "rest_lite": 0.1, "rest_small": 0.1, "rest_base": 0.2, "rest_large": 0.3,
-}  # fmt: skip
 
 #: What each recipe sets; flags given on the command line win.
 RECIPES = {

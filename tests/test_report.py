@@ -90,6 +90,7 @@ def e2e_rows(suite, ips: dict, mem: dict | None = None, status: dict | None = No
         row = tp.Row(**{**item["spec"], "resolution": tuple(item["spec"]["resolution"])})
         if item["id"] in ips:
             row.status, row.batch = (status or {}).get(item["id"], "ok"), row.batch_requested
+            row.drop_path = row.drop_path_rate  # as throughput.attempt records it
             row.times_s, row.first_call_s = [row.batch / ips[item["id"]]] * 3, 1.0
             row.peak_mem_mib = (mem or {}).get(item["id"], 1000.0)
             if row.status != "ok":
@@ -247,6 +248,8 @@ def test_scorecard_of_a_measured_run(report, suite, benches, tmp_path, capsys):
     assert "| restv2_tiny | kernels | infer | bf16 | 256 | 224x224 | 5600.0 | 1.40x | 1000 |" in out
     assert "| convnext_tiny | timm+compile | infer | bf16 | 256 | 224x224 | 5000.0 | 1.00x |" in out
     assert "| restv2_tiny | kernels+compile | train | bf16 | 128 | 224x224 | budget: 60 s left" not in out
+    # the training rows ran at restv2_tiny's stochastic depth, and say so
+    assert "| restv2_tiny | kernels | train, drop path 0.1 | bf16 | 128 | 224x224 | 1400.0 | 1.40x |" in out
     assert "skipped (budget: 60 s left)" in out
 
 

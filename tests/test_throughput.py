@@ -125,6 +125,29 @@ def test_plan_puts_peers_after_their_model(throughput):
     assert (modern.precision, modern.batch_requested) == ("bf16", 256)
 
 
+def test_training_rows_run_at_the_models_stochastic_depth(throughput, tmp_path):
+    """The modes that train build the model with the drop path it trains with (a peer: its ResT
+    model's), inference rows with none, ``--drop-path`` any other; the JSON records the rate."""
+    args = throughput.resolve(
+        throughput.build_parser().parse_args(["--models", "restv2_tiny", "restv2_base", "--train", "--peers"]), True
+    )
+    rates = {(r.model, r.mode): r.drop_path_rate for r in throughput.plan_rows(args)}
+    assert rates[("restv2_tiny", "train")] == 0.1 and rates[("restv2_base", "train")] == 0.3
+    assert rates[("convnext_tiny", "train")] == 0.1 and rates[("convnext_small", "train")] == 0.3
+    args.drop_path = 0.0
+    assert {r.drop_path_rate for r in throughput.plan_rows(args)} == {0.0}
+    infer = throughput.plan_rows(throughput.resolve(throughput.build_parser().parse_args([]), cuda=True))
+    assert {r.drop_path_rate for r in infer} == {0.0}
+    row = throughput.Row.from_label(
+        "restv2_tiny", "reference", mode="features-fwd+bwd", protocol="modern", precision="fp32",
+        resolution=(32, 32), batch_requested=1, warmup=1, iters=1,
+    )  # fmt: skip
+    drops = [m.drop_prob for m in throughput.build_model(row, torch.device("cpu")).modules() if hasattr(m, "drop_prob")]
+    assert max(drops) == pytest.approx(0.1)
+    throughput.attempt(row, 1, torch.device("cpu"), lambda text: None)
+    assert row.to_dict()["drop_path"] == 0.1
+
+
 def test_cpu_defaults_are_reduced(throughput):
     args = throughput.resolve(throughput.build_parser().parse_args([]), cuda=False)
     rows = throughput.plan_rows(args)

@@ -9,9 +9,11 @@ import torch
 import torch.nn as nn
 from helpers import load_benchmark
 
+from restv2 import DROP_PATH
 from restv2_kernels import plans
 
 traffic = load_benchmark("traffic")
+TINY_DROP_PATH = DROP_PATH["restv2_tiny"]  # the stochastic depth restv2_tiny trains with, as the CLI's --train
 
 
 @torch.library.custom_op("restv2::traffic_probe", mutates_args=())
@@ -206,8 +208,10 @@ def test_kernel_path_peak_memory_target_restv2_tiny(batch, resolution, features,
     torch.cuda.max_memory_allocated counts them). The issue's target: the four stage maps at
     800x1333, batch 2, at most 0.7x the reference's; the reference keeps every [N, M] softmax
     for its backward, the kernels none. A classifier's training step at 224x224, batch 128, at
-    most 0.8x: there the softmaxes are small, and the MLPs keep pre but not the activation."""
+    most 0.8x: there the softmaxes are small, and the MLPs keep pre but not the activation. With
+    the stochastic depth restv2_tiny trains with, as ``traffic.py --train`` counts it."""
     kw = dict(batch=batch, resolution=resolution, dtype="bf16", train=True, features=features)
+    kw["drop_path"] = TINY_DROP_PATH
     ref = traffic.count_model("restv2_tiny", "reference", **kw)
     ker = traffic.count_model("restv2_tiny", "triton", **kw)
     ratio = ker.peak_bytes / ref.peak_bytes
@@ -231,9 +235,10 @@ def test_reference_count_of_restv2_tiny():
 @pytest.mark.parametrize("train, target", [(False, 0.62), (True, 0.75)])
 def test_kernel_path_traffic_target_restv2_tiny(train, target):
     """restv2_tiny, 224², batch 256, bf16: the kernel path moves at most 0.62x the reference's
-    bytes in inference and 0.75x in forward + backward."""
-    ref = traffic.count_model("restv2_tiny", "reference", 256, (224, 224), "bf16", train)
-    ker = traffic.count_model("restv2_tiny", "triton", 256, (224, 224), "bf16", train)
+    bytes in inference and 0.75x in forward + backward (at the stochastic depth it trains with)."""
+    kw = dict(drop_path=TINY_DROP_PATH if train else 0.0)
+    ref = traffic.count_model("restv2_tiny", "reference", 256, (224, 224), "bf16", train, **kw)
+    ker = traffic.count_model("restv2_tiny", "triton", 256, (224, 224), "bf16", train, **kw)
     ratio = ker.bytes / ref.bytes
     assert ratio <= target, f"kernel/reference bytes {ratio:.3f} > {target} ({ker.bytes / 1e9:.2f} GB)"
     # no layout copies on the kernel path: the one copy is the image's, to channels-last
@@ -269,6 +274,24 @@ def test_kernel_path_traffic_target_restv2_tiny(train, target):
         # fc1's bias gradient comes from the MLP backward's GEMM: no sum reads a d_pre
         d_pre = 256 * 56 * 56 * 4 * 96 * 2  # stage 1's [tokens, 4C] in bf16
         assert max(o.read for o in ker.ops if o.op == "aten::sum") < d_pre
+
+
+def test_drop_path_costs_the_kernel_path_almost_nothing():
+    """restv2_tiny's forward + backward, batch 256, bf16, at the stochastic depth it trains with
+    against none: the reference's DropPath multiplies and divides each dropped branch in passes
+    of its own, forward and backward (6.8 GB more); the kernel path applies each mask inside the
+    add that takes the branch (the add + LayerNorm, whose backward writes the branch's gradient
+    beside x's; at the ends of stages 2 and 3 an addcmul): 1.0 GB more, and no divide but the
+    average pool's backward."""
+    extra, kernel = {}, None
+    for backend in ("reference", "triton"):
+        kw = dict(batch=256, resolution=(224, 224), dtype="bf16", train=True)
+        dropped = traffic.count_model("restv2_tiny", backend, drop_path=TINY_DROP_PATH, **kw)
+        extra[backend] = dropped.bytes - traffic.count_model("restv2_tiny", backend, **kw).bytes
+        kernel = dropped
+    assert extra["reference"] > 6e9, extra
+    assert extra["triton"] < 0.15 * extra["reference"], extra
+    assert [o.op for o in kernel.ops].count("aten::div") == 1  # the average pool's backward
 
 
 @pytest.mark.parametrize("model", ["restv2_large", "rest_small"])
