@@ -585,9 +585,9 @@ def add_floors(rows: list[Row], device: torch.device, write: Callable[[str], Non
         rate = rates[r.precision]
         backend = "triton" if r.backend == "kernels" else "reference"
         try:
-            train = r.mode == "train"
-            kw = dict(drop_path=r.drop_path_rate)
-            count = traffic.count_model(r.model, backend, r.batch, r.resolution, r.precision, train, **kw)
+            count = traffic.count_model(
+                r.model, backend, r.batch, r.resolution, r.precision, r.mode == "train", drop_path=r.drop_path_rate
+            )
         except Exception as exc:  # the floor is extra information: never fail the run for it
             write(f"traffic model of {r.model} {r.label}: {short_error(exc)}")
             continue

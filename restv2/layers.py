@@ -101,7 +101,7 @@ def drop_branch(drop_path: nn.Module, branch: torch.Tensor, kernels: bool) -> to
     drawn as its forward draws it (the same random numbers), for the next add to apply."""
     if kernels and calls_plainly(drop_path, DropPath):
         mask = drop_path.mask(branch)
-        return branch if mask is None else DroppedBranch(branch, mask, 1.0 - drop_path.drop_prob)
+        return branch if mask is None else DroppedBranch(branch, mask, drop_path.keep)
     return drop_path(branch)
 
 
@@ -267,16 +267,21 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
+    @property
+    def keep(self) -> float:
+        """The probability a sample's branch is kept."""
+        return 1.0 - self.drop_prob
+
     def mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A random [B, 1, ...] mask of 0 (dropped) and 1 (kept, with probability 1 - drop_prob)
-        in x's dtype; None where nothing is dropped (eval mode, drop_prob 0)."""
+        """A random [B, 1, ...] mask of 0 (dropped) and 1 (kept, with probability ``keep``) in x's
+        dtype; None where nothing is dropped (eval mode, drop_prob 0)."""
         if self.drop_prob == 0.0 or not self.training:
             return None
-        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.drop_prob)
+        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(self.keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask(x)
-        return x if mask is None else x * mask / (1.0 - self.drop_prob)
+        return x if mask is None else x * mask / self.keep
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"

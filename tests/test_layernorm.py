@@ -413,7 +413,8 @@ def test_launchers_on_meta_tensors():
         res, normed, mean, rstd = kernels._fwd(x, branch, weight, bias, 1e-6, BF16, True, scale)
         kernels._bwd(torch.empty_like(normed), torch.empty_like(res), res, mean, rstd, weight, FP32, BF16, scale)
     assert [r.plan for r in scaled] == [r.plan for r in seen]  # the same plans
-    # the factors and the rows of each sample (fwd: x2, branch, scale, ..., R, C, S; bwd: ..., weight, scale, ..., R, C, S)
+    # the factors and the rows of each sample
+    # (fwd: x2, branch, scale, ..., R, C, S; bwd: ..., weight, scale, ..., R, C, S)
     assert scaled[0].args[2] is scale and scaled[0].args[11] == N
     assert scaled[1].args[6] is scale and scaled[1].args[12] == N
     with pytest.raises(ValueError, match="32-bit row indices"):

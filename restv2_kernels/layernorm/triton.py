@@ -255,7 +255,8 @@ def _bwd(
     with _device_ctx(residual):
         plans.launch(
             _add_ln_bwd_kernel, plan.launch,
-            dy2, dres2, res2, mean, rstd, weight.contiguous(), part if branch_scale is None else branch_scale.contiguous(),
+            dy2, dres2, res2, mean, rstd, weight.contiguous(),
+            part if branch_scale is None else branch_scale.contiguous(),
             dx if dx_dtype is not None else part, dx2 if dx2_dtype is not None else part, part,
             R, C, _rows_per_sample(residual, branch_scale), plan.blocks_per_split,
             dy2.stride(0), dres2.stride(0), res2.stride(0),
