@@ -32,7 +32,8 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
            at batch 128 and the 800x1333 stages at batch 2 (``--groups``; ``s1``: the targets' stage-1
            shape alone), forward and backward, against eager, SDPA and torch.compile, merged into one JSON.
   e2e      ``throughput.py`` rows: ``--part core`` (restv2_tiny with the four backends, the ConvNeXt
-           and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large).
+           and Swin peers, training, 800x1333 features) or ``--part zoo`` (restv2_small/base/large);
+           first, the kernel rows' launch plans compiled on every core (``precompile``).
   sweep    candidate launch plans of each kernel family (``plans.forced``) on the stage shapes: every
            candidate's time, and the best plan per shape next to the current plan's (attention,
            ResTv1's mixed-head attention, upsample, the MLP's linear + GELU GEMM, add + LayerNorm,
@@ -1277,6 +1278,129 @@ def select_rows(items: list[dict], patterns: list[str] | None) -> list[dict]:
     return chosen
 
 
+# The rows' launch plans, compiled up front: each kernel row's first call would otherwise JIT-compile
+# its plans one at a time (about a hundred for restv2_tiny's bf16 rows) in the timed child.
+PRECOMPILE_ESTIMATE_S = 30.0  # trace + ~100 plans on 16 cores (about 1.5 s each) + cubin reads
+PRECOMPILE_LEAST_S = 90.0  # less budget left than this: the rows go first, each compiling its own
+
+
+def precompile_inputs(items: list[dict]) -> dict[str, list[str]]:
+    """model -> the ``HxWxB`` inputs (``restv2.targets --inputs``) of its pending kernel rows, in order."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        spec = item["spec"]
+        if item["status"] not in ("pending", "planned") or spec.get("backend") != "kernels":
+            continue
+        height, width = spec["resolution"]
+        size = f"{height}x{width}x{spec['batch_requested']}"
+        if size not in out.setdefault(spec["model"], []):
+            out[spec["model"]].append(size)
+    return out
+
+
+def triton_cache_dir() -> pathlib.Path:
+    """Triton's on-disk cache, where the JIT looks before it compiles: ``TRITON_CACHE_DIR``, else
+    ``~/.triton/cache`` (under ``TRITON_HOME`` where set), as Triton's default."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return pathlib.Path(os.environ["TRITON_CACHE_DIR"])
+    return pathlib.Path(os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+
+
+def cached_kernels(cache: pathlib.Path, entries: set[str] | None = None) -> dict[str, int]:
+    """Compiled kernels in Triton's cache by name (one ``__grp__<name>.json`` an entry), counted
+    over ``entries`` (folder names; None: all)."""
+    names: collections.Counter = collections.Counter()
+    if not cache.is_dir():
+        return {}
+    for entry in sorted(entries if entries is not None else os.listdir(cache)):
+        for group in (cache / entry).glob("__grp__*.json"):
+            names[group.name[len("__grp__") : -len(".json")]] += 1
+    return dict(sorted(names.items()))
+
+
+def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
+    """Compiles, before the rows and on every core, the launch plans the pending kernel rows will
+    launch on this GPU into Triton's on-disk cache (``python -m restv2.targets`` for the GPU's
+    target, with those rows' models and inputs, in bf16 and its autocast variants: how the rows
+    run), so that each row's first call finds them instead of compiling them one at a time.
+    Records ``rec["precompile"]``; returns the cache's entries after it (None: nothing ran), for
+    ``precompile_followup`` to name what the rows still compiled."""
+    inputs = precompile_inputs(items)
+    if not inputs:
+        return None
+    env = run.record.get("environment") or {}
+    capability = env.get("compute_capability")
+    target = "sm_" + capability.replace(".", "") if capability else None
+    cmd = [
+        *(sys.executable, "-m", "restv2.targets", "--targets", target or "<this GPU's>", "--dtypes", "bf16"),
+        *("--models", *inputs, "--inputs", *sorted({size for sizes in inputs.values() for size in sizes})),
+    ]
+    entry = rec["precompile"] = {"argv": display(cmd), "target": target, "inputs": inputs, "status": "planned"}
+    if run.dry_run:
+        print(f"would first compile the kernel rows' launch plans (~{PRECOMPILE_ESTIMATE_S:.0f} s): {display(cmd)}")
+        return None
+    if target not in plans.TARGETS:
+        entry.update(status="skipped", reason=f"compute capability {capability} has no target in plans.TARGETS")
+        return None
+    if run.left() < PRECOMPILE_LEAST_S:
+        entry.update(status="skipped", reason=f"budget: {run.left():.0f} s left, the rows go first")
+        return None
+    cache = triton_cache_dir()
+    before = set(os.listdir(cache)) if cache.is_dir() else set()
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_precompile_") as tmp:
+        out = pathlib.Path(tmp) / "targets.json"
+        result = run_command([*cmd, "--json", str(out)], min(run.left() / 2, 4 * PRECOMPILE_ESTIMATE_S), run.log_only)
+        written = json.loads(out.read_text()) if out.exists() else {}
+    after = set(os.listdir(cache)) if cache.is_dir() else set()
+    rows = written.get("rows", [])
+    entry.update(
+        status="timeout" if result["timed_out"] else "ok" if rows else "error",
+        returncode=result["returncode"],
+        wall_s=result["wall_s"],
+        plans=len(rows),
+        compiled=len(after - before),  # the rest were in the cache already
+        problems=[f"{r['kernel']} {r['plan']}: {'; '.join(r['problems'])}" for r in rows if r["problems"]][:20],
+        cache=str(cache),
+    )
+    if not rows:
+        entry["tail"] = result["tail"]
+    print(
+        f"precompiled the kernel rows' plans for {target}: {entry['plans']} plans ({entry['compiled']} compiled, "
+        f"the rest cached) in {entry['wall_s']:.0f} s, {len(entry['problems'])} with problems",
+        flush=True,
+    )
+    run.save()
+    return after
+
+
+def precompile_followup(rec: dict, after: set[str] | None) -> None:
+    """After the rows: the kernels of this package (``_*_kernel``) that the rows' JIT still compiled
+    (Triton cache entries made since the precompile), by name: 0 when the precompile covered every
+    launch, as its cache keys match the JIT's."""
+    if after is None:
+        return
+    cache = triton_cache_dir()
+    new = (set(os.listdir(cache)) if cache.is_dir() else set()) - after
+    names = cached_kernels(cache, new)
+    ours = {name: n for name, n in names.items() if name.startswith("_") and name.endswith("_kernel")}
+    rec["precompile"].update(jit_compiled_after=ours, other_compiled_after=sum(names.values()) - sum(ours.values()))
+
+
+def precompile_lines(rec: dict) -> list[str]:
+    """The precompile's line for a phase's summary (none where it did not apply)."""
+    pre = rec.get("precompile")
+    if not pre:
+        return []
+    if pre["status"] != "ok":
+        return [f"precompile: {pre['status']}" + (f" ({pre['reason']})" if pre.get("reason") else "")]
+    after = pre.get("jit_compiled_after")
+    late = "" if after is None else f"; the rows' JIT compiled {sum(after.values())} more of this package's plans"
+    return [
+        f"precompile: {pre['plans']} plans for {pre['target']} ({pre['compiled']} compiled) in {pre['wall_s']:.0f} s, "
+        f"{len(pre['problems'])} with problems{late}"
+    ]
+
+
 def phase_e2e(run: Run) -> list[str]:
     args = run.args
     tp = load_script("throughput")
@@ -1284,8 +1408,9 @@ def phase_e2e(run: Run) -> list[str]:
     run.items = items
     rec = run.record["e2e"]
     rec.update(part=args.part, protocol="modern", precision="bf16", rows=[])
+    after = precompile(run, items, rec)
     if run.dry_run:
-        used = plan_budget(items, args.budget_s)
+        used = plan_budget(items, args.budget_s - (PRECOMPILE_ESTIMATE_S if "precompile" in rec else 0.0))
         print(
             f"would run these throughput.py rows in one worker child, in this order "
             f"(~{used:.0f} s of the {args.budget_s:.0f} s budget):"
@@ -1298,12 +1423,13 @@ def phase_e2e(run: Run) -> list[str]:
             run.save()
 
         supervise(run, "e2e", items, shared={}, item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]), on_done=done)
+        precompile_followup(rec, after)
     rows = [_row_from_item(tp, it) for it in items]
     tp.add_speedups(rows)
     rec["rows"] = [r.to_dict() for r in rows]
     if not args.no_plot and rows:
         tp.plot(rows, run.path("png"), common.describe(run.record["environment"]))
-    return tp.format_table(rows).splitlines() + scorecard_lines(run)
+    return precompile_lines(rec) + tp.format_table(rows).splitlines() + scorecard_lines(run)
 
 
 def _e2e_worker(shared: dict) -> Callable[[dict], tuple[str, Any, str | None]]:
@@ -2365,12 +2491,13 @@ def phase_profile(run: Run) -> list[str]:
     run.items = items
     rec = run.record["profile"]
     rec.update(steps=args.profile_steps, warmup=PROFILE_WARMUP, rows=[], traces=[], traces_left_out=[])
+    after = precompile(run, items, rec)
 
     def rows() -> list[dict]:
         return [{k: it.get(k) for k in ("id", "status", "reason", "spec", "result")} for it in items]
 
     if run.dry_run:
-        used = plan_budget(items, args.budget_s)
+        used = plan_budget(items, args.budget_s - (PRECOMPILE_ESTIMATE_S if "precompile" in rec else 0.0))
         print(
             f"would profile these in one worker child, in this order (~{used:.0f} s of the {args.budget_s:.0f} s budget):"
         )
@@ -2390,11 +2517,12 @@ def phase_profile(run: Run) -> list[str]:
                 item_timeout=lambda it: max(240.0, 3 * it["estimate_s"]),
                 on_done=done,
             )
+            precompile_followup(rec, after)
             traces = [pathlib.Path(tmp) / trace_name(it["id"]) for it in items]  # the most important first
             rec["traces"], rec["traces_left_out"] = zip_traces([t for t in traces if t.exists()], run.path("zip"))
     rec["rows"] = rows()
     report = load_script("report")
-    lines = []
+    lines = precompile_lines(rec)
     for title, results in report.profile_groups(rec["rows"]).items():
         lines += [*(report.profile_lines(title, results, top=3) if results else [f"{title}: not profiled"]), ""]
     return lines
@@ -2718,6 +2846,7 @@ def _read_step(entry: dict, out: pathlib.Path, interrupted: bool = False) -> Non
 def _planned_s(record: dict, budget_s: float) -> float:
     """A dry-run step's estimate: its child's start, and the work it plans within ``budget_s``."""
     work = ENV_ESTIMATE_S if record.get("phase") == "env" else 0.0
+    work += PRECOMPILE_ESTIMATE_S if "precompile" in (record.get(record.get("phase")) or {}) else 0.0
     work += sum(item["estimate_s"] for item in record.get("work", []) if item.get("plan") == "run")
     return STEP_START_S + min(work, budget_s)
 

@@ -3,26 +3,29 @@ real GPUs on a machine without one.
 
     python -m restv2.targets                       # sm_80, sm_89, sm_90 checked; sm_70 shown
     python -m restv2.targets --json targets.json --targets sm_90 --models restv2_tiny
+    python -m restv2.targets --targets sm_90 --models restv2_tiny --dtypes bf16 --inputs 224x224x128
+                                                   # one GPU's plans for one model, dtype and size
     python -m restv2.targets --markdown            # the README's "GPU targets" table
     python -m restv2.targets --readings tests/data/target_readings.json [--update-readings]
                                                    # reuse (refresh) the committed readings, as CI does
 
-What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16, at 224²
-(batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and 1024x2048 (batch 1), forward
-and backward in training mode (with stochastic depth, whose factors the add + LayerNorm takes),
-forward in eval mode without gradients (where the stems fold their BatchNorm and PA fuses the
-LayerNorm after it); the fp32 GEMMs (linear + GELU, the MLP's GELU-gradient GEMM) also as
-launched where PyTorch allows TF32. The model runs on meta tensors (nothing is allocated) on
-the kernel path with its calls of the fused ops intercepted (attention, ResTv1's attention with
-the heads' interaction, upsample branch, residual add + LayerNorm, linear + GELU and the MLP's
-GELU-gradient GEMM, pixel attention, PA + LayerNorm, the stems' bias + ReLU; the add +
-LayerNorm also as autocast calls it, on an fp32 stream); each distinct call goes through the
-real launchers under ``plans.recording()``, once per target (the plans depend on it), so the
-check compiles exactly what a launch on that GPU would run. ``restv2_kernels.targets``
-specialises, dedupes, compiles and judges; this module prints the table, writes ``--json``
-rows, and exits 1 when a checked target has a problem (a plan that does not compile, shared
-memory over the opt-in limit, local memory in a 16-bit plan, a 16-bit ``tl.dot`` without tensor
-cores). An fp32 plan that spills is reported, not failed (the CI test lists those it accepts).
+What it enumerates: each model (``--models``, default all 8) in fp32, fp16 and bf16
+(``--dtypes``), at 224² (batch 1 and 256), 384² (batch 1 and 256), 800x1333 (batch 2) and
+1024x2048 (batch 1) (``--inputs``), forward and backward in training mode (with stochastic depth,
+whose factors the add + LayerNorm takes), forward in eval mode without gradients (where the stems
+fold their BatchNorm and PA fuses the LayerNorm after it); the fp32 GEMMs (linear + GELU, the
+MLP's GELU-gradient GEMM) also as launched where PyTorch allows TF32. The model runs on meta
+tensors (nothing is allocated) on the kernel path with its calls of the fused ops intercepted
+(attention, ResTv1's attention with the heads' interaction, upsample branch, residual add +
+LayerNorm, linear + GELU and the MLP's GELU-gradient GEMM, pixel attention, PA + LayerNorm, the
+stems' bias + ReLU; the add + LayerNorm also as autocast calls it, on an fp32 stream); each
+distinct call goes through the real launchers under ``plans.recording()``, once per target (the
+plans depend on it), so the check compiles exactly what a launch on that GPU would run.
+``restv2_kernels.targets`` specialises, dedupes, compiles and judges; this module prints the
+table, writes ``--json`` rows, and exits 1 when a checked target has a problem (a plan that does
+not compile, shared memory over the opt-in limit, local memory in a 16-bit plan, a 16-bit
+``tl.dot`` without tensor cores). An fp32 plan that spills is reported, not failed (the CI test
+lists those it accepts).
 """
 
 from __future__ import annotations
@@ -399,6 +402,17 @@ def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGE
     return "\n".join(lines)
 
 
+def parse_input(text: str) -> tuple[int, int, int]:
+    """``"HxWxB"`` -> (height, width, batch), each at least 1."""
+    try:
+        height, width, batch = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an input is HEIGHTxWIDTHxBATCH, e.g. 224x224x128, got {text!r}") from None
+    if min(height, width) < 32 or batch < 1:
+        raise argparse.ArgumentTypeError(f"an input is at least 32x32, with a batch of at least 1, got {text!r}")
+    return height, width, batch
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m restv2.targets",
@@ -414,6 +428,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument(
+        "--inputs",
+        nargs="+",
+        type=parse_input,
+        default=list(INPUTS),
+        metavar="HxWxB",
+        help="the input sizes and batches to trace, e.g. 224x224x128 800x1333x2 (default: "
+        + " ".join(f"{h}x{w}x{b}" for h, w, b in INPUTS)
+        + ")",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")
     parser.add_argument("--json", type=str, default=None, help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="also print the per-kernel summary table")
@@ -453,9 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     if args.update_readings:  # the file keeps one group a build: a partial run would drop readings
         partial = args.force or set(args.models) != set(MODELS) or set(args.dtypes) != set(DTYPES)
+        partial = partial or set(args.inputs) != set(INPUTS)
         if args.readings is None or partial or not set(CHECKED_TARGETS) <= set(targets):
             parser.error(
-                "--update-readings needs --readings FILE and the whole zoo: every model and dtype, "
+                "--update-readings needs --readings FILE and the whole zoo: every model, dtype and input, "
                 f"no --force, and the targets {', '.join(CHECKED_TARGETS)}"
             )
     readings = Readings(args.readings, reuse=not args.update_readings) if args.readings else None
@@ -467,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with plans.forced(**overrides):
             rows = run_check(
-                args.models, args.dtypes, INPUTS, targets, args.jobs, lambda m: print(m, flush=True), readings
+                args.models, args.dtypes, args.inputs, targets, args.jobs, lambda m: print(m, flush=True), readings
             )
     except ValueError as exc:  # an unknown family or field in --force
         parser.error(str(exc))

@@ -142,6 +142,11 @@ def test_dry_run_phase_contents(dry_runs):
     )
     assert all(r["status"] == "planned" and r["images_per_s_median"] is None for r in e2e["rows"])
     assert "skip (budget)" in results["e2e"][1]  # the compile rows past the budget are listed, not dropped
+    # the kernel rows' plans compiled first (counted in the plan), by the target check on this GPU's target
+    assert (
+        e2e["precompile"]["status"] == "planned" and "--dtypes bf16 --models restv2_tiny" in e2e["precompile"]["argv"]
+    )
+    assert "would first compile the kernel rows' launch plans" in results["e2e"][1]
 
     sweep = load("sweep")
     families = {
@@ -186,6 +191,7 @@ def test_dry_run_phase_contents(dry_runs):
         "infer/restv2_tiny/kernels+compile",
     } <= set(ids)
     assert all(r["status"] == "planned" and r["result"] is None for r in profile["rows"])
+    assert profile["precompile"]["inputs"] == {"restv2_tiny": ["224x224x256", "224x224x128", "800x1333x2"]}
     assert "restv2_tiny train bf16 batch 128 224x224: not profiled" in results["profile"][1]
 
 
@@ -686,3 +692,94 @@ def test_sweep_fields_reach_the_launch_they_shape(suite):
                         assert got[key.upper()] <= value, (family, name, fields, got)
                     else:
                         assert got[key.upper()] == value, (family, name, fields, got)
+
+
+def test_precompile_inputs_are_the_pending_kernel_rows(suite):
+    """The models and ``HxWxB`` inputs of the kernel rows still to run, in row order; none without one."""
+    tp = suite.load_script("throughput")
+    core = suite.e2e_items("core", tp)
+    assert suite.precompile_inputs(core) == {"restv2_tiny": ["224x224x256", "224x224x128", "800x1333x2"]}
+    zoo = suite.e2e_items("zoo", tp)
+    assert suite.precompile_inputs(zoo) == {m: ["224x224x256"] for m in ("restv2_small", "restv2_base", "restv2_large")}
+    for item in core:
+        if item["spec"]["mode"] != "train":
+            item["status"] = "ok"  # measured: nothing left to compile for it
+    assert suite.precompile_inputs(core) == {"restv2_tiny": ["224x224x128"]}
+    assert suite.precompile_inputs([it for it in zoo if it["spec"]["backend"] != "kernels"]) == {}
+    profile = suite.profile_items(tp, 3)  # its ops' items have no model: skipped
+    assert suite.precompile_inputs(profile) == {"restv2_tiny": ["224x224x256", "224x224x128", "800x1333x2"]}
+
+
+def test_precompile_compiles_before_the_rows_and_names_what_the_jit_still_compiled(
+    suite, monkeypatch, tmp_path, capsys
+):
+    """One ``python -m restv2.targets`` for this GPU's target over the kernel rows' models and inputs
+    in bf16 (a stand-in here: it writes the rows and the cache entries the real one would), within
+    the budget; its plans, problems and new cache entries recorded. After the rows, this package's
+    kernels compiled since (the JIT missed the precompiled entry) by name, apart from other compiles
+    (Inductor's). A GPU without a target, or too little budget, skips it with the reason."""
+    import restv2.targets as cli
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    assert suite.triton_cache_dir() == cache and suite.cached_kernels(cache) == {}
+
+    def entry(key: str, name: str) -> None:
+        (cache / key).mkdir(parents=True)
+        (cache / key / f"__grp__{name}.json").write_text("{}")
+        (cache / key / f"{name}.cubin").write_bytes(b"")
+
+    calls = []
+
+    def fake_run_command(cmd, timeout_s, echo=print):
+        calls.append((cmd, timeout_s))
+        argv = cmd[cmd.index("restv2.targets") + 1 :]
+        seen = {}
+        monkeypatch.setattr(cli, "run_check", lambda *a: seen.setdefault("args", a) and [])
+        assert cli.main(argv[: argv.index("--json")]) == 0  # the real command line parses
+        assert seen["args"][:4] == (["restv2_tiny"], ["bf16"], [(224, 224, 128), (224, 224, 256)], ["sm_90"])
+        entry("k1", "_attn_fwd_kernel")
+        entry("k2", "_add_ln_fwd_kernel")
+        rows = [
+            {"kernel": "attn_fwd", "plan": "BLOCK_M=64", "problems": []},
+            {"kernel": "add_ln_fwd", "plan": "BLOCK_R=4", "problems": ["local memory 8 B"]},
+            {"kernel": "add_ln_bwd", "plan": "BLOCK_R=2", "problems": []},  # cached before: no new entry
+        ]
+        pathlib.Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"rows": rows}))
+        return {"returncode": 1, "timed_out": False, "wall_s": 12.5, "tail": ["..."]}
+
+    monkeypatch.setattr(suite, "run_command", fake_run_command)
+    entry("k0", "_add_ln_bwd_kernel")
+    args = suite.build_parser().parse_args(["--phase", "e2e", "--out", str(tmp_path), "--budget-s", "300"])
+    run = suite.Run("e2e", tmp_path, args, [], record={"environment": {"compute_capability": "9.0"}})
+    tp = suite.load_script("throughput")
+    items = [it for it in suite.e2e_items("core", tp) if it["spec"]["mode"] in ("infer", "train")]
+    rec = run.record["e2e"] = {}
+    after = suite.precompile(run, items, rec)
+    assert len(calls) == 1 and calls[0][1] <= 150
+    pre = rec["precompile"]
+    assert pre["status"] == "ok" and pre["target"] == "sm_90" and pre["plans"] == 3 and pre["compiled"] == 2
+    assert pre["problems"] == ["add_ln_fwd BLOCK_R=4: local memory 8 B"] and pre["wall_s"] == 12.5
+    assert (
+        after == {"k0", "k1", "k2"}
+        and "precompiled the kernel rows' plans for sm_90: 3 plans" in capsys.readouterr().out
+    )
+    entry("k3", "_attn_bwd_dq_kernel")  # what the rows' JIT compiled after all
+    entry("k4", "triton_poi_fused_add_0")
+    suite.precompile_followup(rec, after)
+    assert pre["jit_compiled_after"] == {"_attn_bwd_dq_kernel": 1} and pre["other_compiled_after"] == 1
+    assert suite.precompile_lines(rec) == [
+        "precompile: 3 plans for sm_90 (2 compiled) in 12 s, 1 with problems; "
+        "the rows' JIT compiled 1 more of this package's plans"
+    ]
+    assert json.loads((tmp_path / "e2e.json").read_text())["e2e"]["precompile"]["plans"] == 3  # saved before the rows
+
+    for capability, budget, reason in (("12.0", 300, "no target"), ("9.0", 60, "budget")):
+        run = suite.Run("e2e", tmp_path, args, [], record={"environment": {"compute_capability": capability}})
+        run.args.budget_s = budget
+        rec = {}
+        assert suite.precompile(run, items, rec) is None and len(calls) == 1
+        assert rec["precompile"]["status"] == "skipped" and reason in rec["precompile"]["reason"]
+        assert suite.precompile_lines(rec)[0].startswith("precompile: skipped (")
+    assert suite.precompile(run, [it for it in items if it["spec"]["backend"] != "kernels"], rec := {}) is None
+    assert rec == {}

@@ -418,6 +418,7 @@ def test_cubin_readings_are_kept_by_cubin_kernel_and_tool(tmp_path, monkeypatch)
         ["--readings", "r.json", "--update-readings", "--dtypes", "bf16"],
         ["--readings", "r.json", "--update-readings", "--force", "attn_fwd.block_n=64"],
         ["--readings", "r.json", "--update-readings", "--targets", "sm_90"],
+        ["--readings", "r.json", "--update-readings", "--inputs", "224x224x128"],
     ],
 )
 def test_update_readings_needs_the_whole_zoo(args, tmp_path, monkeypatch, capsys):
@@ -432,3 +433,27 @@ def test_update_readings_needs_the_whole_zoo(args, tmp_path, monkeypatch, capsys
         exc.value.code == 2 and "--update-readings needs --readings FILE and the whole zoo" in capsys.readouterr().err
     )
     assert not (tmp_path / "r.json").exists()
+
+
+def test_inputs_choose_what_is_traced(monkeypatch, capsys):
+    """``--inputs HxWxB ...`` reaches the enumeration in place of the default sizes (the GPU
+    runner compiles its rows' plans so); a malformed or too small input is refused by name."""
+    import restv2.targets as cli
+
+    seen = {}
+
+    def fake_run_check(models, dtypes, inputs, targets, *_):
+        seen.update(models=models, dtypes=dtypes, inputs=inputs, targets=targets)
+        return []
+
+    monkeypatch.setattr(cli, "run_check", fake_run_check)
+    argv = ["--targets", "sm_90", "--models", "restv2_tiny", "--dtypes", "bf16"]
+    assert cli.main([*argv, "--inputs", "224x224x128", "800X1333x2"]) == 0
+    assert seen == dict(
+        models=["restv2_tiny"], dtypes=["bf16"], inputs=[(224, 224, 128), (800, 1333, 2)], targets=["sm_90"]
+    )
+    assert cli.main(argv) == 0 and seen["inputs"] == list(cli.INPUTS)
+    for bad, message in (("224x224", "HEIGHTxWIDTHxBATCH"), ("16x224x1", "at least 32x32"), ("224x224x0", "batch")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--inputs", bad])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
