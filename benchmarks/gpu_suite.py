@@ -102,7 +102,8 @@ for _p in (str(ROOT), str(_HERE)):  # the tree's restv2_kernels and common, inst
 
 import common  # noqa: E402
 
-from restv2_kernels import plans  # noqa: E402 - pure functions: no Triton, no GPU at import
+# plans: pure functions; targets: Triton imported only where a function needs it; neither asks the GPU
+from restv2_kernels import plans, targets  # noqa: E402
 
 PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
 # A lease is 15 minutes of device time, all counted: the machine's start (a minute or two), each
@@ -1289,21 +1290,13 @@ def precompile_inputs(items: list[dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for item in items:
         spec = item["spec"]
-        if item["status"] not in ("pending", "planned") or spec.get("backend") != "kernels":
+        if item["status"] != "pending" or spec.get("backend") != "kernels":
             continue
         height, width = spec["resolution"]
         size = f"{height}x{width}x{spec['batch_requested']}"
         if size not in out.setdefault(spec["model"], []):
             out[spec["model"]].append(size)
     return out
-
-
-def triton_cache_dir() -> pathlib.Path:
-    """Triton's on-disk cache, where the JIT looks before it compiles: ``TRITON_CACHE_DIR``, else
-    ``~/.triton/cache`` (under ``TRITON_HOME`` where set), as Triton's default."""
-    if os.environ.get("TRITON_CACHE_DIR"):
-        return pathlib.Path(os.environ["TRITON_CACHE_DIR"])
-    return pathlib.Path(os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
 
 
 def cached_kernels(cache: pathlib.Path, entries: set[str] | None = None) -> dict[str, int]:
@@ -1345,7 +1338,7 @@ def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
     if run.left() < PRECOMPILE_LEAST_S:
         entry.update(status="skipped", reason=f"budget: {run.left():.0f} s left, the rows go first")
         return None
-    cache = triton_cache_dir()
+    cache = targets.triton_cache_dir()
     before = set(os.listdir(cache)) if cache.is_dir() else set()
     with tempfile.TemporaryDirectory(prefix="gpu_suite_precompile_") as tmp:
         out = pathlib.Path(tmp) / "targets.json"
@@ -1379,7 +1372,7 @@ def precompile_followup(rec: dict, after: set[str] | None) -> None:
     launch, as its cache keys match the JIT's."""
     if after is None:
         return
-    cache = triton_cache_dir()
+    cache = targets.triton_cache_dir()
     new = (set(os.listdir(cache)) if cache.is_dir() else set()) - after
     names = cached_kernels(cache, new)
     ours = {name: n for name, n in names.items() if name.startswith("_") and name.endswith("_kernel")}

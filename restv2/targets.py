@@ -403,7 +403,7 @@ def markdown_summary(rows: Sequence[Row], targets: Sequence[str] = CHECKED_TARGE
 
 
 def parse_input(text: str) -> tuple[int, int, int]:
-    """``"HxWxB"`` -> (height, width, batch), each at least 1."""
+    """``"HxWxB"`` -> (height, width, batch): at least 32x32 (the models' least input), a batch of at least 1."""
     try:
         height, width, batch = (int(part) for part in text.lower().split("x"))
     except ValueError:

@@ -303,15 +303,21 @@ def _cuobjdump_version() -> str:
     return subprocess.run([_tool("cuobjdump"), "--version"], capture_output=True, text=True, check=True).stdout
 
 
-def _facts_dir() -> pathlib.Path:
-    """Beside Triton's own cache (``TRITON_CACHE_DIR``, else ``~/.triton/cache``)."""
+def triton_cache_dir() -> pathlib.Path:
+    """Triton's on-disk cache, where ``triton.compile`` and the JIT look before compiling:
+    ``TRITON_CACHE_DIR``, else ``.triton/cache`` under ``TRITON_HOME`` or the home folder."""
     try:
         import triton
 
-        base = triton.knobs.cache.dir
+        return pathlib.Path(triton.knobs.cache.dir)
     except (ImportError, AttributeError):  # Triton < 3.4 has no knobs
-        base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
-    return pathlib.Path(base) / "restv2-cubin-facts"
+        home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+        return pathlib.Path(os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache"))
+
+
+def _facts_dir() -> pathlib.Path:
+    """Beside Triton's own cache."""
+    return triton_cache_dir() / "restv2-cubin-facts"
 
 
 def cubin_facts(cubin_bytes: bytes, kernel: str) -> tuple[dict[str, int], dict[str, int | None], str | None]:
