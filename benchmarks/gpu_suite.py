@@ -1299,18 +1299,6 @@ def precompile_inputs(items: list[dict]) -> dict[str, list[str]]:
     return out
 
 
-def cached_kernels(cache: pathlib.Path, entries: set[str] | None = None) -> dict[str, int]:
-    """Compiled kernels in Triton's cache by name (one ``__grp__<name>.json`` an entry), counted
-    over ``entries`` (folder names; None: all)."""
-    names: collections.Counter = collections.Counter()
-    if not cache.is_dir():
-        return {}
-    for entry in sorted(entries if entries is not None else os.listdir(cache)):
-        for group in (cache / entry).glob("__grp__*.json"):
-            names[group.name[len("__grp__") : -len(".json")]] += 1
-    return dict(sorted(names.items()))
-
-
 def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
     """Compiles, before the rows and on every core, the launch plans the pending kernel rows will
     launch on this GPU into Triton's on-disk cache (``python -m restv2.targets`` for the GPU's
@@ -1369,12 +1357,13 @@ def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
 def precompile_followup(rec: dict, after: set[str] | None) -> None:
     """After the rows: the kernels of this package (``_*_kernel``) that the rows' JIT still compiled
     (Triton cache entries made since the precompile), by name: 0 when the precompile covered every
-    launch, as its cache keys match the JIT's."""
+    launch, as its cache keys match the JIT's (checked on the CPU: ``targets.jit_compiles``, in
+    ``tests/test_targets.py``; on a GPU the real allocations' alignment could still differ)."""
     if after is None:
         return
     cache = targets.triton_cache_dir()
     new = (set(os.listdir(cache)) if cache.is_dir() else set()) - after
-    names = cached_kernels(cache, new)
+    names = targets.cached_kernels(cache, new)
     ours = {name: n for name, n in names.items() if name.startswith("_") and name.endswith("_kernel")}
     rec["precompile"].update(jit_compiled_after=ours, other_compiled_after=sum(names.values()) - sum(ours.values()))
 

@@ -10,6 +10,8 @@ tensors) and, per target:
    and its compile step is intercepted. Pointers get Triton's divisibility-by-16 flag from
    their address (a 512-byte-aligned allocation plus the view's storage offset, as PyTorch's
    caching allocator gives), ints from their value, and ints equal to 1 become constants.
+   ``jit_compiles`` checks the other way round that a JIT launch finds what was compiled so
+   in Triton's cache (its warm-up compiles nothing more).
 2. **Dedupes** the compile keys and **compiles** each once with ``triton.compile`` in a
    process pool, sharing Triton's on-disk cache (``TRITON_CACHE_DIR``) between runs.
 3. **Reads** the cubin with ``cuobjdump``: registers and stack/local bytes (``-res-usage``),
@@ -32,6 +34,7 @@ launches and the command line are in ``restv2.targets`` (``python -m restv2.targ
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -173,11 +176,22 @@ def _require_compiled(fn: Any) -> None:
         )
 
 
-def specialize(rec: Recorded, target: Target) -> CompileJob:
-    """The compile job a JIT launch of ``rec`` on ``target`` would start (nothing is compiled)."""
+@contextlib.contextmanager
+def _stand_in_driver(target: Target):
+    """Triton's active driver replaced by ``_TargetDriver`` for ``target`` while inside."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
+    previous = driver._active  # None until something asks for the driver; keep it so (no GPU here)
+    driver.set_active(_TargetDriver(GPUTarget("cuda", target.arch, 32)))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def specialize(rec: Recorded, target: Target) -> CompileJob:
+    """The compile job a JIT launch of ``rec`` on ``target`` would start (nothing is compiled)."""
     fn = rec.fn
     _require_compiled(fn)
     captured = {}
@@ -185,14 +199,12 @@ def specialize(rec: Recorded, target: Target) -> CompileJob:
     def capture(key, signature, device, constexprs, options, attrs, warmup):
         captured.update(signature=signature, constexprs=constexprs, options=options, attrs=attrs)
 
-    previous = driver._active  # None until something asks for the driver; keep it so (no GPU here)
-    driver.set_active(_TargetDriver(GPUTarget("cuda", target.arch, 32)))
     fn._do_compile = capture  # an instance attribute shadows the method for this call only
     try:
-        fn.run(*jit_arguments(rec.args), grid=rec.plan.grid, warmup=True, **rec.plan.options)
+        with _stand_in_driver(target):
+            fn.run(*jit_arguments(rec.args), grid=rec.plan.grid, warmup=True, **rec.plan.options)
     finally:
         del fn._do_compile
-        driver._active = previous
     if not captured:  # the capture stores nothing in the JIT's cache, so every run reaches it
         raise RuntimeError(f"{rec.plan.kernel}: Triton did not reach its compile step")
     options = captured["options"]
@@ -313,6 +325,43 @@ def triton_cache_dir() -> pathlib.Path:
     except (ImportError, AttributeError):  # Triton < 3.4 has no knobs
         home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
         return pathlib.Path(os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache"))
+
+
+def cached_kernels(cache: pathlib.Path, entries: Iterable[str] | None = None) -> dict[str, int]:
+    """Compiled kernels in Triton's on-disk cache ``cache`` by name (one ``__grp__<name>.json``
+    an entry), counted over ``entries`` (folder names; None: all)."""
+    names: collections.Counter = collections.Counter()
+    if not cache.is_dir():
+        return {}
+    for entry in sorted(entries if entries is not None else os.listdir(cache)):
+        for group in (cache / entry).glob("__grp__*.json"):
+            names[group.name[len("__grp__") : -len(".json")]] += 1
+    return dict(sorted(names.items()))
+
+
+def jit_compiles(recorded: Iterable[Recorded], target: Target) -> dict[str, int]:
+    """What a JIT launch of each of ``recorded`` on ``target`` compiles, by kernel name: the
+    entries its warm-up adds to Triton's on-disk cache (``JITFunction.run(..., warmup=True)``
+    under the stand-in driver: bound, specialised and compiled through that cache, not launched;
+    the JIT's in-memory kernels are set aside, so that the disk decides). Empty where ``check``
+    compiled the same launches: its cache keys are the JIT's, and a GPU's first launches find its
+    compiles there (what ``benchmarks/gpu_suite.py``'s precompile relies on)."""
+    cache = triton_cache_dir()
+    before = set(os.listdir(cache)) if cache.is_dir() else set()
+    with _stand_in_driver(target):
+        from triton.runtime.driver import driver
+
+        device = driver.active.get_current_device()  # keys the JIT's in-memory kernels
+        for rec in recorded:
+            fn = rec.fn
+            _require_compiled(fn)
+            fn.device_caches.pop(device, None)
+            try:
+                fn.run(*jit_arguments(rec.args), grid=rec.plan.grid, warmup=True, **rec.plan.options)
+            finally:
+                fn.device_caches.pop(device, None)
+    after = set(os.listdir(cache)) if cache.is_dir() else set()
+    return cached_kernels(cache, after - before)
 
 
 def _facts_dir() -> pathlib.Path:

@@ -722,7 +722,7 @@ def test_precompile_compiles_before_the_rows_and_names_what_the_jit_still_compil
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
-    assert suite.targets.triton_cache_dir() == cache and suite.cached_kernels(cache) == {}
+    assert suite.targets.triton_cache_dir() == cache and suite.targets.cached_kernels(cache) == {}
 
     def entry(key: str, name: str) -> None:
         (cache / key).mkdir(parents=True)

@@ -457,3 +457,52 @@ def test_inputs_choose_what_is_traced(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exc:
             cli.main([*argv, "--inputs", bad])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+JIT_KEYS = """
+import json
+from restv2 import targets as zoo
+from restv2_kernels import targets
+from restv2_kernels.plans import TARGETS
+
+
+def one_launch_a_kernel(target):
+    calls = zoo.zoo_calls(["restv2_tiny", "rest_lite"], ["bf16"], [(64, 64, 2), (384, 384, 1)])
+    first = {}
+    for rec, use in zoo.record_launches(calls, target):
+        first.setdefault(rec.plan.kernel, rec)
+    return first
+
+
+if __name__ == "__main__":
+    launches = one_launch_a_kernel("sm_90")
+    rows = targets.check({"sm_90": [(rec, kernel) for kernel, rec in launches.items()]})
+    control = list(one_launch_a_kernel("sm_80").values())[:2]
+    print(json.dumps({
+        "kernels": sorted(launches),
+        "problems": [r.problems for r in rows if r.problems],
+        "after_check": targets.jit_compiles(launches.values(), TARGETS["sm_90"]),
+        "control": targets.jit_compiles(control, TARGETS["sm_80"]),
+        "control_kernels": sorted(rec.fn.fn.__name__ for rec in control),
+    }))
+"""
+
+
+def test_the_jit_finds_what_the_check_compiled(tmp_path):
+    """A JIT launch finds the target check's compiles in Triton's cache, under Triton's own keys:
+    one launch of each of the zoo's kernels is compiled by ``check`` into an empty cache, then
+    warmed up through the kernel's JIT (``jit_compiles``), which compiles none of them again. (The
+    GPU runner's precompile relies on it, as does every reading filed under a cache key.) The
+    control, two launches of the same kernels for sm_80, compiled by nobody, shows that the JIT's
+    compiles are seen."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, "-c", JIT_KEYS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["after_check"] == {}
+    assert found["kernels"] == sorted(KERNELS) and found["problems"] == []
+    assert found["control"] == {name: 1 for name in found["control_kernels"]}
