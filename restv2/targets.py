@@ -301,17 +301,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             saved = x if branch is None else residual
             # the branch's gradient is a second output in its own dtype, or scaled (drop path)
             second = None if branch is None or (branch.dtype == x.dtype and scale is None) else branch.dtype
-            kernels._bwd(
-                _grad_of(normed),
-                None if branch is None else _grad_of(residual),
-                saved,
-                mean,
-                rstd,
-                weight,
-                x.dtype,
-                second,
-                scale,
-            )
+            # with the residual's gradient (a block's norms, a stage map a detector takes), and
+            # without (a classifier's final norm: only the normed tokens reach the loss)
+            for dres in (None,) if branch is None else (_grad_of(residual), None):
+                kernels._bwd(_grad_of(normed), dres, saved, mean, rstd, weight, x.dtype, second, scale)
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias, *x_bias)
         elif call.op == "batch_norm_relu":  # dout as the next conv's backward writes it: channels-last

@@ -506,3 +506,66 @@ def test_the_jit_finds_what_the_check_compiled(tmp_path):
     assert found["after_check"] == {}
     assert found["kernels"] == sorted(KERNELS) and found["problems"] == []
     assert found["control"] == {name: 1 for name in found["control_kernels"]}
+
+
+COVERAGE = """
+import contextlib, json, sys
+sys.path.insert(0, "benchmarks")
+import traffic
+from restv2 import targets as zoo
+from restv2_kernels import plans, targets
+from restv2_kernels.plans import TARGETS
+
+MODELS = ("restv2_tiny", "rest_lite")
+SIZE = (224, 224, 1)
+TARGET = TARGETS["sm_90"]
+made = []
+recording = plans.recording
+
+
+@contextlib.contextmanager
+def keep():
+    with recording() as launches:
+        yield launches
+    made.extend(launches)
+
+
+def jobs(recorded):
+    return {targets.specialize(r, TARGET).key: f"{r.plan.kernel} {r.plan.describe()}" for r in recorded}
+
+
+if __name__ == "__main__":
+    calls = zoo.zoo_calls(MODELS, ["bf16"], [SIZE])
+    enumerated = jobs(r for r, _ in zoo.record_launches(calls, TARGET.name))
+    plans.recording = keep  # traffic's launchers record through it
+    missing = {}
+    for model in MODELS:
+        for train, features in ((True, False), (True, True), (False, False), (False, True)):
+            made.clear()
+            traffic.count_model(
+                model, "triton", SIZE[2], SIZE[:2], "bf16", train, features=features, target=TARGET,
+                drop_path=0.1 if train else 0.0,
+            )
+            for key, what in jobs(made).items():
+                if key not in enumerated:
+                    missing.setdefault(what, f"{model} train={train} features={features}")
+    print(json.dumps({"missing": missing, "enumerated": len(enumerated)}))
+"""
+
+
+def test_the_check_enumerates_every_launch_a_model_makes():
+    """The check (and the GPU runner's precompile) compiles the launches it derives from the
+    model's op calls: their forward, and their backward with the gradients autograd would pass.
+    Here the models run for real, on meta tensors (``benchmarks/traffic.py``: autograd calls each
+    op's launcher, recorded), as classifiers and as dense backbones, in training (at drop path
+    0.1) and in eval mode, and every launch they make must be one the check compiles. It failed
+    with the classifier's final norm, whose residual gets no gradient while its branch is
+    dropped."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", COVERAGE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["enumerated"] > 100 and found["missing"] == {}
