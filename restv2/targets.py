@@ -107,6 +107,7 @@ class OpCall:
     op: str
     args: tuple
     use: str  # "restv2_tiny bf16 224x224 b256"
+    final: bool = False  # the model's final norm (an add_layer_norm call that asks no output dtype)
 
     def to(self, dtype: str) -> OpCall:
         """The same call in ``dtype`` (a key of ``DTYPES``): same shapes, strides and offsets."""
@@ -115,27 +116,34 @@ class OpCall:
             _meta_like(a, fixed.get(i, DTYPES[dtype])) if isinstance(a, torch.Tensor) else a
             for i, a in enumerate(self.args)
         )
-        return OpCall(self.op, args, self.use.replace("{dtype}", dtype))
+        return dataclasses.replace(self, args=args, use=self.use.replace("{dtype}", dtype))
 
-    def autocast_variant(self, dtype: str) -> OpCall | None:
-        """The call as autocast makes it in ``dtype`` where that differs from a plain cast: the
-        residual add + LayerNorm on an fp32 stream with a 16-bit branch and a 16-bit output;
-        ResTv1's mixed attention on 16-bit q, k, v with the conv's fp32 weight and bias; PA +
-        LayerNorm on a 16-bit map with the norm's fp32 weight and bias, writing fp32; a stem's
-        BatchNorm + ReLU on a 16-bit map with fp32 parameters and running statistics."""
+    def autocast_variants(self, dtype: str) -> list[OpCall]:
+        """The call as CUDA's autocast makes it in ``dtype`` where that differs from a plain cast.
+
+        - The residual add + LayerNorm: the kernel path passes the LayerNorm's own fp32 weight and
+          bias, and a Linear's 16-bit branch (or none), on an fp32 stream (ResTv2's: a LayerNorm,
+          which autocast runs in fp32, starts each stage) or a 16-bit one (ResTv1's: a conv, a
+          BatchNorm or PA starts it); a block's norm writes the next Linear's 16-bit dtype, the
+          final norm asks none (the stream's, or fp32 with a 16-bit branch). Both streams are
+          listed for every call: the trace, on meta tensors, cannot run autocast.
+        - ResTv1's mixed attention on 16-bit q, k, v with the conv's fp32 weight and bias.
+        - PA + LayerNorm on a 16-bit map with the norm's fp32 weight and bias, writing fp32.
+        - A stem's BatchNorm + ReLU on a 16-bit map with fp32 parameters and running statistics.
+        """
         if dtype == "fp32":
-            return None
+            return []
         if self.op == "batch_norm_relu":
             x, *vectors = self.args[:5]
             f32 = [None if t is None else _meta_like(t, torch.float32) for t in vectors]
             args = (_meta_like(x, DTYPES[dtype]), *f32, *self.args[5:])
-            return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
+            return [self._autocast(args, dtype)]
         if self.op == "pixel_attention_layer_norm":
             x, weight, bias, x_bias, nw, nb, eps, _ = self.args
             half = [None if t is None else _meta_like(t, DTYPES[dtype]) for t in (x, weight, bias, x_bias)]
             f32 = torch.float32
             args = (*half, _meta_like(nw, f32), _meta_like(nb, f32), eps, f32)
-            return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
+            return [self._autocast(args, dtype)]
         if self.op == "emsa_attention_mixed":
             q, k, v, weight, bias, scale, eps = self.args
             f32 = torch.float32
@@ -146,21 +154,29 @@ class OpCall:
                 scale,
                 eps,
             )
-            return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
-        if self.op != "add_layer_norm" or self.args[1] is None:
-            return None
+            return [self._autocast(args, dtype)]
+        if self.op != "add_layer_norm":
+            return []
         x, branch, weight, bias, eps, _, *scale = self.args
-        f32 = torch.float32
-        args = (
-            _meta_like(x, f32),
-            _meta_like(branch, DTYPES[dtype]),
-            _meta_like(weight, f32),
-            _meta_like(bias, f32),
-            eps,
-            DTYPES[dtype],
-            *(_meta_like(t, f32) for t in scale),
-        )
-        return OpCall(self.op, args, self.use.replace("{dtype}", f"autocast-{dtype}"))
+        f32, half = torch.float32, DTYPES[dtype]
+        return [
+            self._autocast(
+                (
+                    _meta_like(x, stream),
+                    None if branch is None else _meta_like(branch, half),
+                    _meta_like(weight, f32),
+                    _meta_like(bias, f32),
+                    eps,
+                    None if self.final else half,
+                    *(_meta_like(t, f32) for t in scale),
+                ),
+                dtype,
+            )
+            for stream in (f32, half)
+        ]
+
+    def _autocast(self, args: tuple, dtype: str) -> OpCall:
+        return dataclasses.replace(self, args=args, use=self.use.replace("{dtype}", f"autocast-{dtype}"))
 
     @property
     def key(self) -> tuple:
@@ -184,7 +200,8 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
 
     The model runs with ``backend="triton"`` on meta tensors with the fused ops replaced by
     stand-ins that record their arguments (the very views the kernel path passes) and return
-    meta tensors of the kernels' output layouts.
+    meta tensors of the kernels' output layouts. The last add + LayerNorm of each forward is the
+    final norm (``OpCall.final``).
     """
     calls: list[OpCall] = []
     use = ""
@@ -223,8 +240,12 @@ def model_calls(model_name: str, inputs: Sequence[tuple[int, int, int]]) -> list
             model.train(training)
             for height, width, batch in inputs:
                 use = f"{model_name} {{dtype}} {height}x{width} b{batch}" + ("" if training else " eval")
+                start = len(calls)
                 with torch.set_grad_enabled(training):
                     model(torch.empty(batch, 3, height, width, device="meta"))
+                final = [i for i in range(start, len(calls)) if calls[i].op == "add_layer_norm"][-1:]
+                for i in final:  # the final norm, after every block
+                    calls[i] = dataclasses.replace(calls[i], final=True)
     return calls
 
 
@@ -237,9 +258,8 @@ def zoo_calls(models: Sequence[str], dtypes: Sequence[str], inputs: Sequence[tup
         traced = model_calls(name, inputs)
         for dt in dtypes:
             for call in traced:
-                for variant in (call.to(dt), call.autocast_variant(dt)):
-                    if variant is not None:
-                        unique.setdefault(variant.key, variant)
+                for variant in (call.to(dt), *call.autocast_variants(dt)):
+                    unique.setdefault(variant.key, variant)
     return list(unique.values())
 
 

@@ -22,6 +22,7 @@ import time
 import types
 
 import pytest
+import torch
 from helpers import once_per_session
 
 from restv2_kernels import targets
@@ -569,3 +570,29 @@ def test_the_check_enumerates_every_launch_a_model_makes():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["enumerated"] > 100 and found["missing"] == {}
+
+
+def test_autocast_variants_of_add_layer_norm():
+    """Under autocast the kernel path hands add + LayerNorm the LayerNorm's own fp32 weight and
+    bias and a Linear's 16-bit branch (or none), on an fp32 stream (ResTv2) or a 16-bit one
+    (ResTv1): the check lists both streams for every call. A block's norm writes 16-bit, the
+    final norm (the last of each forward) asks no dtype."""
+    import restv2.targets as cli
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    calls = [c for c in cli.model_calls("restv2_tiny", [(64, 64, 1)]) if c.op == "add_layer_norm"]
+    finals = [c for c in calls if c.final]
+    assert len(finals) == 2 and finals[-1] is calls[-1]  # training, then eval: each forward's last
+    assert all(c.args[2].shape == (768,) and c.args[1] is not None for c in finals)
+    first = next(c for c in calls if c.args[1] is None)  # a stage's first norm: nothing to add
+    block = next(c for c in calls if c.args[1] is not None and not c.final)
+    for call in (first, block, finals[0]):
+        assert call.autocast_variants("fp32") == []
+        variants = call.autocast_variants("bf16")
+        assert [v.args[0].dtype for v in variants] == [f32, bf16]
+        for v in variants:
+            x, branch, weight, bias, _, out_dtype, *scale = v.args
+            assert branch is None if call is first else branch.dtype == bf16
+            assert weight.dtype == bias.dtype == f32 and all(s.dtype == f32 for s in scale)
+            assert out_dtype == (None if call.final else bf16)
+            assert "autocast-bf16" in v.use and v.final == call.final
