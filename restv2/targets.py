@@ -180,7 +180,9 @@ class OpCall:
 
     @property
     def key(self) -> tuple:
-        return (self.op,) + tuple(
+        """What makes two calls launch the same: the op, its arguments' layouts and dtypes, and
+        whether it is the final norm (whose backward may also run without the residual's gradient)."""
+        return (self.op, self.final) + tuple(
             (tuple(a.shape), a.stride(), a.storage_offset(), a.dtype) if isinstance(a, torch.Tensor) else a
             for a in self.args
         )
@@ -321,9 +323,10 @@ def _launch_call(call: OpCall) -> tuple[list[Recorded], list[Recorded]]:
             saved = x if branch is None else residual
             # the branch's gradient is a second output in its own dtype, or scaled (drop path)
             second = None if branch is None or (branch.dtype == x.dtype and scale is None) else branch.dtype
-            # with the residual's gradient (a block's norms, a stage map a detector takes), and
-            # without (a classifier's final norm: only the normed tokens reach the loss)
-            for dres in (None,) if branch is None else (_grad_of(residual), None):
+            # with the residual's gradient (a block's norms, a stage map a detector takes), and for
+            # the final norm also without (a classifier's: only the normed tokens reach the loss)
+            grads = (None,) if branch is None else (_grad_of(residual), None) if call.final else (_grad_of(residual),)
+            for dres in grads:
                 kernels._bwd(_grad_of(normed), dres, saved, mean, rstd, weight, x.dtype, second, scale)
         elif call.op == "pixel_attention":
             kernels._bwd(_grad_of(o), x.permute(0, 2, 3, 1), weight, bias, *x_bias)

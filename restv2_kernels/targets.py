@@ -178,14 +178,15 @@ def _require_compiled(fn: Any) -> None:
 
 @contextlib.contextmanager
 def _stand_in_driver(target: Target):
-    """Triton's active driver replaced by ``_TargetDriver`` for ``target`` while inside."""
+    """Triton's active driver replaced by a ``_TargetDriver`` for ``target`` (yielded) while inside."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
     previous = driver._active  # None until something asks for the driver; keep it so (no GPU here)
-    driver.set_active(_TargetDriver(GPUTarget("cuda", target.arch, 32)))
+    stand_in = _TargetDriver(GPUTarget("cuda", target.arch, 32))
+    driver.set_active(stand_in)
     try:
-        yield
+        yield stand_in
     finally:
         driver._active = previous
 
@@ -348,10 +349,8 @@ def jit_compiles(recorded: Iterable[Recorded], target: Target) -> dict[str, int]
     compiles there (what ``benchmarks/gpu_suite.py``'s precompile relies on)."""
     cache = triton_cache_dir()
     before = set(os.listdir(cache)) if cache.is_dir() else set()
-    with _stand_in_driver(target):
-        from triton.runtime.driver import driver
-
-        device = driver.active.get_current_device()  # keys the JIT's in-memory kernels
+    with _stand_in_driver(target) as stand_in:
+        device = stand_in.get_current_device()  # keys the JIT's in-memory kernels
         for rec in recorded:
             fn = rec.fn
             _require_compiled(fn)

@@ -92,6 +92,14 @@ FP32_LOCAL_BYTES = {
 }
 
 
+def compiling_env() -> dict[str, str]:
+    """The environment of a subprocess that compiles the kernels: no TRITON_INTERPRET, this tree
+    importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 @pytest.fixture(scope="module")
 def check(tmp_path_factory):
     """The command line's exit status, output, rows and readings summary for the whole zoo on the
@@ -100,8 +108,7 @@ def check(tmp_path_factory):
     out = tmp_path_factory.mktemp("targets") / "targets.json"
 
     def run() -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env = compiling_env()
         proc = subprocess.run(
             [
                 *(sys.executable, "-m", "restv2.targets", "--targets", ",".join(CHECKED)),
@@ -496,8 +503,7 @@ def test_the_jit_finds_what_the_check_compiled(tmp_path):
     GPU runner's precompile relies on it, as does every reading filed under a cache key.) The
     control, two launches of the same kernels for sm_80, compiled by nobody, shows that the JIT's
     compiles are seen."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = compiling_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run(
         [sys.executable, "-c", JIT_KEYS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -562,8 +568,7 @@ def test_the_check_enumerates_every_launch_a_model_makes():
     0.1) and in eval mode, and every launch they make must be one the check compiles. It failed
     with the classifier's final norm, whose residual gets no gradient while its branch is
     dropped."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = compiling_env()
     proc = subprocess.run(
         [sys.executable, "-c", COVERAGE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
