@@ -1280,8 +1280,8 @@ def select_rows(items: list[dict], patterns: list[str] | None) -> list[dict]:
 
 
 # The rows' launch plans, compiled up front: each kernel row's first call would otherwise JIT-compile
-# its plans one at a time (184 for restv2_tiny's bf16 rows with their autocast variants) in the timed child.
-PRECOMPILE_ESTIMATE_S = 30.0  # trace + 184 plans on 16 cores (about 1.5 s each; 2 cores took 65 s) + cubin reads
+# its plans one at a time (173 for restv2_tiny's bf16 rows with their autocast variants) in the timed child.
+PRECOMPILE_ESTIMATE_S = 30.0  # trace + 173 plans on 16 cores (about 1.5 s each; 184 took 65 s on 2 cores) + cubin reads
 PRECOMPILE_LEAST_S = 90.0  # less budget left than this: the rows go first, each compiling its own
 
 
