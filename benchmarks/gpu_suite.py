@@ -22,8 +22,8 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
   env      GPU, driver, torch, triton, CUDA, SM count, L2, memory, compute capability, the plans'
            target (``plans.device_target``), copy bandwidth and matmul rates measured now, the first
            (compiling) call of both kernels, nvidia-smi.
-  tests    ``pytest -m "cuda and not inductor"`` (compiled Triton, bf16, CUDA graphs), then
-           ``-m "cuda and inductor"`` (torch.compile's Inductor: minutes), then ``-m "not cuda"``
+  tests    ``pytest -m "(cuda or bf16) and not inductor"`` (compiled Triton, bf16, CUDA graphs), then
+           ``-m "cuda and inductor"`` (torch.compile's Inductor: minutes), then ``-m "not cuda and not bf16"``
            (on a GPU conftest sets no TRITON_INTERPRET, so every kernel runs compiled), ``--runs``
            choosing; the target check (tests/test_targets.py, no GPU needed) is left to CI; counts per
            run and each failure's node id and message, from the JUnit XML.
@@ -806,9 +806,10 @@ def _env_summary(rec: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start; the default order
-    ("cuda", "cuda and not inductor", 90.0, 30.0),  # compiled Triton parity, bf16, CUDA graphs: Triton compiles
+    # compiled Triton parity, bf16 (the interpreter's run emulates it), CUDA graphs: Triton compiles
+    ("cuda", "(cuda or bf16) and not inductor", 90.0, 30.0),
     ("inductor", "cuda and inductor", 150.0, 45.0),  # torch.compile's Inductor: the ops, whole models, reduce-overhead
-    ("not-cuda", "not cuda", 300.0, 45.0),  # the CPU suite, compiled: every kernel at odd shapes and sizes
+    ("not-cuda", "not cuda and not bf16", 300.0, 45.0),  # the rest of the CPU suite, compiled: odd shapes and sizes
 )
 # needs no GPU: compiles every launch plan for sm_80/89/90 (about a minute on 16 cores, where Triton's
 # build has no committed readings); CI runs it on every push

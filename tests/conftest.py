@@ -3,7 +3,10 @@
 ``TRITON_INTERPRET`` is read when a kernel is decorated, so it is set here, before any
 test module imports the kernel files. With a GPU present the same tests run compiled. The
 interpreter runs without its per-call cost of device functions (``interpreter_patch.py``: the
-same results, tested bit for bit).
+same results, tested bit for bit), and computes bf16 on the values, rounding as a GPU does
+(``interpreter_bf16.py``, tested against torch's bf16 bit for bit): the ``bf16`` tests run there,
+and are skipped only where that patch does not fit the installed Triton's interpreter. ``cuda``
+tests (compiled Triton: Inductor, CUDA graphs, TF32, int64 offsets) are skipped without CUDA.
 
 fp32 means IEEE fp32 in every test: on a GPU, cuDNN runs fp32 convolutions in TF32 by default
 (cuBLAS matmuls already default to IEEE), which would make the eager fp32 run that the parity
@@ -17,14 +20,15 @@ start with that message instead of failing every kernel test inside Triton.
 
 import os
 
+import interpreter_bf16
+import interpreter_patch
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    import interpreter_patch
-
     interpreter_patch.install()  # the same results, a fifth less of the suite's CPU time
+    interpreter_bf16.install()  # bf16 computed on the values, as a GPU does, not on raw bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the workers share the cores, a share each
@@ -65,10 +69,15 @@ def _xdist_load_by_default(config) -> bool:
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton or bf16)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton)")
+    no_bf16 = pytest.mark.skip(
+        reason="bf16 in the interpreter needs interpreter_bf16.py, which this Triton does not take"
+    )
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+        elif item.get_closest_marker("bf16") and not interpreter_bf16.installed():
+            item.add_marker(no_bf16)
 
 
 @pytest.fixture

@@ -472,10 +472,10 @@ def test_kv_compile_traces_fullgraph(device):
         assert torch.equal(a, b)
 
 
-# --- compiled only (bf16 gives wrong numbers in the interpreter) -------------------------
+# --- bf16: in the interpreter (tests/interpreter_bf16.py) and compiled on a GPU -----------
 
 
-@pytest.mark.cuda
+@pytest.mark.bf16
 @pytest.mark.parametrize(
     "B, N, M, h, d",
     [
@@ -486,12 +486,12 @@ def test_kv_compile_traces_fullgraph(device):
         pytest.param(1, 33, 20, 2, 256, id="N33-M20-d256-h2"),
     ],
 )
-def test_parity_bf16(B, N, M, h, d):
-    q, k, v, grad = _inputs(B, N, M, h, d, torch.bfloat16, "cuda")
+def test_parity_bf16(B, N, M, h, d, device):
+    q, k, v, grad = _inputs(B, N, M, h, d, torch.bfloat16, device)
     _check_parity(q, k, v, grad)
 
 
-@pytest.mark.cuda
+@pytest.mark.bf16
 @pytest.mark.parametrize("uses", ["both", "out"])
 @pytest.mark.parametrize(
     "B, N, M, h, d",
@@ -501,9 +501,12 @@ def test_parity_bf16(B, N, M, h, d):
         pytest.param(1, 1000, 300, 1, 96, id="N1000-M300-d96-h1"),
     ],
 )
-def test_kv_parity_bf16(B, N, M, h, d, uses):
-    q, kv, grad, grad_v = _kv_inputs(B, N, M, h, d, torch.bfloat16, "cuda")
+def test_kv_parity_bf16(B, N, M, h, d, uses, device):
+    q, kv, grad, grad_v = _kv_inputs(B, N, M, h, d, torch.bfloat16, device)
     _check_kv_parity(q, kv, (grad, grad_v if uses == "both" else None))
+
+
+# --- compiled only ---------------------------------------------------------------------
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, nan_buffers_for
+from helpers import assert_close, model_width_dtypes, nan_buffers_for
 
 from restv2_kernels import plans, reference
 from restv2_kernels.bn_relu import triton as kernels
@@ -127,11 +127,10 @@ def test_errors(change, error, match, device):
         bias_relu(**args)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
-def test_parity_compiled_16bit(dtype, device):
-    """Compiled, in bf16 (which the interpreter cannot run) and fp16: equal to eager's add and
-    ReLU, which also round the fp32 sum once."""
+@pytest.mark.parametrize("dtype", model_width_dtypes(BF16, FP16))
+def test_parity_16bit(dtype, device):
+    """bf16 (in the interpreter too, bf16 emulated) and fp16 (compiled) at a stem's width: equal
+    to eager's add and ReLU, which also round the fp32 sum once."""
     x = torch.randn(4, 48, 56, 57, device=device, dtype=dtype).contiguous(memory_format=CL)
     bias = torch.randn(48, device=device, dtype=dtype)
     torch.testing.assert_close(bias_relu(x, bias), torch.relu(x + bias.view(1, -1, 1, 1)), rtol=0, atol=0)
@@ -328,10 +327,9 @@ def test_batch_norm_relu_errors(change, error, match, device):
         batch_norm_relu(**args)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
-def test_batch_norm_relu_compiled_16bit(dtype, device):
-    """Compiled, in bf16 (which the interpreter cannot run) and fp16, on a stem's map with fp32
+@pytest.mark.parametrize("dtype", model_width_dtypes(BF16, FP16))
+def test_batch_norm_relu_16bit(dtype, device):
+    """bf16 (in the interpreter too, bf16 emulated) and fp16 (compiled) on a stem's map with fp32
     parameters, as autocast runs it: as close to float64 as cuDNN's BatchNorm and the ReLU."""
     shape = (4, 48, 56, 57)
     x, params, dout = _bn_inputs(shape, seed=3)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_close, nan_buffers_for
+from helpers import assert_close, model_width_dtypes, nan_buffers_for
 
 from restv2_kernels import plans, reference
 from restv2_kernels.ffn import triton as kernels
@@ -468,17 +468,19 @@ def test_error_cpu_without_interpreter(monkeypatch):
         linear_gelu(**_good("cpu"))
 
 
-# ----------------------------------------------------------------------------- compiled only
+# ----------------------------------------------------------------------------- the model's widths
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize(
     "lead,K", [((2, 3136), 96), ((2, 784), 192), ((4, 196), 384), ((3, 49), 768), ((2, 49), 1024), ((5, 37), 64)]
 )
-@pytest.mark.parametrize("dtype", [BF16, FP16, FP32], ids=["bf16", "fp16", "fp32"])
-def test_parity_compiled(lead, K, dtype, device):
-    """Compiled kernel at the model's widths (N = 4K), bf16 included (the interpreter gets bf16 wrong)."""
+@pytest.mark.parametrize("dtype", model_width_dtypes(BF16, FP16, FP32))
+def test_parity_model_widths(lead, K, dtype, device):
+    """At the model's widths (N = 4K): bf16 in the interpreter too (bf16 emulated), fp16 and fp32 compiled."""
     _check_parity(lead, K, 4 * K, dtype, device)
+
+
+# ----------------------------------------------------------------------------- compiled only
 
 
 @pytest.mark.cuda

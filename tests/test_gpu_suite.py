@@ -115,7 +115,11 @@ def test_dry_run_phase_contents(dry_runs):
     assert env["copy_gbps"] is None and env["target"] is None
 
     tests = load("tests")
-    assert [r["marker"] for r in tests["runs"]] == ["cuda and not inductor", "cuda and inductor", "not cuda"]
+    assert [r["marker"] for r in tests["runs"]] == [
+        "(cuda or bf16) and not inductor",
+        "cuda and inductor",
+        "not cuda and not bf16",
+    ]
     for run in tests["runs"]:
         assert "-p no:cacheprovider" in run["argv"] and "--junitxml=" in run["argv"] and "-rfE" in run["argv"]
         assert "-x" not in run["argv"].split() and run["counts"] is None
@@ -293,7 +297,7 @@ def test_plan_dry_run(suite, tmp_path, capsys):
     records = {step.tag: json.loads((out / step.tag / f"{step.tag}.json").read_text()) for step in plan.steps}
     assert all(r["dry_run"] and r["status"] == "complete" for r in records.values())
     assert records["env"]["budget_s"] == 60 and records["tests-cuda"]["budget_s"] == 150  # their caps
-    assert records["tests-cuda"]["tests"]["runs"][0]["marker"] == "cuda and not inductor"
+    assert records["tests-cuda"]["tests"]["runs"][0]["marker"] == "(cuda or bf16) and not inductor"
     assert records["kernels-s1"]["budget_s"] < 300 - 60  # what the estimates of the steps before leave
     recap = stdout[stdout.index("== gpu_suite plan first (dry run): 3 steps") :]
     assert len(recap) < 12000 and stdout.rstrip().splitlines()[-1].startswith("files under ")

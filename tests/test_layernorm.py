@@ -548,27 +548,31 @@ def test_error_cpu_without_interpreter(monkeypatch):
         add_layer_norm(**_good("cpu"))
 
 
-# ----------------------------------------------------------------------------- compiled only
+# ----------------------------------------------------------------------------- the model's widths
+
+BOTH, COMPILED = pytest.mark.bf16, pytest.mark.cuda  # bf16: in the interpreter too (bf16 emulated)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize(
     "shape,dtypes",
     [
-        pytest.param((4, 3136, 64), (BF16, BF16, BF16, None), id="C64-bf16"),
-        pytest.param((4, 784, 128), (FP16, FP16, FP16, None), id="C128-fp16"),
-        pytest.param((4, 196, 256), (FP32, BF16, FP32, BF16), id="C256-autocast-bf16"),
-        pytest.param((4, 49, 512), (BF16, BF16, FP32, None), id="C512-bf16-params32"),
-        pytest.param((4, 49, 1024), (FP32, FP32, FP32, None), id="C1024-fp32"),
-        pytest.param((4, 49, 1000), (BF16, None, BF16, None), id="C1000-bf16-no-branch"),
-        pytest.param((8, 4096), (BF16, BF16, BF16, None), id="C4096-bf16"),
+        pytest.param((4, 3136, 64), (BF16, BF16, BF16, None), id="C64-bf16", marks=BOTH),
+        pytest.param((4, 784, 128), (FP16, FP16, FP16, None), id="C128-fp16", marks=COMPILED),
+        pytest.param((4, 196, 256), (FP32, BF16, FP32, BF16), id="C256-autocast-bf16", marks=BOTH),
+        pytest.param((4, 49, 512), (BF16, BF16, FP32, None), id="C512-bf16-params32", marks=BOTH),
+        pytest.param((4, 49, 1024), (FP32, FP32, FP32, None), id="C1024-fp32", marks=COMPILED),
+        pytest.param((4, 49, 1000), (BF16, None, BF16, None), id="C1000-bf16-no-branch", marks=BOTH),
+        pytest.param((8, 4096), (BF16, BF16, BF16, None), id="C4096-bf16", marks=BOTH),
     ],
 )
-def test_parity_compiled(shape, dtypes, device):
-    """Compiled kernels at the model's widths, bf16 included (the interpreter gets bf16 wrong)."""
+def test_parity_model_widths(shape, dtypes, device):
+    """At the model's widths: bf16 in the interpreter too (bf16 emulated), fp16 and fp32 compiled."""
     _check_parity(shape, dtypes, device, "channel-slice")
     if dtypes[1] is not None:  # with stochastic depth's factors
         _check_parity(shape, dtypes, device, "channel-slice", scale=True)
+
+
+# ----------------------------------------------------------------------------- compiled only
 
 
 @pytest.mark.cuda

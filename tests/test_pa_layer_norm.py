@@ -179,7 +179,6 @@ def test_errors(change, error, match, device):
         pixel_attention_layer_norm(**args)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize(
     "shape",
     [
@@ -190,7 +189,15 @@ def test_errors(change, error, match, device):
         pytest.param((2, 1024, 5, 5), id="C1024-5x5"),
     ],
 )
-@pytest.mark.parametrize("dtype,out_dtype", [(BF16, None), (BF16, FP32), (FP16, None), (FP32, None)])
-def test_parity_compiled(shape, dtype, out_dtype, device):
-    """Compiled kernels at the model's widths, bf16 included (the interpreter gets bf16 wrong)."""
+@pytest.mark.parametrize(
+    "dtype,out_dtype",
+    [
+        pytest.param(BF16, None, id="bf16", marks=pytest.mark.bf16),
+        pytest.param(BF16, FP32, id="bf16-out32", marks=pytest.mark.bf16),
+        pytest.param(FP16, None, id="fp16", marks=pytest.mark.cuda),
+        pytest.param(FP32, None, id="fp32", marks=pytest.mark.cuda),
+    ],
+)
+def test_parity_model_widths(shape, dtype, out_dtype, device):
+    """At the model's widths: bf16 in the interpreter too (bf16 emulated), fp16 and fp32 compiled."""
     _check(shape, dtype, device, out_dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, nan_buffers_for
+from helpers import assert_close, model_width_dtypes, nan_buffers_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -314,10 +314,9 @@ def test_error_cpu_without_interpreter(monkeypatch):
         upsample_add(**_good("cpu"))
 
 
-# ----------------------------------------------------------------------------- compiled only
+# ----------------------------------------------------------------------------- the model's widths
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize(
     "shape,sr",
     [
@@ -330,10 +329,13 @@ def test_error_cpu_without_interpreter(monkeypatch):
         pytest.param((2, 5, 5, 5, 5, 1024), 1, id="sr1-C1024-5x5"),
     ],
 )
-@pytest.mark.parametrize("dtype", [BF16, FP16, FP32], ids=["bf16", "fp16", "fp32"])
-def test_parity_compiled(shape, sr, dtype, device):
-    """Compiled kernels at the model's widths, bf16 included (the interpreter gets bf16 wrong)."""
+@pytest.mark.parametrize("dtype", model_width_dtypes(BF16, FP16, FP32))
+def test_parity_model_widths(shape, sr, dtype, device):
+    """At the model's widths: bf16 in the interpreter too (bf16 emulated), fp16 and fp32 compiled."""
     _check_parity(shape, sr, dtype, device, kv_view=True)
+
+
+# ----------------------------------------------------------------------------- compiled only
 
 
 @pytest.mark.cuda
