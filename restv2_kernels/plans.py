@@ -227,11 +227,16 @@ def recording() -> Iterator[list[Recorded]]:
 
 
 def launch(fn: Any, plan: Launch, *args: Any) -> None:
-    """``fn[plan.grid](*args, **plan.options)``: the one place a kernel of this package is launched."""
+    """``fn[plan.grid](*args, **plan.options)``: the one place a kernel of this package is launched.
+    In Triton's CPU interpreter, bf16 is made to compute on its values first (``interpreter_bf16``)."""
     seen = _recorder.get()
     if seen is not None:
         seen.append(Recorded(fn, plan, args))
         return
+    if type(fn).__name__ == "InterpretedFunction":  # TRITON_INTERPRET=1: CPU tensors
+        from . import interpreter_bf16
+
+        interpreter_bf16.prepare(args)
     fn[plan.grid](*args, **plan.options)
 
 

@@ -4,8 +4,9 @@
 test module imports the kernel files. With a GPU present the same tests run compiled. The
 interpreter runs without its per-call cost of device functions (``interpreter_patch.py``: the
 same results, tested bit for bit), and computes bf16 on the values, rounding as a GPU does
-(``interpreter_bf16.py``, tested against torch's bf16 bit for bit): the ``bf16`` tests run there,
-and are skipped only where that patch does not fit the installed Triton's interpreter. ``cuda``
+(``restv2_kernels.interpreter_bf16``, which every interpreted launch installs; tested against
+torch's bf16 bit for bit): the ``bf16`` tests run there, and are skipped only where that patch
+does not fit the installed Triton's interpreter. ``cuda``
 tests (compiled Triton: Inductor, CUDA graphs, TF32, int64 offsets) are skipped without CUDA.
 
 fp32 means IEEE fp32 in every test: on a GPU, cuDNN runs fp32 convolutions in TF32 by default
@@ -20,15 +21,16 @@ start with that message instead of failing every kernel test inside Triton.
 
 import os
 
-import interpreter_bf16
 import interpreter_patch
 import pytest
 import torch
 
+from restv2_kernels import interpreter_bf16
+
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     interpreter_patch.install()  # the same results, a fifth less of the suite's CPU time
-    interpreter_bf16.install()  # bf16 computed on the values, as a GPU does, not on raw bits
+    interpreter_bf16.install()  # as every interpreted launch would: bf16 on the values, not the bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the workers share the cores, a share each
@@ -71,7 +73,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton)")
     no_bf16 = pytest.mark.skip(
-        reason="bf16 in the interpreter needs interpreter_bf16.py, which this Triton does not take"
+        reason="bf16 in the interpreter needs restv2_kernels.interpreter_bf16, which this Triton does not take"
     )
     for item in items:
         if "cuda" in item.keywords:

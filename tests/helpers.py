@@ -38,9 +38,9 @@ ATOL = {
 
 def model_width_dtypes(*dtypes: torch.dtype) -> list:
     """The dtype cases of a parity test at the model's widths. bf16 runs everywhere (the
-    ``bf16`` marker: in Triton's interpreter with ``interpreter_bf16.py`` where CUDA is absent,
-    compiled on a GPU); fp16 and fp32 run compiled only (``cuda``): the interpreter runs them at
-    the smaller shapes of the op's other tests."""
+    ``bf16`` marker: in Triton's interpreter, ``restv2_kernels.interpreter_bf16``, where CUDA
+    is absent; compiled on a GPU); fp16 and fp32 run compiled only (``cuda``): the interpreter
+    runs them at the smaller shapes of the op's other tests."""
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     return [
         pytest.param(dt, id=names[dt], marks=pytest.mark.bf16 if dt == torch.bfloat16 else pytest.mark.cuda)

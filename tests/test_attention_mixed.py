@@ -388,7 +388,7 @@ def test_compile_traces_fullgraph(device):
         assert torch.equal(a, b)
 
 
-# --- bf16: in the interpreter (tests/interpreter_bf16.py) and compiled on a GPU -----------
+# --- bf16: in the interpreter (restv2_kernels/interpreter_bf16.py) and compiled on a GPU ---
 
 
 @pytest.mark.bf16

@@ -1,15 +1,19 @@
-"""tests/interpreter_bf16.py, which conftest.py installs where the kernels run in Triton's
-interpreter: bf16 casts and ops compute what torch's bf16 computes (torch rounds each op's fp32
-result to nearest even, as a GPU does), bit for bit, and without it they do not."""
+"""restv2_kernels.interpreter_bf16, which every launch in Triton's interpreter installs (and
+conftest.py at the start): bf16 casts and ops compute what torch's bf16 computes (torch rounds
+each op's fp32 result to nearest even, as a GPU does), bit for bit, and without it they do not;
+where it cannot be installed, a bf16 launch is refused."""
 
 from __future__ import annotations
 
-import interpreter_bf16
 import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import assert_close
+
+import restv2_kernels
+from restv2_kernels import interpreter_bf16, reference
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels run compiled where CUDA is present")
 
@@ -241,3 +245,38 @@ def test_without_it_the_interpreter_computes_on_bits():
         assert interpreter_bf16.install()
     assert not torch.allclose(out.float(), (a + b).float(), rtol=0.1, atol=0.1)
     assert not torch.equal(_bits(cast), _bits(x.to(BF16)))
+
+
+def _attention_bf16() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The package's attention in bf16 on CPU tensors, its float64 reference and eager's bf16."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, L, 2, 64, generator=g, dtype=torch.float64) for L in (97, 13, 13))
+    out = restv2_kernels.emsa_attention(*(t.to(BF16) for t in (q, k, v)))
+    return out, reference.emsa_attention(q, k, v), reference.emsa_attention(*(t.to(BF16) for t in (q, k, v)))
+
+
+def test_a_launch_in_the_interpreter_installs_it():
+    """A user's bf16 CPU tensors under TRITON_INTERPRET=1 (backend="triton"): the first launch
+    patches the interpreter, so the kernels give the reference's numbers, not the bits'."""
+    interpreter_bf16.uninstall()
+    try:
+        out, ref, eager = _attention_bf16()
+        assert interpreter_bf16.installed()
+    finally:
+        interpreter_bf16.install()
+    assert_close("attention bf16", out, ref, eager)
+
+
+def test_a_bf16_launch_is_refused_where_it_does_not_fit(monkeypatch):
+    """Where the patch does not fit the installed Triton's interpreter, a bf16 launch raises
+    instead of computing on the bits; fp32 still runs."""
+    interpreter_bf16.uninstall()
+    monkeypatch.setattr(interpreter_bf16, "install", lambda: False)
+    try:
+        with pytest.raises(RuntimeError, match="computes bf16 on raw 16-bit integers"):
+            _attention_bf16()
+        q = torch.randn(1, 5, 1, 16)
+        torch.testing.assert_close(restv2_kernels.emsa_attention(q, q, q), reference.emsa_attention(q, q, q))
+    finally:
+        monkeypatch.undo()
+        interpreter_bf16.install()

@@ -313,7 +313,7 @@ def test_bf16_minis_kernels_match_reference(cls, extra, mode, training, device):
     """A forward + backward in bf16, the model cast to bf16 or fp32 under autocast (as training
     runs it): logits and every parameter gradient through the kernels against float64, judged
     by the eager reference in the same mode. Every kernel the model launches runs in bf16,
-    forward and backward (in the interpreter: tests/interpreter_bf16.py)."""
+    forward and backward (in the interpreter: restv2_kernels/interpreter_bf16.py)."""
     model64, model32, x = _perturbed_models(
         lambda backend: cls(**MINI_V2, **extra, backend=backend), (61, 75), device, 2
     )

@@ -3,10 +3,14 @@
 NumPy has no bfloat16, so the interpreter keeps a bf16 value as its raw 16 bits and hands
 those to NumPy: ``a * b + a`` on two bf16 blocks multiplies and adds integers, ``tl.dot``,
 ``tl.sum`` and ``tl.maximum`` work on bit patterns, and its fp32 -> bf16 cast truncates where
-a GPU rounds to nearest even. Only the cast from bf16 to fp32 is right. So a bf16 kernel
-could be checked by compiling it, and its numbers only on a GPU.
+a GPU rounds to nearest even. Only the cast from bf16 to fp32 is right: this package's kernels
+gave wrong numbers in bf16 on CPU tensors (``backend="triton"`` under ``TRITON_INTERPRET=1``),
+without an error, and bf16 could be checked only by compiling, its numbers only on a GPU.
 
-``install()`` makes the interpreter's builder compute on the values the bits stand for:
+``plans.launch`` calls ``prepare()`` before every launch in the interpreter: it installs the
+patch once, or, where it does not fit the installed Triton's interpreter, refuses a launch with
+a bf16 tensor (a RuntimeError saying so) instead of computing on the bits. ``install()`` makes
+the interpreter's builder compute on the values the bits stand for:
 
 - a cast to bf16 rounds to nearest even (``cvt.rn.bf16.f32``; NaN stays NaN, an explicit
   ``rtz`` truncates); from bf16 it is exact (to an integer: towards zero, ``cvt.rzi``);
@@ -23,17 +27,19 @@ Bit operations (``&``, ``|``, ``^``, shifts, bitcasts, ``tl.where``, loads and s
 the bits, as on a GPU. fp16 and fp32 are untouched (NumPy has them), but for NumPy's warnings
 of what IEEE arithmetic does (overflow, 0/0), which the patched ops silence: a GPU computes
 those silently. Triton 3.6's interpreter has no bf16 constants (``get_bf16``): they are added,
-rounded as the cast above. The kernels' bf16 tests
-(the ``bf16`` marker) run on this; where the interpreter is built otherwise (another Triton),
-``install()`` changes nothing and returns False, and conftest.py skips them.
-``tests/test_interpreter_bf16.py`` checks each op against torch's bf16, bit for bit.
+rounded as the cast above. The kernels' bf16 tests (the ``bf16`` marker) run on this; where
+the interpreter is built otherwise (another Triton), ``install()`` changes nothing and returns
+False, and tests/conftest.py skips them. ``tests/test_interpreter_bf16.py`` checks each op
+against torch's bf16, bit for bit. Nothing here runs on a GPU: compiled kernels never reach it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import numpy as np
+import torch
 
 _BITWISE = (np.bitwise_and, np.bitwise_or, np.bitwise_xor, np.left_shift, np.right_shift)
 _BUILDER = (
@@ -231,3 +237,18 @@ def installed() -> bool:
         return False
     builder = getattr(interpreter, "InterpreterBuilder", None)
     return getattr(getattr(builder, "binary_op", None), "restv2_bf16_original", None) is not None
+
+
+def prepare(args: Iterable) -> None:
+    """Before a launch in Triton's interpreter: ``install()``; where it does not fit this
+    Triton, a launch with a bf16 tensor among ``args`` raises instead of computing on the bits."""
+    if install():
+        return
+    if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+        import triton
+
+        raise RuntimeError(
+            "Triton's CPU interpreter computes bf16 on raw 16-bit integers (NumPy has no bfloat16), and "
+            f"restv2_kernels.interpreter_bf16 does not fit Triton {triton.__version__}'s interpreter to make it "
+            "compute on the values: run bf16 on a GPU, fp16 or fp32 on the CPU, or use backend='reference'"
+        )
