@@ -24,10 +24,10 @@ the interpreter's builder compute on the values the bits stand for:
   a kernel that sums bf16 blocks gets no slack here that a GPU would not need).
 
 Bit operations (``&``, ``|``, ``^``, shifts, bitcasts, ``tl.where``, loads and stores) stay on
-the bits, as on a GPU. fp16 and fp32 are untouched (NumPy has them), but for NumPy's warnings
-of what IEEE arithmetic does (overflow, 0/0), which the patched ops silence: a GPU computes
-those silently. Triton 3.6's interpreter has no bf16 constants (``get_bf16``): they are added,
-rounded as the cast above. The kernels' bf16 tests (the ``bf16`` marker) run on this; where
+the bits, as on a GPU. fp16, fp32 and integers go to the interpreter's own ops, untouched
+(NumPy has them); the bf16 ones leave NumPy's warnings of IEEE arithmetic (overflow, 0/0)
+unsaid, as a GPU computes them silently. Triton 3.6's interpreter has no bf16 constants
+(``get_bf16``): they are added, rounded as the cast above. The kernels' bf16 tests (the ``bf16`` marker) run on this; where
 the interpreter is built otherwise (another Triton), ``install()`` changes nothing and returns
 False, and tests/conftest.py skips them. ``tests/test_interpreter_bf16.py`` checks each op
 against torch's bf16, bit for bit. Nothing here runs on a GPU: compiled kernels never reach it.
@@ -42,18 +42,7 @@ import numpy as np
 import torch
 
 _BITWISE = (np.bitwise_and, np.bitwise_or, np.bitwise_xor, np.left_shift, np.right_shift)
-_BUILDER = (
-    "cast_impl",
-    "create_fp_to_fp",
-    "binary_op",
-    "ternary_op",
-    "unary_op",
-    "create_fma",
-    "create_dot",
-    "create_erf",
-    "create_rsqrt",
-)
-_REDUCE = ("sum", "min_max")
+_IEEE = dict(over="ignore", invalid="ignore", divide="ignore")  # overflow to inf, 0/0 to NaN: silent, as on a GPU
 
 
 def bf16_to_f32(bits) -> np.ndarray:
@@ -73,37 +62,32 @@ def f32_to_bf16(values, truncate: bool = False) -> np.ndarray:
     return np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x0040), rounded).astype(np.uint16)
 
 
-def _quiet(fn):
-    """NumPy warns of what IEEE arithmetic does (overflow to inf, 0/0 to NaN); a GPU does it silently."""
-
-    @functools.wraps(fn)
-    def quiet(*args, **kwargs):
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return fn(*args, **kwargs)
-
-    return quiet
-
-
-def install() -> bool:
-    """Patch the interpreter in this process; True where it was patched (or already was)."""
+def _interpreter():
+    """Triton's interpreter module and its language, or None where Triton is not installed."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
+        return None
+    return interpreter, tl
+
+
+def install() -> bool:
+    """Patch the interpreter in this process; True where it was patched (or already was)."""
+    if installed():
+        return True
+    found = _interpreter()
+    if found is None:
         return False
+    interpreter, tl = found
     builder = getattr(interpreter, "InterpreterBuilder", None)
     reduce_ops = getattr(interpreter, "ReduceOps", None)
     handle = getattr(interpreter, "TensorHandle", None)
-    helpers = ("_get_np_dtype", "np_erf_fp32", "_ir")
-    if builder is None or reduce_ops is None or handle is None or not all(hasattr(interpreter, h) for h in helpers):
+    if builder is None or reduce_ops is None or handle is None:
         return False
-    if not all(hasattr(builder, n) for n in _BUILDER) or not all(hasattr(reduce_ops, n) for n in _REDUCE):
+    if not all(hasattr(interpreter, h) for h in ("_get_np_dtype", "np_erf_fp32", "_ir")):
         return False
-    if installed():
-        return True
     bf16, rtz = tl.bfloat16, getattr(interpreter._ir.ROUNDING_MODE, "RTZ", None)
-    original = {n: getattr(builder, n) for n in _BUILDER}
-    original_reduce = {n: getattr(reduce_ops, n) for n in _REDUCE}
 
     def is_bf16(h) -> bool:
         return h is not None and h.dtype.scalar == bf16
@@ -116,63 +100,20 @@ def install() -> bool:
         return handle(f32_to_bf16(data, truncate), bf16)
 
     # casting ops (create_fp_trunc, create_fp_ext, create_si_to_fp ... call self.cast_impl)
-    def cast_impl(self, src, dst_type):
+    def cast(self, src, dst_type, rounding_mode=None):
         dst = dst_type.scalar
-        if not (is_bf16(src) or dst == bf16):
-            return original["cast_impl"](self, src, dst_type)
         if dst == bf16:
-            return rounded(values(src))
-        data = values(src)
+            return rounded(values(src), truncate=rtz is not None and rounding_mode == rtz)
         np_dtype = interpreter._get_np_dtype(dst)
+        data = values(src)
         if np.issubdtype(np_dtype, np.integer) or np_dtype == np.bool_:
             data = np.trunc(data)
         return handle(data.astype(np_dtype), dst)
 
-    def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if dst_type.scalar == bf16 and not is_bf16(src):
-            return rounded(values(src), truncate=rtz is not None and rounding_mode == rtz)
-        if is_bf16(src):
-            return cast_impl(self, src, dst_type)
-        return original["create_fp_to_fp"](self, src, dst_type, rounding_mode)
-
-    # arithmetic (create_fadd, create_fmul, create_fcmpOLT, create_maximumf ... call self.binary_op)
-    def binary_op(self, lhs, rhs, op):
-        if not (is_bf16(lhs) or is_bf16(rhs)) or op in _BITWISE:
-            return original["binary_op"](self, lhs, rhs, op)
-        out = op(values(lhs), values(rhs))
-        return handle(out, lhs.dtype.scalar) if out.dtype == np.bool_ else rounded(out)
-
-    def ternary_op(self, lhs, rhs, other, op):
-        if op is np.where or not is_bf16(other):  # a select moves bits
-            return original["ternary_op"](self, lhs, rhs, other, op)
-        return rounded(op(values(lhs), values(rhs), values(other)))
-
-    def unary_op(self, arg, op):
-        if not is_bf16(arg):
-            return original["unary_op"](self, arg, op)
-        return rounded(op(values(arg)))
-
-    def create_fma(self, x, y, z):
-        if not (is_bf16(x) or is_bf16(y) or is_bf16(z)):
-            return original["create_fma"](self, x, y, z)
-        return rounded((np.multiply(values(x), values(y), dtype=np.float64) + values(z)).astype(np.float32))
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if not (is_bf16(a) or is_bf16(b) or is_bf16(d)):
-            return original["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         product = np.matmul(values(a).astype(np.float32), values(b).astype(np.float32), dtype=np.float32)
         out = product + values(d)
         return rounded(out) if is_bf16(d) else handle(out.astype(d.data.dtype), d.dtype.scalar)
-
-    def create_erf(self, arg):
-        if not is_bf16(arg):
-            return original["create_erf"](self, arg)
-        return rounded(interpreter.np_erf_fp32(values(arg)))
-
-    def create_rsqrt(self, arg):
-        if not is_bf16(arg):
-            return original["create_rsqrt"](self, arg)
-        return rounded(1 / np.sqrt(values(arg)))
 
     # reductions: tl.sum, tl.max and tl.min take these fast paths; a custom combine_fn already
     # goes through the ops above
@@ -183,34 +124,78 @@ def install() -> bool:
         return tl.core.tensor(rounded(t.handle.data), t.type.with_element_ty(bf16))
 
     def reduce_sum(self, input):
-        if input.dtype.scalar != bf16:
-            return original_reduce["sum"](self, input)
-        return back_to_bf16(original_reduce["sum"](self, as_fp32(input)))
+        return back_to_bf16(original_sum(self, as_fp32(input)))
 
     def min_max(self, input, val_reduce_op, idx_reduce_op=None):
         value = input[0] if isinstance(input, tuple) else input
-        if value.dtype.scalar != bf16:
-            return original_reduce["min_max"](self, input, val_reduce_op, idx_reduce_op)
-        result = original_reduce["min_max"](self, as_fp32(value), val_reduce_op, idx_reduce_op)
+        result = original_min_max(self, as_fp32(value), val_reduce_op, idx_reduce_op)
         if val_reduce_op is None:  # the index alone
             return result
         if idx_reduce_op is None:
             return back_to_bf16(result)
         return back_to_bf16(result[0]), result[1]
 
-    for cls, originals, patches in (
-        (builder, original, dict(zip(_BUILDER, (cast_impl, create_fp_to_fp, binary_op, ternary_op, unary_op)))),
-        (builder, original, dict(create_fma=create_fma, create_dot=create_dot)),
-        (builder, original, dict(create_erf=create_erf, create_rsqrt=create_rsqrt)),
-        (reduce_ops, original_reduce, dict(sum=reduce_sum, min_max=min_max)),
-    ):
-        for name, fn in patches.items():
-            patched = functools.wraps(originals[name])(_quiet(fn))
-            patched.restv2_bf16_original = originals[name]
-            setattr(cls, name, patched)
+    def reduced(input, *_, **__) -> bool:
+        return (input[0] if isinstance(input, tuple) else input).dtype.scalar == bf16
+
+    # (class, method, where the bf16 version applies, the bf16 version); elsewhere the original
+    # runs untouched (arithmetic: create_fadd, create_fcmpOLT, create_maximumf ... call
+    # self.binary_op; create_fneg, create_exp ... self.unary_op; a select is a ternary np.where)
+    patches = [
+        (builder, "cast_impl", lambda src, dst_type: is_bf16(src) or dst_type.scalar == bf16, cast),
+        (builder, "create_fp_to_fp", lambda src, dst_type, *_: is_bf16(src) or dst_type.scalar == bf16, cast),
+        (
+            builder,
+            "binary_op",
+            lambda lhs, rhs, op: (is_bf16(lhs) or is_bf16(rhs)) and op not in _BITWISE,
+            lambda self, lhs, rhs, op: (
+                handle(out, lhs.dtype.scalar)
+                if (out := op(values(lhs), values(rhs))).dtype == np.bool_
+                else rounded(out)
+            ),
+        ),
+        (
+            builder,
+            "ternary_op",
+            lambda lhs, rhs, other, op: op is not np.where and is_bf16(other),
+            lambda self, lhs, rhs, other, op: rounded(op(values(lhs), values(rhs), values(other))),
+        ),
+        (builder, "unary_op", lambda arg, op: is_bf16(arg), lambda self, arg, op: rounded(op(values(arg)))),
+        (
+            builder,
+            "create_fma",
+            lambda x, y, z: is_bf16(x) or is_bf16(y) or is_bf16(z),
+            lambda self, x, y, z: rounded(np.multiply(values(x), values(y), dtype=np.float64) + values(z)),
+        ),
+        (builder, "create_dot", lambda a, b, d, *_: is_bf16(a) or is_bf16(b) or is_bf16(d), dot),
+        (builder, "create_erf", is_bf16, lambda self, arg: rounded(interpreter.np_erf_fp32(values(arg)))),
+        (builder, "create_rsqrt", is_bf16, lambda self, arg: rounded(1 / np.sqrt(values(arg)))),
+        (reduce_ops, "sum", reduced, reduce_sum),
+        (reduce_ops, "min_max", reduced, min_max),
+    ]
+    if not all(hasattr(cls, name) for cls, name, _, _ in patches):
+        return False
+    original_sum, original_min_max = reduce_ops.sum, reduce_ops.min_max
+    for cls, name, applies, bf16_version in patches:
+        setattr(cls, name, _patched(getattr(cls, name), applies, bf16_version))
     if not hasattr(builder, "get_bf16"):  # Triton 3.6's has none: a bf16 constant (x * 2.0) failed
         builder.get_bf16 = _added_get_bf16
     return True
+
+
+def _patched(original, applies, bf16_version):
+    """``original`` where ``applies`` is false (untouched: fp16, fp32, integers, bit operations),
+    else ``bf16_version``, with NumPy's IEEE warnings silenced as a GPU computes silently."""
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        if not applies(*args, **kwargs):
+            return original(self, *args, **kwargs)
+        with np.errstate(**_IEEE):
+            return bf16_version(self, *args, **kwargs)
+
+    patched.restv2_bf16_original = original
+    return patched
 
 
 def _added_get_bf16(self, value):
@@ -219,23 +204,21 @@ def _added_get_bf16(self, value):
 
 def uninstall() -> None:
     """Undo ``install()`` (the tests show what the interpreter computes without it)."""
-    from triton.runtime import interpreter
-
-    if not installed():
+    found = _interpreter()
+    if found is None:
         return
-    for cls, names in ((interpreter.InterpreterBuilder, _BUILDER), (interpreter.ReduceOps, _REDUCE)):
-        for name in names:
-            setattr(cls, name, getattr(cls, name).restv2_bf16_original)
-    if interpreter.InterpreterBuilder.__dict__.get("get_bf16") is _added_get_bf16:
+    interpreter = found[0]
+    for cls in (interpreter.InterpreterBuilder, interpreter.ReduceOps):
+        for name, attr in list(vars(cls).items()):
+            if hasattr(attr, "restv2_bf16_original"):
+                setattr(cls, name, attr.restv2_bf16_original)
+    if vars(interpreter.InterpreterBuilder).get("get_bf16") is _added_get_bf16:
         del interpreter.InterpreterBuilder.get_bf16
 
 
 def installed() -> bool:
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
-    builder = getattr(interpreter, "InterpreterBuilder", None)
+    found = _interpreter()
+    builder = getattr(found[0], "InterpreterBuilder", None) if found else None
     return getattr(getattr(builder, "binary_op", None), "restv2_bf16_original", None) is not None
 
 

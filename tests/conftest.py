@@ -6,8 +6,8 @@ interpreter runs without its per-call cost of device functions (``interpreter_pa
 same results, tested bit for bit), and computes bf16 on the values, rounding as a GPU does
 (``restv2_kernels.interpreter_bf16``, which every interpreted launch installs; tested against
 torch's bf16 bit for bit): the ``bf16`` tests run there, and are skipped only where that patch
-does not fit the installed Triton's interpreter. ``cuda``
-tests (compiled Triton: Inductor, CUDA graphs, TF32, int64 offsets) are skipped without CUDA.
+does not fit the installed Triton's interpreter. ``cuda`` tests (compiled Triton: Inductor,
+CUDA graphs, TF32, int64 offsets) are skipped without CUDA.
 
 fp32 means IEEE fp32 in every test: on a GPU, cuDNN runs fp32 convolutions in TF32 by default
 (cuBLAS matmuls already default to IEEE), which would make the eager fp32 run that the parity
@@ -21,7 +21,6 @@ start with that message instead of failing every kernel test inside Triton.
 
 import os
 
-import interpreter_patch
 import pytest
 import torch
 
@@ -29,6 +28,8 @@ from restv2_kernels import interpreter_bf16
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    import interpreter_patch
+
     interpreter_patch.install()  # the same results, a fifth less of the suite's CPU time
     interpreter_bf16.install()  # as every interpreted launch would: bf16 on the values, not the bits
 
