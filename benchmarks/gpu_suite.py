@@ -26,7 +26,8 @@ and, where a chart helps (kernels, e2e), ``<phase>.png`` (profile: ``<phase>.zip
            ``-m "cuda and inductor"`` (torch.compile's Inductor: minutes), then ``-m "not cuda and not bf16"``
            (on a GPU conftest sets no TRITON_INTERPRET, so every kernel runs compiled), ``--runs``
            choosing; the target check (tests/test_targets.py, no GPU needed) is left to CI; counts per
-           run and each failure's node id and message, from the JUnit XML.
+           run and each failure's node id and message, from the JUnit XML; what each run compiled
+           into Triton's cache (part of its wall time).
   kernels  ``bench_attention.py``, ``bench_upsample.py`` (restv2_tiny) and ``bench_attention_mixed.py``
            (rest_small, rest_large) for bf16, fp16, fp32 (in that order), the 224 px stage shapes
            at batch 128 and the 800x1333 stages at batch 2 (``--groups``; ``s1``: the targets' stage-1
@@ -806,7 +807,10 @@ def _env_summary(rec: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 TEST_RUNS = (  # name, marker expression, estimate s, least budget left to start; the default order
-    # compiled Triton parity, bf16 (the interpreter's run emulates it), CUDA graphs: Triton compiles
+    # compiled Triton parity, bf16 (the interpreter's run emulates it), CUDA graphs: Triton compiles.
+    # A CPU rehearsal (the run's tests in the interpreter on sm_90's plans, each launch specialised as
+    # the JIT does) counted 276 distinct compiles, 263 s on 2 CPU cores: ~35 s over 8 workers, plus the
+    # launches only a GPU runs (CUDA graphs, int64 offsets). The summary says what a run compiled.
     ("cuda", "(cuda or bf16) and not inductor", 90.0, 30.0),
     ("inductor", "cuda and inductor", 150.0, 45.0),  # torch.compile's Inductor: the ops, whole models, reduce-overhead
     ("not-cuda", "not cuda and not bf16", 300.0, 45.0),  # the rest of the CPU suite, compiled: odd shapes and sizes
@@ -920,8 +924,11 @@ def phase_tests(run: Run) -> list[str]:
             continue
         item["status"] = "running"
         run.save()
+        before = cache_entries()
         result = run_command(cmd, run.left())
         entry.update({k: result[k] for k in ("returncode", "timed_out", "wall_s", "tail")})
+        ours, other = compiled_since(before)  # how much of wall_s went to compiling (the workers share the cache)
+        entry["compiled"] = {"ours": sum(ours.values()), "by_kernel": ours, "other": other}
         reason = None
         try:
             entry.update(parse_junit(junit))
@@ -956,6 +963,9 @@ def _tests_summary(rec: dict) -> list[str]:
             else "no counts"
         )
         extra = " TIMED OUT" if entry.get("timed_out") else ""
+        made = entry.get("compiled")
+        if made:
+            extra += f"; compiled {made['ours']} plans of this package's kernels, {made['other']} other kernels"
         lines.append(f"pytest -m {entry['marker']!r}: {counts} (rc {entry['returncode']}, {entry['wall_s']} s){extra}")
     failures = [f for entry in rec["runs"] for f in entry.get("failures", [])]
     for f in failures[:40]:
@@ -1328,12 +1338,12 @@ def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
         entry.update(status="skipped", reason=f"budget: {run.left():.0f} s left, the rows go first")
         return None
     cache = targets.triton_cache_dir()
-    before = set(os.listdir(cache)) if cache.is_dir() else set()
+    before = cache_entries()
     with tempfile.TemporaryDirectory(prefix="gpu_suite_precompile_") as tmp:
         out = pathlib.Path(tmp) / "targets.json"
         result = run_command([*cmd, "--json", str(out)], min(run.left() / 2, 4 * PRECOMPILE_ESTIMATE_S), run.log_only)
         written = json.loads(out.read_text()) if out.exists() else {}
-    after = set(os.listdir(cache)) if cache.is_dir() else set()
+    after = cache_entries()
     rows = written.get("rows", [])
     entry.update(
         status="timeout" if result["timed_out"] else "ok" if rows else "error",
@@ -1355,6 +1365,20 @@ def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
     return after
 
 
+def cache_entries() -> set[str]:
+    """The entries (folders) of Triton's on-disk cache now."""
+    cache = targets.triton_cache_dir()
+    return set(os.listdir(cache)) if cache.is_dir() else set()
+
+
+def compiled_since(before: set[str]) -> tuple[dict[str, int], int]:
+    """What was compiled into Triton's on-disk cache since ``before`` (``cache_entries()``): this
+    package's kernels (``_*_kernel``) by name, and how many others (Inductor's)."""
+    names = targets.cached_kernels(targets.triton_cache_dir(), cache_entries() - before)
+    ours = {name: n for name, n in names.items() if name.startswith("_") and name.endswith("_kernel")}
+    return ours, sum(names.values()) - sum(ours.values())
+
+
 def precompile_followup(rec: dict, after: set[str] | None) -> None:
     """After the rows: the kernels of this package (``_*_kernel``) that the rows' JIT still compiled
     (Triton cache entries made since the precompile), by name: 0 when the precompile covered every
@@ -1362,11 +1386,8 @@ def precompile_followup(rec: dict, after: set[str] | None) -> None:
     ``tests/test_targets.py``; on a GPU the real allocations' alignment could still differ)."""
     if after is None:
         return
-    cache = targets.triton_cache_dir()
-    new = (set(os.listdir(cache)) if cache.is_dir() else set()) - after
-    names = targets.cached_kernels(cache, new)
-    ours = {name: n for name, n in names.items() if name.startswith("_") and name.endswith("_kernel")}
-    rec["precompile"].update(jit_compiled_after=ours, other_compiled_after=sum(names.values()) - sum(ours.values()))
+    ours, other = compiled_since(after)
+    rec["precompile"].update(jit_compiled_after=ours, other_compiled_after=other)
 
 
 def precompile_lines(rec: dict) -> list[str]:

@@ -462,6 +462,42 @@ def test_parse_junit(suite, tmp_path):
     assert err["nodeid"] == "tests/test_upsample.py::test_err" and err["kind"] == "error"
 
 
+def test_tests_phase_counts_what_each_run_compiled(suite, monkeypatch, tmp_path):
+    """Each pytest run of the tests phase (a stand-in here) records what it compiled into Triton's
+    on-disk cache, which its workers share: this package's kernels by name, and the rest (Inductor's)
+    as a count; the summary says it beside the wall time, which those compiles are part of."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+
+    def entry(key: str, name: str) -> None:
+        (cache / key).mkdir(parents=True)
+        (cache / key / f"__grp__{name}.json").write_text("{}")
+
+    entry("k0", "_attn_fwd_kernel")  # in the cache before the run: not the run's
+    compiles = iter([[("k1", "_attn_fwd_kernel"), ("k2", "_attn_fwd_kernel"), ("k3", "triton_poi_fused_0")], []])
+
+    def fake_run_command(cmd, timeout_s, echo=print):
+        for key, name in next(compiles):
+            entry(key, name)
+        junit = next(a.split("=", 1)[1] for a in cmd if a.startswith("--junitxml="))
+        pathlib.Path(junit).write_text(
+            '<testsuites><testsuite><testcase classname="tests.test_a" name="t"/></testsuite></testsuites>'
+        )
+        return {"returncode": 0, "timed_out": False, "wall_s": 40.0, "tail": []}
+
+    monkeypatch.setattr(suite, "run_command", fake_run_command)
+    args = suite.build_parser().parse_args(
+        ["--phase", "tests", "--out", str(tmp_path), "--budget-s", "600", "--runs", "cuda", "inductor"]
+    )
+    run = suite.Run("tests", tmp_path, args, [], record={"tests": {}})
+    lines = suite.phase_tests(run)
+    first, second = run.record["tests"]["runs"]
+    assert first["compiled"] == {"ours": 2, "by_kernel": {"_attn_fwd_kernel": 2}, "other": 1}
+    assert second["compiled"] == {"ours": 0, "by_kernel": {}, "other": 0}
+    assert lines[0].endswith("(rc 0, 40.0 s); compiled 2 plans of this package's kernels, 1 other kernels")
+    assert lines[1].endswith("; compiled 0 plans of this package's kernels, 0 other kernels")
+
+
 def test_plan_budget(suite):
     items = [suite.work_item(name, est) for name, est in (("a", 100), ("b", 300), ("c", 200), ("d", 50))]
     assert suite.plan_budget(items, 480) == 450
