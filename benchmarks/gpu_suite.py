@@ -924,11 +924,11 @@ def phase_tests(run: Run) -> list[str]:
             continue
         item["status"] = "running"
         run.save()
-        before = cache_entries()
+        before = targets.cache_entries()
         result = run_command(cmd, run.left())
         entry.update({k: result[k] for k in ("returncode", "timed_out", "wall_s", "tail")})
         ours, other = compiled_since(before)  # how much of wall_s went to compiling (the workers share the cache)
-        entry["compiled"] = {"ours": sum(ours.values()), "by_kernel": ours, "other": other}
+        entry["compiled"] = {"by_kernel": ours, "other": other}
         reason = None
         try:
             entry.update(parse_junit(junit))
@@ -965,7 +965,8 @@ def _tests_summary(rec: dict) -> list[str]:
         extra = " TIMED OUT" if entry.get("timed_out") else ""
         made = entry.get("compiled")
         if made:
-            extra += f"; compiled {made['ours']} plans of this package's kernels, {made['other']} other kernels"
+            ours = sum(made["by_kernel"].values())
+            extra += f"; compiled {ours} plans of this package's kernels, {made['other']} other kernels"
         lines.append(f"pytest -m {entry['marker']!r}: {counts} (rc {entry['returncode']}, {entry['wall_s']} s){extra}")
     failures = [f for entry in rec["runs"] for f in entry.get("failures", [])]
     for f in failures[:40]:
@@ -1338,12 +1339,12 @@ def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
         entry.update(status="skipped", reason=f"budget: {run.left():.0f} s left, the rows go first")
         return None
     cache = targets.triton_cache_dir()
-    before = cache_entries()
+    before = targets.cache_entries()
     with tempfile.TemporaryDirectory(prefix="gpu_suite_precompile_") as tmp:
         out = pathlib.Path(tmp) / "targets.json"
         result = run_command([*cmd, "--json", str(out)], min(run.left() / 2, 4 * PRECOMPILE_ESTIMATE_S), run.log_only)
         written = json.loads(out.read_text()) if out.exists() else {}
-    after = cache_entries()
+    after = targets.cache_entries()
     rows = written.get("rows", [])
     entry.update(
         status="timeout" if result["timed_out"] else "ok" if rows else "error",
@@ -1365,16 +1366,10 @@ def precompile(run: Run, items: list[dict], rec: dict) -> set[str] | None:
     return after
 
 
-def cache_entries() -> set[str]:
-    """The entries (folders) of Triton's on-disk cache now."""
-    cache = targets.triton_cache_dir()
-    return set(os.listdir(cache)) if cache.is_dir() else set()
-
-
 def compiled_since(before: set[str]) -> tuple[dict[str, int], int]:
-    """What was compiled into Triton's on-disk cache since ``before`` (``cache_entries()``): this
-    package's kernels (``_*_kernel``) by name, and how many others (Inductor's)."""
-    names = targets.cached_kernels(targets.triton_cache_dir(), cache_entries() - before)
+    """What was compiled into Triton's on-disk cache since ``before`` (``targets.cache_entries()``):
+    this package's kernels (``_*_kernel``) by name, and how many others (Inductor's)."""
+    names = targets.cached_kernels(targets.triton_cache_dir(), targets.cache_entries() - before)
     ours = {name: n for name, n in names.items() if name.startswith("_") and name.endswith("_kernel")}
     return ours, sum(names.values()) - sum(ours.values())
 

@@ -328,6 +328,13 @@ def triton_cache_dir() -> pathlib.Path:
         return pathlib.Path(os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache"))
 
 
+def cache_entries() -> set[str]:
+    """The entries (folders) of Triton's on-disk cache now: what was compiled between two calls
+    is the difference (``cached_kernels`` names it)."""
+    cache = triton_cache_dir()
+    return set(os.listdir(cache)) if cache.is_dir() else set()
+
+
 def cached_kernels(cache: pathlib.Path, entries: Iterable[str] | None = None) -> dict[str, int]:
     """Compiled kernels in Triton's on-disk cache ``cache`` by name (one ``__grp__<name>.json``
     an entry), counted over ``entries`` (folder names; None: all)."""
@@ -347,8 +354,7 @@ def jit_compiles(recorded: Iterable[Recorded], target: Target) -> dict[str, int]
     the JIT's in-memory kernels are set aside, so that the disk decides). Empty where ``check``
     compiled the same launches: its cache keys are the JIT's, and a GPU's first launches find its
     compiles there (what ``benchmarks/gpu_suite.py``'s precompile relies on)."""
-    cache = triton_cache_dir()
-    before = set(os.listdir(cache)) if cache.is_dir() else set()
+    before = cache_entries()
     with _stand_in_driver(target) as stand_in:
         device = stand_in.get_current_device()  # keys the JIT's in-memory kernels
         for rec in recorded:
@@ -359,8 +365,7 @@ def jit_compiles(recorded: Iterable[Recorded], target: Target) -> dict[str, int]
                 fn.run(*jit_arguments(rec.args), grid=rec.plan.grid, warmup=True, **rec.plan.options)
             finally:
                 fn.device_caches.pop(device, None)
-    after = set(os.listdir(cache)) if cache.is_dir() else set()
-    return cached_kernels(cache, after - before)
+    return cached_kernels(triton_cache_dir(), cache_entries() - before)
 
 
 def _facts_dir() -> pathlib.Path:

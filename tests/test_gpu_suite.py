@@ -492,8 +492,8 @@ def test_tests_phase_counts_what_each_run_compiled(suite, monkeypatch, tmp_path)
     run = suite.Run("tests", tmp_path, args, [], record={"tests": {}})
     lines = suite.phase_tests(run)
     first, second = run.record["tests"]["runs"]
-    assert first["compiled"] == {"ours": 2, "by_kernel": {"_attn_fwd_kernel": 2}, "other": 1}
-    assert second["compiled"] == {"ours": 0, "by_kernel": {}, "other": 0}
+    assert first["compiled"] == {"by_kernel": {"_attn_fwd_kernel": 2}, "other": 1}
+    assert second["compiled"] == {"by_kernel": {}, "other": 0}
     assert lines[0].endswith("(rc 0, 40.0 s); compiled 2 plans of this package's kernels, 1 other kernels")
     assert lines[1].endswith("; compiled 0 plans of this package's kernels, 0 other kernels")
 
