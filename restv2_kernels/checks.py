@@ -3,6 +3,8 @@ the op and the argument; the op-specific shape checks stay beside each reference
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Collection, Sequence
 
 import torch
@@ -39,3 +41,34 @@ def check_non_negative(op: str, name: str, value: object) -> None:
 def check_eps(op: str, eps: object) -> None:
     """A LayerNorm's eps: a non-negative int or float (not a bool)."""
     check_non_negative(op, "eps", eps)
+
+
+def check_out_dtype(op: str, out_dtype: object) -> None:
+    """An output dtype argument: None (the op's default) or a floating dtype."""
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be a floating dtype or None, got {out_dtype!r}")
+
+
+def scale_value(op: str, scale: object, head_dim: int) -> float:
+    """An attention's score scale as a float: ``head_dim ** -0.5`` for None, else a finite real
+    number, or a one-element floating tensor that needs no gradient (the scale is a constant:
+    the kernels take it as a number, and neither op differentiates it)."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.dtype.is_floating_point:
+            raise TypeError(
+                f"{op}: scale must be a number or a one-element floating tensor, "
+                f"got a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            )
+        if scale.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: scale is a constant (no gradient flows to it); pass a number or a detached tensor")
+        if scale.is_meta:
+            raise ValueError(f"{op}: scale is a meta tensor, which holds no value; pass a number")
+        scale = scale.item()
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return scale

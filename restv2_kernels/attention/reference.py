@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import FLOAT_DTYPES
+from ..checks import FLOAT_DTYPES, scale_value
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str = "emsa_attention") -> None:
@@ -56,8 +56,7 @@ def emsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     published code does (scores scaled after the matmul, as there).
     """
     check_attention_inputs(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = scale_value("emsa_attention", scale, q.shape[-1])
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     attn = (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
@@ -75,5 +74,6 @@ def emsa_attention_kv(
     as the published code (``unbind``; its backward stacks dk and dv).
     """
     check_attention_kv_inputs(q, kv)
+    scale = scale_value("emsa_attention_kv", scale, q.shape[-1])
     k, v = kv.unbind(2)
     return emsa_attention(q, k, v, scale), v

@@ -62,7 +62,6 @@ implementations; the ``autograd.Function`` calls those ops.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
@@ -70,6 +69,7 @@ import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
+from ..checks import scale_value
 from .reference import check_attention_inputs, check_attention_kv_inputs
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) == exp2(x * log2(e))
@@ -643,7 +643,4 @@ def _kernel_scale(op: str, q: torch.Tensor, scale: float | None) -> float:
     """The scale the kernels use (default ``D ** -0.5``), after checking the dtype the kernels take."""
     if q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{op}: the Triton kernels take fp16/bf16/fp32 inputs, got {q.dtype}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    return scale
+    return scale_value(op, scale, q.shape[-1])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.reference import check_attention_inputs
-from ..checks import check_tensors
+from ..checks import check_tensors, scale_value
 
 
 def check_mixed_inputs(
@@ -68,7 +68,6 @@ def emsa_attention_mixed(
     [B, H, N, M] maps, as the published code does.
     """
     check_mixed_inputs(q, k, v, weight, bias, eps)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = scale_value("emsa_attention_mixed", scale, q.shape[-1])
     attn = mixed_scores(q, k, weight, bias, scale, eps)
     return (attn @ v.transpose(1, 2)).transpose(1, 2).contiguous()

@@ -77,8 +77,6 @@ For torch.compile the launchers are the custom ops ``restv2::emsa_attention_mixe
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -86,6 +84,7 @@ import triton.language as tl
 from .. import plans
 from ..attention.triton import _device_guard, _unit_last
 from ..backend import check_kernel_device
+from ..checks import scale_value
 from .reference import check_mixed_inputs
 
 _LOG2E = 1.4426950408889634
@@ -782,8 +781,6 @@ def emsa_attention_mixed(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"emsa_attention_mixed: the Triton kernels take a fp16/bf16/fp32 {name}, got {t.dtype}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"emsa_attention_mixed: scale must be finite, got {scale}")
+    scale = scale_value("emsa_attention_mixed", scale, q.shape[-1])
     check_kernel_device(q, k, v, weight)  # after every argument check: a bad argument is named on any device
     return _EmsaAttentionMixed.apply(q, k, v, weight, bias, scale, float(eps))

@@ -58,6 +58,8 @@ def check_batch_norm_relu_inputs(
         )
     check_non_negative(op, "momentum", momentum)
     check_non_negative(op, "eps", eps)
+    if training and not eps > 0:  # a channel of equal values has variance 0
+        raise ValueError(f"{op}: eps must be positive in training, got {eps!r}")
     if training and x.numel() and x.numel() // x.shape[1] == 1:
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 
@@ -76,4 +78,16 @@ def batch_norm_relu(
     in plain eager PyTorch (the arguments are F.batch_norm's; in training the running
     statistics, where given, are updated in place, as there)."""
     check_batch_norm_relu_inputs(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return torch.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+    dtypes = {t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}
+    if dtypes <= {x.dtype} or (dtypes == {torch.float32} and x.dtype in (torch.float16, torch.bfloat16)):
+        return torch.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+    # [C] tensors in dtypes F.batch_norm does not take beside x: computed in fp32 (fp64 for fp64),
+    # as the kernels do; the running statistics updated in their own dtypes
+    f = torch.promote_types(x.dtype, torch.float32)
+    mean, var, w, b = (None if t is None else t.to(f) for t in (running_mean, running_var, weight, bias))
+    out = F.batch_norm(x.to(f), mean, var, w, b, training, momentum, eps)
+    with torch.no_grad():  # where a statistic was cast, F.batch_norm updated the copy
+        for running, updated in ((running_mean, mean), (running_var, var)):
+            if training and running is not None and updated is not running:
+                running.copy_(updated)
+    return torch.relu(out).to(x.dtype)

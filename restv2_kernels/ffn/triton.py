@@ -62,8 +62,7 @@ import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
-from ..checks import check_tensors
-from .reference import check_linear_gelu_inputs
+from .reference import check_linear_gelu_inputs, check_mlp_inputs
 
 __all__ = ["linear_gelu", "mlp"]
 
@@ -382,19 +381,11 @@ def mlp(
     cuBLAS. x: [..., C]; fc1_weight: [N, C]; fc2_weight: [C', N]; biases or None. One dtype
     (cast under autocast before calling). Differentiable w.r.t. all five.
     """
-    check_linear_gelu_inputs(x, fc1_weight, fc1_bias)
+    check_mlp_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"mlp: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use restv2_kernels.reference.mlp for fp64)"
         )
-    check_tensors("mlp", (("x", x), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)), optional=("fc2_bias",))
-    hidden = fc1_weight.shape[0]
-    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden:
-        raise ValueError(
-            f"mlp: fc2_weight must be (C_out, {hidden}) to take fc1's output, got {tuple(fc2_weight.shape)}"
-        )
-    if fc2_bias is not None and tuple(fc2_bias.shape) != (fc2_weight.shape[0],):
-        raise ValueError(f"mlp: fc2_bias must have shape ({fc2_weight.shape[0]},), got {tuple(fc2_bias.shape)}")
     tensors = [t for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) if t is not None]
     check_kernel_device(*tensors)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_eps, check_tensors
+from ..checks import check_eps, check_out_dtype, check_tensors
 
 
 def check_add_layer_norm_inputs(
@@ -15,6 +17,7 @@ def check_add_layer_norm_inputs(
     bias: torch.Tensor,
     eps: float,
     branch_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``add_layer_norm``."""
     # dtypes may differ: an fp32 residual stream beside a 16-bit branch under autocast
@@ -31,6 +34,7 @@ def check_add_layer_norm_inputs(
                 f"add_layer_norm: {name} must have shape ({C},) for x {tuple(x.shape)}, got {tuple(t.shape)}"
             )
     check_eps("add_layer_norm", eps)
+    check_out_dtype("add_layer_norm", out_dtype)
     if branch_scale is None:
         return
     check_tensors("add_layer_norm", (("x", x), ("branch_scale", branch_scale)), same_dtype=False)
@@ -69,11 +73,16 @@ def add_layer_norm(
     sample's branch first (``scale_branch``: stochastic depth). The same aten ops as the
     published code.
     """
-    check_add_layer_norm_inputs(x, branch, weight, bias, eps, branch_scale)
+    check_add_layer_norm_inputs(x, branch, weight, bias, eps, branch_scale, out_dtype)
     if branch_scale is not None:
         branch = scale_branch(branch, branch_scale)
     residual = x if branch is None else x + branch
-    normed = F.layer_norm(residual, (x.shape[-1],), weight, bias, eps)
+    params = {weight.dtype, bias.dtype}
+    if params == {residual.dtype} or (params == {torch.float32} and residual.dtype in (torch.float16, torch.bfloat16)):
+        normed = F.layer_norm(residual, (x.shape[-1],), weight, bias, eps)  # dtypes F.layer_norm takes
+    else:  # e.g. 16-bit parameters beside an fp32 residual: in fp32 (fp64 for fp64), as the kernel computes
+        f = functools.reduce(torch.promote_types, (residual.dtype, weight.dtype, bias.dtype, torch.float32))
+        normed = F.layer_norm(residual.to(f), (x.shape[-1],), weight.to(f), bias.to(f), eps).to(residual.dtype)
     if out_dtype is not None:
         normed = normed.to(out_dtype)
     return residual, normed

@@ -403,7 +403,7 @@ def add_layer_norm(
     view of x whose gradient the fused backward adds to the norm's). Differentiable w.r.t.
     x, branch, weight and bias.
     """
-    check_add_layer_norm_inputs(x, branch, weight, bias, eps, branch_scale)
+    check_add_layer_norm_inputs(x, branch, weight, bias, eps, branch_scale, out_dtype)
     named = [("x", x), ("weight", weight), ("bias", bias)] + ([] if branch is None else [("branch", branch)])
     if branch_scale is not None:
         named.append(("branch_scale", branch_scale))

@@ -6,24 +6,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import FLOAT_DTYPES, check_eps, check_tensors
+from ..checks import check_eps, check_out_dtype, check_tensors
 
 
 def check_pixel_attention_inputs(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x_bias: torch.Tensor | None = None,
+    op: str = "pixel_attention",
 ) -> None:
-    """Raises TypeError/ValueError naming the problem unless the arguments fit ``pixel_attention``."""
+    """Raises TypeError/ValueError naming the problem unless the arguments fit ``pixel_attention``
+    (``op`` names the function in the messages)."""
     named = (("x", x), ("weight", weight), ("bias", bias), ("x_bias", x_bias))
-    check_tensors("pixel_attention", named, optional=("x_bias",))
+    check_tensors(op, named, optional=("x_bias",))
     if x.dim() != 4:
-        raise ValueError(f"pixel_attention: x must be a 4-D map (B, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be a 4-D map (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # as F.conv2d: a padded 2x2 map is smaller than the 3x3 kernel
+        raise ValueError(f"{op}: the map must be at least 1x1, got {x.shape[2]}x{x.shape[3]}")
     C = x.shape[1]
     if tuple(weight.shape) != (C, 1, 3, 3):
-        raise ValueError(f"pixel_attention: weight must have shape {(C, 1, 3, 3)} for C={C}, got {tuple(weight.shape)}")
+        raise ValueError(f"{op}: weight must have shape {(C, 1, 3, 3)} for C={C}, got {tuple(weight.shape)}")
     if tuple(bias.shape) != (C,):
-        raise ValueError(f"pixel_attention: bias must have shape ({C},), got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: bias must have shape ({C},), got {tuple(bias.shape)}")
     if x_bias is not None and tuple(x_bias.shape) != (C,):
-        raise ValueError(f"pixel_attention: x_bias must have shape ({C},), got {tuple(x_bias.shape)}")
+        raise ValueError(f"{op}: x_bias must have shape ({C},), got {tuple(x_bias.shape)}")
 
 
 def pixel_attention(
@@ -53,7 +60,7 @@ def check_pixel_attention_layer_norm_inputs(
 ) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit
     ``pixel_attention_layer_norm``."""
-    check_pixel_attention_inputs(x, weight, bias, x_bias)
+    check_pixel_attention_inputs(x, weight, bias, x_bias, "pixel_attention_layer_norm")
     # the LayerNorm's parameters may stay fp32 beside a 16-bit map (autocast)
     named = (("x", x), ("norm_weight", norm_weight), ("norm_bias", norm_bias))
     check_tensors("pixel_attention_layer_norm", named, same_dtype=False)
@@ -62,8 +69,7 @@ def check_pixel_attention_layer_norm_inputs(
         if tuple(t.shape) != (C,):
             raise ValueError(f"pixel_attention_layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
     check_eps("pixel_attention_layer_norm", eps)
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"pixel_attention_layer_norm: out_dtype must be a floating dtype or None, got {out_dtype!r}")
+    check_out_dtype("pixel_attention_layer_norm", out_dtype)
 
 
 def pixel_attention_layer_norm(

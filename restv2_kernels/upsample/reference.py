@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import exporting
-from ..checks import check_tensors
+from ..checks import check_eps, check_tensors
 
 
 def check_upsample_inputs(
@@ -18,6 +18,7 @@ def check_upsample_inputs(
     norm_weight: torch.Tensor,
     norm_bias: torch.Tensor,
     sr: int,
+    eps: float,
 ) -> None:
     """Raises TypeError/ValueError naming the problem unless the arguments fit ``upsample_add``."""
     named = (
@@ -57,6 +58,7 @@ def check_upsample_inputs(
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if tuple(t.shape) != (C,):
             raise ValueError(f"upsample_add: {name} must have shape ({C},), got {tuple(t.shape)}")
+    check_eps("upsample_add", eps)
 
 
 def upsample_add(
@@ -75,7 +77,7 @@ def upsample_add(
     norm_weight, norm_bias: [C]. Returns [B, H, W, C], contiguous. The crop keeps the
     top-left H x W of the (Hr*sr) x (Wr*sr) upsampled map.
     """
-    check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr)
+    check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr, eps)
     B, H, W, C = x.shape
     up = F.conv2d(v.permute(0, 3, 1, 2), weight, bias, padding=1, groups=C)
     up = crop(F.pixel_shuffle(up, sr), H, W)

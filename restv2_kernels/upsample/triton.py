@@ -50,7 +50,6 @@ import triton.language as tl
 
 from .. import plans
 from ..backend import check_kernel_device
-from ..checks import check_eps
 from .reference import check_upsample_inputs
 
 __all__ = ["upsample_add"]
@@ -517,7 +516,7 @@ def upsample_add(
     fp32, statistics and accumulation in fp32. Returns [B, H, W, C], contiguous.
     Differentiable w.r.t. all six tensors.
     """
-    check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr)
+    check_upsample_inputs(x, v, weight, bias, norm_weight, norm_bias, sr, eps)
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(
             f"upsample_add: the Triton kernels take fp16/bf16/fp32, got {x.dtype} (use the reference for fp64)"
@@ -525,6 +524,5 @@ def upsample_add(
     C = x.shape[3]
     if not 1 <= C <= MAX_C:
         raise ValueError(f"upsample_add: the Triton kernels take 1 to {MAX_C} channels, got C={C}")
-    check_eps("upsample_add", eps)
     check_kernel_device(x, v, weight, bias, norm_weight, norm_bias)
     return _UpsampleAdd.apply(x, v, weight, bias, norm_weight, norm_bias, sr, float(eps))
