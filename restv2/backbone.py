@@ -78,7 +78,7 @@ class Backbone(nn.Module):
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """Checks the image batch; on the kernel path makes it channels-last, so that every conv
         writes a channels-last map and tokens and maps are views of one buffer (no layout copies)."""
-        check_image(x, self.in_chans)
+        check_image(x, self.in_chans, next(self._embeds()[0].parameters(), None))
         if use_kernels(self.backend, x):
             x = x.contiguous(memory_format=torch.channels_last)
         return x

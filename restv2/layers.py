@@ -229,10 +229,26 @@ def add_upsample(
     return (x + up_norm(branch.permute(0, 2, 3, 1))).contiguous()
 
 
-def check_image(x: torch.Tensor, in_chans: int) -> None:
-    """Raises ValueError unless ``x`` is a (B, in_chans, H, W) batch with H, W >= 32."""
+def check_image(x: torch.Tensor, in_chans: int, weight: torch.Tensor | None = None) -> None:
+    """Raises TypeError/ValueError unless ``x`` is a floating (B, in_chans, H, W) batch with
+    H, W >= 32 that the stem's first conv (``weight``, where given) takes: on its device and,
+    outside autocast, in its dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected an image tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point image batch, got {x.dtype} (convert it first, e.g. x.float() / 255, "
+            "and normalise it as the model was trained)"
+        )
+    if weight is not None and x.device != weight.device:
+        raise ValueError(
+            f"the image batch is on {x.device}, but the model is on {weight.device}; move one to the other"
+        )
+    if weight is not None and x.dtype != weight.dtype and autocast_dtype(x) is None:
+        raise TypeError(
+            f"the image batch is {x.dtype}, but the model's parameters are {weight.dtype}; cast one to the "
+            "other's dtype, or run under torch.autocast"
+        )
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:

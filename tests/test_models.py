@@ -225,6 +225,35 @@ def test_bad_input_raises(shape, match):
             fn(torch.randn(*shape))
 
 
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        pytest.param(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, "floating-point image batch, got torch.uint8", id="uint8"),
+        pytest.param(torch.zeros(1, 3, 64, 64, dtype=torch.complex64), TypeError, "floating-point image batch", id="complex"),
+        pytest.param(torch.zeros(1, 3, 64, 64).half(), TypeError, "batch is torch.float16, but the model's parameters are torch.float32", id="fp16"),
+        pytest.param(torch.zeros(1, 3, 64, 64).double(), TypeError, "batch is torch.float64, but", id="fp64"),
+        pytest.param(torch.zeros(1, 3, 64, 64, device="meta"), ValueError, "batch is on meta, but the model is on cpu", id="device"),
+    ],
+)  # fmt: skip
+def test_input_the_model_cannot_take_raises(x, error, match):
+    """The dtype and device the stem's conv needs are checked before it runs (PyTorch's own
+    errors, from inside the conv, say "expected scalar type Byte but found Float")."""
+    for cls, config in ((ResTV2, MINI_V2), (ResT, MINI_V1)):
+        model = cls(**config)
+        for fn in (model, model.forward_features, model.forward_intermediates):
+            with pytest.raises(error, match=match):
+                fn(x)
+
+
+def test_autocast_takes_an_input_in_another_dtype():
+    """Under autocast the conv casts its input: a bf16 batch into an fp32 model is no error."""
+    model = ResTV2(**MINI_V2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.bfloat16())
+    assert out.shape == (1, 10) and out.isfinite().all()
+
+
 # ----------------------------------------------------------------------------- training behaviour
 
 
