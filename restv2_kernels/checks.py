@@ -49,6 +49,13 @@ def check_out_dtype(op: str, out_dtype: object) -> None:
         raise TypeError(f"{op}: out_dtype must be a floating dtype or None, got {out_dtype!r}")
 
 
+def eager_norm_takes(x_dtype: torch.dtype, param_dtypes: set[torch.dtype]) -> bool:
+    """Whether ``F.layer_norm`` / ``F.batch_norm`` take ``[C]`` parameters in ``param_dtypes``
+    beside an input in ``x_dtype`` as they are: all in x's dtype, or fp32 beside a 16-bit x.
+    The references compute other mixes in fp32 (fp64 for fp64), as the kernels do."""
+    return param_dtypes <= {x_dtype} or (param_dtypes == {torch.float32} and x_dtype in (torch.float16, torch.bfloat16))
+
+
 def scale_value(op: str, scale: object, head_dim: int) -> float:
     """An attention's score scale as a float: ``head_dim ** -0.5`` for None, else a finite real
     number, or a one-element floating tensor that needs no gradient (the scale is a constant:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_non_negative, check_tensors
+from ..checks import check_non_negative, check_tensors, eager_norm_takes
 
 
 def check_bias_relu_inputs(x: torch.Tensor, bias: torch.Tensor) -> None:
@@ -79,7 +79,7 @@ def batch_norm_relu(
     statistics, where given, are updated in place, as there)."""
     check_batch_norm_relu_inputs(x, running_mean, running_var, weight, bias, training, momentum, eps)
     dtypes = {t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}
-    if dtypes <= {x.dtype} or (dtypes == {torch.float32} and x.dtype in (torch.float16, torch.bfloat16)):
+    if eager_norm_takes(x.dtype, dtypes):
         return torch.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
     # [C] tensors in dtypes F.batch_norm does not take beside x: computed in fp32 (fp64 for fp64),
     # as the kernels do; the running statistics updated in their own dtypes

@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_eps, check_out_dtype, check_tensors
+from ..checks import check_eps, check_out_dtype, check_tensors, eager_norm_takes
 
 
 def check_add_layer_norm_inputs(
@@ -77,8 +77,7 @@ def add_layer_norm(
     if branch_scale is not None:
         branch = scale_branch(branch, branch_scale)
     residual = x if branch is None else x + branch
-    params = {weight.dtype, bias.dtype}
-    if params == {residual.dtype} or (params == {torch.float32} and residual.dtype in (torch.float16, torch.bfloat16)):
+    if eager_norm_takes(residual.dtype, {weight.dtype, bias.dtype}):
         normed = F.layer_norm(residual, (x.shape[-1],), weight, bias, eps)  # dtypes F.layer_norm takes
     else:  # e.g. 16-bit parameters beside an fp32 residual: in fp32 (fp64 for fp64), as the kernel computes
         f = functools.reduce(torch.promote_types, (residual.dtype, weight.dtype, bias.dtype, torch.float32))
