@@ -1,7 +1,8 @@
 """Which implementation of the EMSAv2 ops runs: ``"auto"``, ``"triton"`` or ``"reference"``.
 
-- ``"auto"``: the Triton kernels when the activations are CUDA tensors and Triton is
-  importable (and no ONNX export is tracing), the eager reference otherwise.
+- ``"auto"``: the Triton kernels when the activations are CUDA tensors and a Triton that can
+  run them is installed (3.6 or later; and no ONNX export is tracing), the eager reference
+  otherwise.
 - ``"triton"``: always the kernels; a clear error where they cannot run. CPU tensors are
   allowed when ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how the CPU tests run.
 - ``"reference"``: always the eager path.
@@ -38,15 +39,6 @@ def default_backend() -> str:
     return name
 
 
-# Looked up once, without importing triton (a plain constant, so torch.compile traces it).
-_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-
-
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is not imported here)."""
-    return _TRITON_AVAILABLE
-
-
 def interpreter_enabled() -> bool:
     """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -61,6 +53,29 @@ def _major_minor(package: str) -> tuple[str, tuple[int, int]] | None:
         return None
     parts = re.match(r"(\d+)\.(\d+)", text)
     return (text, (int(parts[1]), int(parts[2]))) if parts else None
+
+
+MIN_TRITON = (3, 6)  # the oldest Triton the kernels are tested with (torch 2.10 and 2.11 pin 3.6.0)
+
+
+def triton_problem() -> str | None:
+    """Why the installed Triton cannot run the kernels, or None (nothing is imported).
+
+    Triton before 3.6 (what torch 2.9 and older pin) is not tested, and 3.1 (torch 2.5's) fails
+    inside the kernels: its interpreter reads a ``tl.constexpr`` annotation written under
+    ``from __future__ import annotations`` as a plain argument, and takes a ``range`` loop's
+    index for a Python int. A Triton installed under another distribution name (no version to
+    read) is taken as it is.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "the Triton kernels need the `triton` package, which is not installed"
+    triton = _major_minor("triton")
+    if triton and triton[1] < MIN_TRITON:
+        return (
+            f"the Triton kernels need Triton {MIN_TRITON[0]}.{MIN_TRITON[1]} or later (torch 2.10 and later "
+            f"install it), found Triton {triton[0]}; or use backend='reference'"
+        )
+    return None
 
 
 def interpreter_problem() -> str | None:
@@ -80,7 +95,15 @@ def interpreter_problem() -> str | None:
     return None
 
 
-_INTERPRETER_PROBLEM = interpreter_problem()  # looked up once (a constant, as above, for torch.compile)
+# Looked up once, without importing triton (plain constants, so torch.compile traces them).
+_TRITON_PROBLEM = triton_problem()
+_INTERPRETER_PROBLEM = interpreter_problem()
+
+
+def triton_available() -> bool:
+    """True when an installed Triton can run the kernels (``triton_problem`` is None); it is
+    not imported here."""
+    return _TRITON_PROBLEM is None
 
 
 def exporting() -> bool:
@@ -92,8 +115,8 @@ def exporting() -> bool:
 
 def check_kernel_device(*tensors: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on these tensors' device."""
-    if not triton_available():
-        raise RuntimeError("the Triton kernels need the `triton` package, which is not installed")
+    if _TRITON_PROBLEM:
+        raise RuntimeError(_TRITON_PROBLEM)
     for t in tensors:
         # meta tensors carry shapes only: the custom ops' fake implementations run (tracing,
         # the traffic model, the GPU target check); nothing is launched

@@ -14,9 +14,10 @@ fp32 means IEEE fp32 in every test: on a GPU, cuDNN runs fp32 convolutions in TF
 tests measure the kernels against (``helpers.assert_close``) a TF32-level yardstick. Tests of
 the TF32 paths turn it on themselves and restore it.
 
-Where the interpreter cannot run the kernels with the installed packages (Triton before 3.7
-with NumPy 2.4 or later: ``restv2_kernels.backend.interpreter_problem``), the run stops at the
-start with that message instead of failing every kernel test inside Triton.
+Where the interpreter cannot run the kernels with the installed packages (no Triton, or one
+before 3.6: ``restv2_kernels.backend.triton_problem``; Triton before 3.7 with NumPy 2.4 or
+later: ``interpreter_problem``), the run stops at the start with that message instead of failing
+every kernel test inside Triton.
 """
 
 import os
@@ -45,9 +46,9 @@ def pytest_configure(config):
         config.option.dist = "worksteal"
     if torch.cuda.is_available():
         return
-    from restv2_kernels.backend import interpreter_problem
+    from restv2_kernels.backend import interpreter_problem, triton_problem
 
-    problem = interpreter_problem()
+    problem = triton_problem() or interpreter_problem()
     if problem:  # every kernel test would fail inside Triton: say why once, before any runs
         raise pytest.UsageError(f"the kernel tests run in Triton's CPU interpreter here, and {problem}")
 

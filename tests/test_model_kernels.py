@@ -8,6 +8,7 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import subprocess
 import sys
@@ -146,6 +147,49 @@ def test_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
     model = ResTV2(**MINI_V2, backend="triton")
     with pytest.raises(RuntimeError, match="cannot run with NumPy 2.4.6"):
         model(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    ("triton", "installed", "refused"),
+    [
+        ("3.6.0", True, None),
+        ("3.9.0+git1a2b3c4", True, None),
+        ("4.0.0", True, None),
+        ("3.5.1", True, "need Triton 3.6 or later (torch 2.10 and later install it), found Triton 3.5.1"),
+        ("3.1.0", True, "found Triton 3.1.0; or use backend='reference'"),
+        (None, True, None),  # importable, under another distribution name: taken as it is
+        (None, False, "need the `triton` package, which is not installed"),
+    ],
+)
+def test_triton_problem_names_an_old_or_missing_triton(monkeypatch, triton, installed, refused):
+    """The kernels are tested with Triton 3.6 and later (torch 2.10's); an older one is refused
+    by name instead of failing inside the kernels (Triton 3.1's interpreter does)."""
+
+    def version(name):
+        if name != "triton" or triton is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return triton
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if installed else None)
+    problem = backend_choice.triton_problem()
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem is not None and refused in problem
+
+
+def test_kernels_refuse_a_triton_that_cannot_run_them(monkeypatch):
+    """The model and each op raise the problem where they would run the kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    problem = "the Triton kernels need Triton 3.6 or later (torch 2.10 and later install it), found Triton 3.4.0"
+    monkeypatch.setattr(backend_choice, "_TRITON_PROBLEM", problem)
+    assert not backend_choice.triton_available()
+    model = ResTV2(**MINI_V2, backend="triton")
+    with pytest.raises(RuntimeError, match="found Triton 3.4.0"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="found Triton 3.4.0"):
+        restv2_kernels.emsa_attention(*(torch.randn(1, 4, 1, 16) for _ in range(3)))
 
 
 def test_import_touches_no_gpu_and_no_triton():
