@@ -109,8 +109,7 @@ def triton_available() -> bool:
 def exporting() -> bool:
     """Whether ``torch.export`` (also behind ``torch.onnx.export``) is tracing: the reference
     then uses export-friendly forms of a few ops (same values, sizes kept symbolic)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
-    return bool(is_exporting and is_exporting())
+    return torch.compiler.is_exporting()
 
 
 def check_kernel_device(*tensors: torch.Tensor) -> None:

@@ -932,31 +932,24 @@ _LINEAR_GELU_INTERPRETER = LinearTile(256, 256, 128, 8, 4, 1)
 
 def tf32_allowed() -> bool:
     """Whether PyTorch lets cuBLAS run fp32 matmuls in TF32 (what the GEMM launchers pass to
-    ``linear_dot_precision``). ``fp32_precision`` (torch >= 2.9) reflects every way of setting it
-    (``allow_tf32``, ``set_float32_matmul_precision``, the new API). Reading ``allow_tf32``
-    instead raises a RuntimeError (torch 2.13) once the new API has set it ("mix of the legacy
-    and new APIs")."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+    ``linear_dot_precision``). ``fp32_precision`` reflects every way of setting it (``allow_tf32``,
+    ``set_float32_matmul_precision``, the new API). Reading ``allow_tf32`` instead raises a
+    RuntimeError (torch 2.13) once the new API has set it ("mix of the legacy and new APIs")."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
     """PyTorch's fp32 matmuls in TF32 (``enabled``) or IEEE fp32 inside the block, restored after;
-    set through ``fp32_precision`` where there is one (torch >= 2.9), so that no legacy read of
-    the flag is needed, and restored to "none" again, which clears PyTorch's mixed-API state."""
+    set through ``fp32_precision``, so that no legacy read of the flag is needed, and restored to
+    "none" again, which clears PyTorch's mixed-API state."""
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        name, value = "fp32_precision", "tf32" if enabled else "ieee"
-    else:
-        name, value = "allow_tf32", enabled
-    before = getattr(matmul, name)
-    setattr(matmul, name, value)
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if enabled else "ieee"
     try:
         yield
     finally:
-        setattr(matmul, name, before)
+        matmul.fp32_precision = before
 
 
 def linear_dot_precision(dtype: torch.dtype, allow_tf32: bool, target: Target) -> str:
