@@ -111,6 +111,7 @@ PHASES = ("env", "tests", "kernels", "e2e", "sweep", "profile")
 # command, the transfers and idle waits. It holds the start and two commands of this budget, each
 # run with the remote tool's timeout_s=360, and leaves room to re-run one that broke early.
 LEASE_S = 900
+WARM_S = 30  # how long the machine stays held after a call before it goes back
 DEFAULT_BUDGET_S = 300.0
 FILE_EXTS = ("json", "log", "png", "zip")
 PHASE_EXTRA_FILE = {"kernels": "png", "e2e": "png", "profile": "zip"}  # beside each phase's JSON and log
@@ -2765,6 +2766,9 @@ def schedule_text() -> str:
         "tool's timeout_s=360, then give the machine back. A plan stays within --budget-s (default",
         f"{DEFAULT_BUDGET_S:.0f} s) and writes at most {REMOTE_MAX_FILES} files: $OUT/<step>/<step>.json, .log",
         "(and .png or .zip). A step that does not fit is skipped and recorded: the next lease re-runs the plan.",
+        f"The machine stays warm only {WARM_S} s after a call: copy the first plan's files from the reply's",
+        "files_at and send the second plan at once, reading the results afterwards; a fresh start costs a",
+        "minute or two of the lease.",
     ]
     for lease in dict.fromkeys(plan.lease for plan in PLANS.values()):
         lines += ["", f"lease {lease}:"]

@@ -436,6 +436,7 @@ def test_list_and_help(suite, capsys):
     assert out.index("--plan first") < out.index("--plan targets") < out.index("lease 2:")
     assert all(f"--plan {name} --out $OUT" in out for name in suite.PLANS)
     assert "--phase P --out $OUT/P" in out and "benchmarks/results/<gpu-slug>/" in out
+    assert f"warm only {suite.WARM_S} s after a call" in out and "send the second plan at once" in out
     with pytest.raises(SystemExit) as exc:
         suite.main(["--help"])
     assert exc.value.code == 0 and "--budget-s" in capsys.readouterr().out
