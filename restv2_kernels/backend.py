@@ -106,12 +106,6 @@ def triton_available() -> bool:
     return _TRITON_PROBLEM is None
 
 
-def exporting() -> bool:
-    """Whether ``torch.export`` (also behind ``torch.onnx.export``) is tracing: the reference
-    then uses export-friendly forms of a few ops (same values, sizes kept symbolic)."""
-    return torch.compiler.is_exporting()
-
-
 def check_kernel_device(*tensors: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on these tensors' device."""
     if _TRITON_PROBLEM:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import exporting
 from ..checks import check_eps, check_tensors
 
 
@@ -42,7 +41,7 @@ def check_upsample_inputs(
     Hr, Wr = v.shape[1], v.shape[2]
     # torch.export cannot prove this for symbolic sizes (floor divisions); the model's shapes
     # satisfy it by construction, and eager calls are checked
-    if not exporting() and (Hr * sr < H or Wr * sr < W):
+    if not torch.compiler.is_exporting() and (Hr * sr < H or Wr * sr < W):
         raise ValueError(
             f"upsample_add: the upsampled map {Hr * sr}x{Wr * sr} (v's {Hr}x{Wr} times sr={sr}) "
             f"is smaller than x's {H}x{W}; need Hr*sr >= H and Wr*sr >= W"
@@ -87,7 +86,7 @@ def upsample_add(
 
 def crop(up: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """The top-left H x W of an NCHW map (the upsampled map is (Hr*sr) x (Wr*sr), at least H x W)."""
-    if exporting():
+    if torch.compiler.is_exporting():  # torch.export, also behind torch.onnx.export
         # The crop as a gather: its size is H x W whatever Hr*sr is, so an exported graph keeps
         # sides that do not divide by 32 dynamic (a slice specialises on whether Hr*sr == H).
         rows, cols = (torch.arange(n, device=up.device) for n in (H, W))
